@@ -1,0 +1,5 @@
+import sys
+
+from dksm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""``dksm`` entry point: the argument parser and the error-to-exit-status mapping."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from dksm.cli.status import ExitStatus
+from dksm.error import DksmError
+
+
+def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dksm.cli import bench, guests, run
+
+    parser = argparse.ArgumentParser(
+        prog="dksm", description="Daemonless, load-time same-page merging for KVM microVMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run.register(sub)
+    guests.register(sub)
+    bench.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except DksmError as exc:
+        print(f"dksm: error: {exc}", file=sys.stderr)
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        print("dksm: interrupted", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Thin, safe objects over ``/dev/kvm``: :class:`Kvm`, :class:`Vm` and :class:`Vcpu`.
+
+Each object owns one file descriptor and closes it; each method is one ioctl with
+its struct.  ``KVM_RUN`` is issued through libc rather than :func:`fcntl.ioctl`
+because Python retries a system call interrupted by a signal (PEP 475), and an
+interrupted ``KVM_RUN`` is exactly how a VMM stops a vCPU whose guest halted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+from typing import Self
+
+from dksm.error import DksmError
+from dksm.kvm import abi
+
+KVM_DEVICE = "/dev/kvm"
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
+_libc.ioctl.restype = ctypes.c_int
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+class KvmError(DksmError):
+    """KVM is missing, refused a request, or behaved unexpectedly."""
+
+
+def _ioctl(fd: int, request: int, arg: int | ctypes.Structure = 0, what: str = "") -> int:
+    try:
+        return (
+            fcntl.ioctl(fd, request, arg, True)
+            if not isinstance(arg, int)
+            else fcntl.ioctl(fd, request, arg)
+        )
+    except OSError as exc:
+        name = what or f"ioctl {request:#x}"
+        raise KvmError(f"{name} failed: {exc.strerror}") from exc
+
+
+class Kvm:
+    """The ``/dev/kvm`` system handle."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KvmError(f"cannot open {path}: {exc.strerror}") from exc
+        version = _ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        if version != abi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmError(f"KVM API version {version}, expected {abi.KVM_API_VERSION}")
+
+    def vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def supported_cpuid(self, max_entries: int = 80) -> list[abi.CpuidEntry2]:
+        """The host's supported CPUID leaves, growing the buffer on E2BIG."""
+        while True:
+            cpuid = abi.cpuid2_struct(max_entries)()
+            cpuid.nent = max_entries
+            try:
+                fcntl.ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid, True)
+            except OSError as exc:
+                if exc.errno == errno.E2BIG and max_entries < 4096:
+                    max_entries *= 2
+                    continue
+                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {exc.strerror}") from exc
+            count: int = cpuid.nent
+            entries = cpuid.entries
+            return [abi.CpuidEntry2.from_buffer_copy(entries[i]) for i in range(count)]
+
+    def create_vm(self) -> Vm:
+        fd = _ioctl(self.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        return Vm(fd, self)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Vm:
+    """One KVM virtual machine."""
+
+    def __init__(self, fd: int, kvm: Kvm) -> None:
+        self.fd = fd
+        self.kvm = kvm
+        os.set_inheritable(fd, False)
+
+    def set_user_memory_region(self, slot: int, guest_addr: int, size: int, host_addr: int) -> None:
+        region = abi.UserspaceMemoryRegion(
+            slot=slot,
+            flags=0,
+            guest_phys_addr=guest_addr,
+            memory_size=size,
+            userspace_addr=host_addr,
+        )
+        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, address: int) -> None:
+        # The argument is an unsigned long; fcntl.ioctl would pass a C int.
+        if _libc.ioctl(self.fd, abi.KVM_SET_TSS_ADDR, address) < 0:
+            raise KvmError(f"KVM_SET_TSS_ADDR failed: {os.strerror(ctypes.get_errno())}")
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        config = abi.PitConfig(flags=abi.KVM_PIT_SPEAKER_DUMMY)
+        _ioctl(self.fd, abi.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, abi.KVM_IRQ_LINE, abi.IrqLevel(irq=irq, level=level), "KVM_IRQ_LINE")
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vcpu:
+    """One virtual CPU and its shared ``kvm_run`` page."""
+
+    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.index = index
+        os.set_inheritable(fd, False)
+        # Mapped through libc, not the mmap module: ctypes views of a Python mmap
+        # pin it (exported buffers) for as long as any of them lives.
+        addr = _libc.mmap(None, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            os.close(fd)
+            raise KvmError(f"mapping kvm_run failed: {os.strerror(ctypes.get_errno())}")
+        self._run_addr: int = addr
+        self._run_size = mmap_size
+        self.run_state = abi.Run.from_address(addr)
+
+    def run(self) -> bool:
+        """Enter the guest until the next exit.
+
+        Returns False when the call was interrupted by a signal (or by
+        ``immediate_exit``) before or during guest execution, True on a real exit.
+        """
+        if _libc.ioctl(self.fd, abi.KVM_RUN, 0) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            return False
+        if err == errno.EAGAIN:
+            return False
+        raise KvmError(f"KVM_RUN failed: {os.strerror(err)}")
+
+    def io_data(self, offset: int, size: int) -> memoryview:
+        """The bytes of an IO exit, inside the ``kvm_run`` mapping."""
+        return memoryview((ctypes.c_char * size).from_address(self._run_addr + offset)).cast("B")
+
+    def get_regs(self) -> abi.Regs:
+        regs = abi.Regs()
+        _ioctl(self.fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: abi.Regs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> abi.Sregs:
+        sregs = abi.Sregs()
+        _ioctl(self.fd, abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: abi.Sregs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> abi.Fpu:
+        fpu = abi.Fpu()
+        _ioctl(self.fd, abi.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: abi.Fpu) -> None:
+        _ioctl(self.fd, abi.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def set_msrs(self, entries: list[tuple[int, int]]) -> None:
+        msrs = abi.msrs_struct(len(entries))()
+        msrs.nmsrs = len(entries)
+        for i, (index, value) in enumerate(entries):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = value
+        written = _ioctl(self.fd, abi.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
+        if written != len(entries):
+            bad = entries[written][0]
+            raise KvmError(
+                f"KVM_SET_MSRS wrote {written} of {len(entries)} MSRs (MSR {bad:#x} refused)"
+            )
+
+    def set_cpuid(self, entries: list[abi.CpuidEntry2]) -> None:
+        cpuid = abi.cpuid2_struct(len(entries))()
+        cpuid.nent = len(entries)
+        for i, entry in enumerate(entries):
+            cpuid.entries[i] = entry
+        _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    def get_lapic(self) -> abi.LapicState:
+        lapic = abi.LapicState()
+        _ioctl(self.fd, abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
+        return lapic
+
+    def set_lapic(self, lapic: abi.LapicState) -> None:
+        _ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+
+    def translate(self, linear_address: int) -> abi.Translation:
+        tr = abi.Translation(linear_address=linear_address)
+        _ioctl(self.fd, abi.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        return tr
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            _libc.munmap(self._run_addr, self._run_size)
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,142 @@
+"""ELF64 kernel images: the ``PT_LOAD`` segments, placed at their physical addresses.
+
+Parsing is done here with :mod:`struct` over the few header fields a loader needs,
+so that loading costs no import of a general ELF library (``analyze`` uses
+pyelftools for sections and symbols).  Every check that can fail on a malformed or
+hostile file happens before anything is mapped, and each failure names the problem.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+
+from dksm.arch import layout
+from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+EM_X86_64 = 62
+ET_EXEC = 2
+PT_LOAD = 1
+PF_X = 0x1
+PF_W = 0x2
+
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
+PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr, 56 bytes
+MAX_PROGRAM_HEADERS = 256
+
+
+def _mib(n: int) -> str:
+    return f"{n / layout.MIB:g} MiB"
+
+
+def load_elf(path: str, mem_size: int) -> KernelImage:
+    """Parse ``path`` and check that it fits a guest with ``mem_size`` bytes of RAM."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > mem_size + layout.HIMEM_START + (64 << 20):
+                raise LoaderError(
+                    f"{path}: {size} bytes is larger than any image this guest can hold"
+                )
+            data = f.read()
+    except OSError as exc:
+        raise LoaderError(f"cannot read kernel image {path}: {exc.strerror}") from exc
+    return parse_elf(data, mem_size, path)
+
+
+def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
+    if len(data) < 4 or data[:4] != ELF_MAGIC:
+        raise LoaderError(f"{path}: not an ELF file (bad magic)")
+    if len(data) < EHDR.size:
+        raise LoaderError(f"{path}: truncated ELF header ({len(data)} bytes, need {EHDR.size})")
+    (
+        ident,
+        e_type,
+        e_machine,
+        _version,
+        entry,
+        phoff,
+        _shoff,
+        _flags,
+        _ehsize,
+        phentsize,
+        phnum,
+        _shentsize,
+        _shnum,
+        _shstrndx,
+    ) = EHDR.unpack_from(data)
+    if ident[4] != ELFCLASS64:
+        raise LoaderError(f"{path}: a 32-bit ELF; dksm boots 64-bit images only")
+    if ident[5] != ELFDATA2LSB:
+        raise LoaderError(f"{path}: a big-endian ELF; x86-64 images are little-endian")
+    if e_machine != EM_X86_64:
+        raise LoaderError(f"{path}: ELF machine {e_machine} is not x86-64 ({EM_X86_64})")
+    if e_type != ET_EXEC:
+        raise LoaderError(f"{path}: ELF type {e_type} is not an executable (ET_EXEC)")
+    if phentsize != PHDR.size:
+        raise LoaderError(f"{path}: program header size {phentsize}, expected {PHDR.size}")
+    if phnum == 0 or phnum > MAX_PROGRAM_HEADERS:
+        raise LoaderError(f"{path}: {phnum} program headers (expected 1 to {MAX_PROGRAM_HEADERS})")
+    if phoff + phnum * PHDR.size > len(data):
+        raise LoaderError(f"{path}: truncated: program headers end beyond the file")
+
+    segments: list[Segment] = []
+    for i in range(phnum):
+        (p_type, p_flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align) = PHDR.unpack_from(
+            data, phoff + i * PHDR.size
+        )
+        if p_type != PT_LOAD:
+            continue
+        where = f"{path}: segment {i}"
+        if p_filesz > p_memsz:
+            raise LoaderError(f"{where}: file size {p_filesz} exceeds memory size {p_memsz}")
+        if p_offset + p_filesz > len(data):
+            raise LoaderError(
+                f"{where}: truncated: its bytes end at {p_offset + p_filesz:#x}, "
+                f"beyond the file's {len(data):#x}"
+            )
+        if p_paddr < layout.BOOT_STRUCTURES_END:
+            raise LoaderError(
+                f"{where} starts at {p_paddr:#x}, inside the boot structures "
+                f"below {layout.HIMEM_START:#x}"
+            )
+        end = p_paddr + p_memsz
+        if end > mem_size:
+            raise LoaderError(f"{where} ends at {end:#x}, beyond guest RAM of {_mib(mem_size)}")
+        if p_memsz == 0:
+            continue
+        segments.append(
+            Segment(
+                guest_addr=p_paddr,
+                data=data[p_offset : p_offset + p_filesz],
+                mem_size=p_memsz,
+                writable=bool(p_flags & PF_W),
+                executable=bool(p_flags & PF_X),
+            )
+        )
+    if not segments:
+        raise LoaderError(f"{path}: no loadable (PT_LOAD) segment")
+    segments.sort(key=lambda s: s.guest_addr)
+    for before, after in itertools.pairwise(segments):
+        if after.guest_addr < before.end:
+            raise LoaderError(
+                f"{path}: segments at {before.guest_addr:#x}-{before.end:#x} and "
+                f"{after.guest_addr:#x}-{after.end:#x} overlap"
+            )
+    if entry < layout.HIMEM_START:
+        raise LoaderError(f"{path}: entry point {entry:#x} is below 1 MiB")
+    if not any(s.guest_addr <= entry < s.end for s in segments):
+        raise LoaderError(f"{path}: entry point {entry:#x} lies outside every segment")
+    return KernelImage(path=path, segments=tuple(segments), entry=entry)
+
+
+def page_floor(addr: int) -> int:
+    return addr & ~(PAGE_SIZE - 1)
+
+
+def page_ceil(addr: int) -> int:
+    return (addr + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)

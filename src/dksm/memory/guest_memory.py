@@ -1,0 +1,74 @@
+"""Guest RAM: one private anonymous mapping, and how an image's segments enter it.
+
+RAM is mapped with ``MAP_NORESERVE`` so that a guest pays only for the pages it
+touches.  Writable segments are copied in; read-only pages may instead be handed
+to a :class:`PageSharer` (the page pool), which replaces that part of the mapping
+with copy-on-write views of shared frames.  KVM sees one memory slot either way.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dksm.loader.segment import KernelImage, shareable_span
+from dksm.memory import host_mapping
+
+
+class SharedPages(Protocol):
+    """What a sharer reports about one request."""
+
+    @property
+    def mapped(self) -> bool: ...
+
+
+class PageSharer(Protocol):
+    """Something that can map given page contents at a host address, shared.
+
+    ``content`` is a whole number of pages.  If the result says ``mapped`` the pages
+    at ``address`` now show ``content``; otherwise nothing changed and the caller
+    copies the bytes itself.
+    """
+
+    def map_pages(self, address: int, content: bytes | memoryview) -> SharedPages: ...
+
+
+class GuestMemory:
+    """``size`` bytes of guest-physical RAM starting at guest address 0."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.host_address = host_mapping.map_anonymous(size)
+        self.ram: memoryview | None = host_mapping.view(self.host_address, size)
+        self.pages_shared = 0
+
+    def view(self) -> memoryview:
+        if self.ram is None:
+            raise ValueError("guest memory is closed")
+        return self.ram
+
+    def write(self, guest_addr: int, data: bytes | memoryview) -> None:
+        self.view()[guest_addr : guest_addr + len(data)] = data
+
+    def read(self, guest_addr: int, length: int) -> bytes:
+        return bytes(self.view()[guest_addr : guest_addr + length])
+
+    def load_image(self, image: KernelImage, sharer: PageSharer | None = None) -> None:
+        """Place every segment; whole read-only pages go through ``sharer`` if given."""
+        for segment in image.segments:
+            start, end = shareable_span(segment)
+            if sharer is not None and end > start:
+                lo = start - segment.guest_addr
+                hi = end - segment.guest_addr
+                content = memoryview(segment.data)[lo:hi]
+                if sharer.map_pages(self.host_address + start, content).mapped:
+                    self.pages_shared += (end - start) // host_mapping.PAGE_SIZE
+                    self.write(segment.guest_addr, segment.data[:lo])
+                    self.write(end, segment.data[hi:])
+                    continue
+            self.write(segment.guest_addr, segment.data)
+
+    def close(self) -> None:
+        if self.ram is not None:
+            self.ram.release()
+            self.ram = None
+            host_mapping.unmap(self.host_address, self.size)

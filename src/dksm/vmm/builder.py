@@ -1,0 +1,146 @@
+"""Build a microVM from a :class:`VmConfig`, step by step in BOOT.md's ioctl order.
+
+Everything that can be wrong with the input (config, image, initrd, command line)
+is checked before ``/dev/kvm`` is opened, so bad input costs nothing and leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+from dksm.arch import boot_state, layout
+from dksm.devices import i8042, serial
+from dksm.devices.bus import PortBus
+from dksm.kvm.system import Kvm, Vcpu
+from dksm.loader.boot_params import BootParams, encode_cmdline
+from dksm.loader.elf import load_elf, page_ceil, page_floor
+from dksm.loader.segment import KernelImage, LoaderError
+from dksm.memory.guest_memory import GuestMemory, PageSharer
+from dksm.vmm.config import VmConfig
+from dksm.vmm.machine import ExitCause, MicroVm
+
+ACPI_SHUTDOWN_PORT = 0x604
+
+
+class _PortSink:
+    """A write-only port whose write ends the VM (the ACPI PM1a port QEMU-ish guests
+    use after the i8042 reset; harmless when the reset already did it)."""
+
+    def __init__(self, vm: MicroVm) -> None:
+        self.vm = vm
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.vm.finish(ExitCause.GUEST_SHUTDOWN, "ACPI power off")
+
+
+def _place_initrd(path: str, mem_size: int, image: KernelImage) -> tuple[int, bytes]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise LoaderError(f"cannot read initrd {path}: {exc.strerror}") from exc
+    top = min(mem_size, layout.MMIO_GAP_START)
+    addr = page_floor(top - len(data))
+    if addr < page_ceil(image.end):
+        raise LoaderError(
+            f"initrd {path} ({len(data)} bytes) does not fit in guest RAM above the kernel"
+        )
+    return addr, data
+
+
+def build(
+    config: VmConfig,
+    *,
+    serial_sink: BinaryIO,
+    sharer: PageSharer | None = None,
+) -> MicroVm:
+    # 1. Validate all input before touching KVM.
+    config.validate()
+    cmdline = encode_cmdline(config.boot_args)
+    image = load_elf(config.kernel_path, config.mem_size)
+    initrd: tuple[int, bytes] | None = None
+    if config.initrd_path:
+        initrd = _place_initrd(config.initrd_path, config.mem_size, image)
+
+    kvm = Kvm()
+    memory: GuestMemory | None = None
+    try:
+        # 2. The VM, its RAM as one slot, TSS, in-kernel irqchip and PIT.
+        vm = kvm.create_vm()
+        memory = GuestMemory(config.mem_size)
+        vm.set_user_memory_region(0, 0, config.mem_size, memory.host_address)
+        vm.set_tss_addr(layout.TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        # 3. vCPUs after the irqchip.
+        vcpu = vm.create_vcpu(0)
+        # 4. The kernel, read-only pages through the sharer.
+        memory.load_image(image, sharer)
+        if initrd is not None:
+            memory.write(initrd[0], initrd[1])
+        # 5. Per-vCPU state.
+        _configure_vcpu(kvm, vcpu, config.vcpu_count, image.entry)
+        # 6. Boot structures: page tables, GDT, command line, zero page.
+        ram = memory.view()
+        boot_state.write_page_tables(ram)
+        boot_state.write_gdt_and_idt(ram)
+        memory.write(layout.CMDLINE_ADDR, cmdline + b"\0")
+        params = BootParams(
+            mem_size=config.mem_size,
+            cmdline=cmdline,
+            initrd_addr=initrd[0] if initrd else 0,
+            initrd_size=len(initrd[1]) if initrd else 0,
+        )
+        memory.write(layout.ZERO_PAGE_ADDR, params.encode())
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        kvm.close()
+        raise
+    # 7. Devices on the port bus.
+    bus = PortBus()
+
+    def raise_serial_irq() -> None:
+        vm.irq_line(serial.COM1_IRQ, 1)
+        vm.irq_line(serial.COM1_IRQ, 0)
+
+    console = serial.Serial(serial_sink, raise_serial_irq)
+    machine = MicroVm(kvm, vm, memory, vcpu, bus, console)
+    bus.register(serial.COM1_PORT, serial.PORT_COUNT, console)
+    bus.register(
+        i8042.DATA_PORT,
+        i8042.PORT_COUNT,
+        i8042.I8042(lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset")),
+    )
+    bus.register(ACPI_SHUTDOWN_PORT, 2, _PortSink(machine))
+    return machine
+
+
+def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, vcpu_count: int, entry: int) -> None:
+    vcpu.set_cpuid(boot_state.vcpu_cpuid(kvm.supported_cpuid(), vcpu.index, vcpu_count))
+    vcpu.set_msrs(boot_state.boot_msrs())
+    vcpu.set_regs(boot_state.boot_regs(entry))
+    fpu = vcpu.get_fpu()
+    boot_state.configure_fpu(fpu)
+    vcpu.set_fpu(fpu)
+    sregs = vcpu.get_sregs()
+    boot_state.configure_sregs(sregs)
+    vcpu.set_sregs(sregs)
+    lapic = vcpu.get_lapic()
+    boot_state.configure_lapic(lapic)
+    vcpu.set_lapic(lapic)
+
+
+def serial_sink_for(path: str | None) -> BinaryIO:
+    """Unbuffered binary output: stdout, or a file that is created or truncated."""
+    if path is None:
+        return os.fdopen(os.dup(1), "wb", buffering=0)
+    try:
+        return open(path, "wb", buffering=0)
+    except OSError as exc:
+        raise LoaderError(f"cannot open serial output {path}: {exc.strerror}") from exc

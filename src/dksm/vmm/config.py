@@ -1,0 +1,110 @@
+"""What a microVM is made of, from command-line flags or a Firecracker config file.
+
+:class:`VmConfig` is the one value the builder consumes.  ``from_firecracker_json``
+reads Firecracker's ``--config-file`` format so existing configs carry over
+unchanged; what dksm cannot do yet (block and network devices) is refused by name
+rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dksm.arch import layout
+from dksm.error import DksmError
+
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+DEFAULT_MEM_MIB = 128  # Firecracker's default machine-config
+MAX_VCPUS = 1
+
+
+class ConfigError(DksmError):
+    """The VM configuration is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    kernel_path: str
+    boot_args: str = DEFAULT_BOOT_ARGS
+    mem_mib: int = DEFAULT_MEM_MIB
+    vcpu_count: int = 1
+    initrd_path: str | None = None
+
+    @property
+    def mem_size(self) -> int:
+        return self.mem_mib * layout.MIB
+
+    def validate(self) -> None:
+        if self.mem_size < layout.MIN_MEM_SIZE:
+            raise ConfigError(
+                f"memory size {self.mem_mib} MiB is too small: at least "
+                f"{layout.MIN_MEM_SIZE // layout.MIB} MiB are needed"
+            )
+        if self.mem_size > layout.MAX_MEM_SIZE:
+            raise ConfigError(
+                f"memory size {self.mem_mib} MiB is too large: at most "
+                f"{layout.MAX_MEM_SIZE // layout.MIB} MiB (RAM must end below the MMIO gap)"
+            )
+        if self.vcpu_count < 1:
+            raise ConfigError(f"vcpu_count must be at least 1, not {self.vcpu_count}")
+        if self.vcpu_count > MAX_VCPUS:
+            raise ConfigError(
+                f"{self.vcpu_count} vCPUs requested; dksm runs {MAX_VCPUS} vCPU per VM for now"
+            )
+
+
+def _field(section: dict[str, Any], name: str, where: str, kind: type) -> Any:
+    if name not in section:
+        raise ConfigError(f"config file: {where} lacks the required field '{name}'")
+    value = section[name]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(
+            f"config file: {where}.{name} must be {kind.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def from_firecracker_json(path: str) -> VmConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not text: {exc.reason}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path}: the top level must be a JSON object")
+    boot = _field(doc, "boot-source", "the config", dict)
+    kernel = _field(boot, "kernel_image_path", "boot-source", str)
+    boot_args = boot.get("boot_args")
+    if boot_args is not None and not isinstance(boot_args, str):
+        raise ConfigError("config file: boot-source.boot_args must be a string")
+    initrd = boot.get("initrd_path")
+    if initrd is not None and not isinstance(initrd, str):
+        raise ConfigError("config file: boot-source.initrd_path must be a string or null")
+    machine = doc.get("machine-config", {})
+    if not isinstance(machine, dict):
+        raise ConfigError("config file: machine-config must be an object")
+    mem_mib = _field(machine, "mem_size_mib", "machine-config", int) if machine else DEFAULT_MEM_MIB
+    vcpus = _field(machine, "vcpu_count", "machine-config", int) if machine else 1
+    for section in ("drives", "network-interfaces", "vsock", "balloon"):
+        value = doc.get(section)
+        if value:
+            raise ConfigError(f"config file: '{section}' is not supported yet (it must be empty)")
+    config = VmConfig(
+        kernel_path=kernel,
+        boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
+        mem_mib=mem_mib,
+        vcpu_count=vcpus,
+        initrd_path=initrd,
+    )
+    config.validate()
+    return config

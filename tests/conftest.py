@@ -1,0 +1,67 @@
+"""Shared fixtures: the ``dksm`` command as a real subprocess, tiny assembly test
+guests built with the system gcc, and skips for hosts without /dev/kvm or root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+ASM_GUESTS_DIR = TESTS_DIR / "guests"
+
+HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+IS_ROOT = os.geteuid() == 0
+
+requires_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm")
+requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+def dksm(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``dksm`` command line in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "dksm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="session")
+def asm_guest(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Build ``tests/guests/NAME.S`` into a bootable ELF linked at 1 MiB."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the assembly test guests")
+    out = tmp_path_factory.mktemp("asm-guests")
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            elf = out / f"{name}.elf"
+            subprocess.run(
+                [
+                    "gcc",
+                    "-nostdlib",
+                    "-static",
+                    "-Wl,-z,noseparate-code",
+                    "-Wl,-Ttext-segment=0x100000",
+                    "-Wl,--build-id=none",
+                    "-o",
+                    str(elf),
+                    str(ASM_GUESTS_DIR / f"{name}.S"),
+                ],
+                check=True,
+            )
+            built[name] = elf
+        return built[name]
+
+    return build
