@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from dksm.cli.status import ExitStatus
+from dksm.vmm.exit_status import ExitStatus
 
 
 def register(sub: Any) -> None:

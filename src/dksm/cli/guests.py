@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dksm.cli.status import ExitStatus
+from dksm.vmm.exit_status import ExitStatus
 
 
 def register(sub: Any) -> None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from dksm.cli.status import ExitStatus
+from dksm.vmm.exit_status import ExitStatus
 from dksm.error import DksmError
 
 
@@ -17,7 +17,7 @@ def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dksm.cli import bench, guests, run
+    from dksm.cli import bench, fleet, guests, run
 
     parser = argparse.ArgumentParser(
         prog="dksm", description="Daemonless, load-time same-page merging for KVM microVMs."
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.register(sub)
     guests.register(sub)
+    fleet.register(sub)
     bench.register(sub)
     return parser
 

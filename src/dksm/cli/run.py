@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, BinaryIO
 
-from dksm.cli.status import CAUSE_STATUS, ExitStatus
+from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
 from dksm.error import DksmError
 
 

@@ -6,7 +6,7 @@ written and survives a crash of the VMM."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Protocol
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -34,8 +34,14 @@ MSR_DEFAULT = 0xB0  # DCD, DSR, CTS: a terminal is attached
 MCR_LOOPBACK = 0x10
 
 
+class ByteSink(Protocol):
+    """Where transmitted bytes go: a binary file, or anything that writes bytes."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 class Serial:
-    def __init__(self, sink: BinaryIO, raise_irq: Callable[[], None] | None = None) -> None:
+    def __init__(self, sink: ByteSink, raise_irq: Callable[[], None] | None = None) -> None:
         self.sink = sink
         self.raise_irq = raise_irq
         self.ier = 0

@@ -67,6 +67,11 @@ class GuestMemory:
                     continue
             self.write(segment.guest_addr, segment.data)
 
+    def advise_mergeable(self) -> None:
+        """Offer all of RAM to Linux KSM (``MADV_MERGEABLE``), as QEMU and Cloud
+        Hypervisor do for their guests; ksmd then scans it in the background."""
+        host_mapping.advise(self.host_address, self.size, host_mapping.MADV_MERGEABLE)
+
     def close(self) -> None:
         if self.ram is not None:
             self.ram.release()

@@ -7,8 +7,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import os
-from typing import BinaryIO
 
 from dksm.arch import boot_state, layout
 from dksm.devices import i8042, serial
@@ -56,7 +54,7 @@ def _place_initrd(path: str, mem_size: int, image: KernelImage) -> tuple[int, by
 def build(
     config: VmConfig,
     *,
-    serial_sink: BinaryIO,
+    serial_sink: serial.ByteSink,
     sharer: PageSharer | None = None,
 ) -> MicroVm:
     # 1. Validate all input before touching KVM.
@@ -134,13 +132,3 @@ def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, vcpu_count: int, entry: int) -> None:
     lapic = vcpu.get_lapic()
     boot_state.configure_lapic(lapic)
     vcpu.set_lapic(lapic)
-
-
-def serial_sink_for(path: str | None) -> BinaryIO:
-    """Unbuffered binary output: stdout, or a file that is created or truncated."""
-    if path is None:
-        return os.fdopen(os.dup(1), "wb", buffering=0)
-    try:
-        return open(path, "wb", buffering=0)
-    except OSError as exc:
-        raise LoaderError(f"cannot open serial output {path}: {exc.strerror}") from exc

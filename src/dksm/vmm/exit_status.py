@@ -1,4 +1,5 @@
-"""Exit statuses of the ``dksm`` command, one per way a run can end."""
+"""Exit statuses of a microVM process (`dksm run`, a fleet member), one per way a run
+ends; the CLI returns them and a fleet supervisor reads them from its children."""
 
 from __future__ import annotations
 

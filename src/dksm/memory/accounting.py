@@ -1,0 +1,97 @@
+"""What processes and the page pool cost the host, read from ``/proc`` and tmpfs.
+
+The measure used everywhere in dksm (fleet experiment, density, ``fleet status``):
+
+    fleet memory = sum over its processes of (Pss_Anon + Pss_File)
+                   + every byte the page pool holds on tmpfs, counted once.
+
+Pss splits each shared page among its users, so summing it over processes counts
+every frame once.  tmpfs pages are left out of the per-process sums (Pss_Shmem) and
+added as the pool's allocated blocks instead: a pool page costs its frame whether
+or not any guest has touched it yet, and this counts it exactly once either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    rss: int
+    pss: int
+    pss_anon: int
+    pss_file: int
+    pss_shmem: int
+    ksm: int
+
+    @property
+    def accounted(self) -> int:
+        """This process's share of the fleet measure (tmpfs excluded)."""
+        return self.pss_anon + self.pss_file
+
+
+def process_memory(pid: int) -> ProcessMemory | None:
+    """``/proc/PID/smaps_rollup`` in bytes, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields: dict[bytes, int] = {}
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(b":")
+        parts = rest.split()
+        if parts and parts[-1] == b"kB":
+            fields[name] = int(parts[0]) * KIB
+    if not fields:  # a zombie has an empty rollup
+        return None
+    return ProcessMemory(
+        pid=pid,
+        rss=fields.get(b"Rss", 0),
+        pss=fields.get(b"Pss", 0),
+        pss_anon=fields.get(b"Pss_Anon", 0),
+        pss_file=fields.get(b"Pss_File", 0),
+        pss_shmem=fields.get(b"Pss_Shmem", 0),
+        ksm=fields.get(b"KSM", 0),
+    )
+
+
+def tmpfs_bytes(path: Path) -> int:
+    """Bytes allocated by every file under ``path`` (0 if it does not exist)."""
+    total = 0
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+@dataclass(frozen=True)
+class FleetMemory:
+    processes: int
+    process_bytes: int
+    pool_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.process_bytes + self.pool_bytes
+
+
+def fleet_memory(pids: Iterable[int], pool_dirs: Iterable[Path] = ()) -> FleetMemory:
+    found = [m for m in (process_memory(pid) for pid in pids) if m is not None]
+    return FleetMemory(
+        processes=len(found),
+        process_bytes=sum(m.accounted for m in found),
+        pool_bytes=sum(tmpfs_bytes(d) for d in pool_dirs),
+    )
