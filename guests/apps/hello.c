@@ -1,4 +1,4 @@
-/* hello: print the command line and the e820 map, then power off.
+/* hello: print the command line and the e820 map, then power off (or idle, with then=idle).
  *
  * Output (parsed by tests):
  *   hello: dksm guest kit
@@ -22,5 +22,5 @@ DKSM_APP_MAIN
     for (unsigned i = 0; kit_e820_get(i, &e); i++)
         kprintf("e820: 0x%016lx-0x%016lx type %u\n", e.addr, e.addr + e.size - 1, e.type);
     kprintf("hello: bye\n");
-    kit_shutdown();
+    /* returning shuts down, or idles with then=idle (kit_start) */
 }

@@ -4,10 +4,20 @@
 void kit_start(const u8 *bp) __noreturn;
 void kit_bad_boot(const u8 *bp) __noreturn;
 
+/* An app that returns has finished its work.  It shuts the VM down, unless the
+ * command line says "then=idle": then it stays up, halted with interrupts on,
+ * which is how fleet experiments keep every kind of app alive. */
 void kit_start(const u8 *bp)
 {
+    const char *then;
+    size_t len;
+
     kit_boot_params = bp;
     app_main(); /* first byte of the app's text: same address in every app */
+    if (kit_cmdline_get("then", &then, &len) && len == 4 && memcmp(then, "idle", 4) == 0) {
+        kprintf("dksm: idle\n");
+        cpu_halt_forever_irq();
+    }
     kit_shutdown();
 }
 
