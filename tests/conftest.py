@@ -7,12 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).parent
+SHM = "/dev/shm"
 ASM_GUESTS_DIR = TESTS_DIR / "guests"
 
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -34,6 +36,18 @@ def dksm(
         check=False,
         env=env,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every pool and fleet a test makes lives in its own directories, never the
+    host's defaults; the real command lines the tests start inherit these.  Pools
+    go on tmpfs, as in production (page-cache frames, punched holes, st_blocks)."""
+    pool_root = Path(tempfile.mkdtemp(prefix="dksm-test-pools-", dir=SHM))
+    os.environ["DKSM_POOL_ROOT"] = str(pool_root)
+    os.environ["DKSM_RUN_DIR"] = str(tmp_path_factory.mktemp("fleets"))
+    yield
+    shutil.rmtree(pool_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

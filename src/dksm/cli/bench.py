@@ -17,6 +17,62 @@ def register(sub: Any) -> None:
     boot.add_argument("--runs", type=int, default=20)
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
+    fleet = bsub.add_parser("fleet", help="memory over time of a fleet under each dedup mode")
+    add_fleet_options(fleet)
+    fleet.set_defaults(handler=_fleet)
+
+
+def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    parser.add_argument("--image", action="append", default=None, metavar="NAME_OR_PATH",
+                        help="shipped guest or image path (repeatable; default: the idle-style "
+                        "shipped apps)")  # fmt: skip
+    parser.add_argument("--instances", type=int, default=16 if demo else 10,
+                        help="VMs per image")  # fmt: skip
+    parser.add_argument("--modes", default="none,ksm,dksm,dksm+ksm")
+    parser.add_argument("--duration", type=float, default=40.0 if demo else 60.0, metavar="S",
+                        help="longest sampling time per mode")  # fmt: skip
+    parser.add_argument("--mem-mib", type=int, default=16)
+    parser.add_argument("--ksm-pages-to-scan", type=int, default=None)
+    parser.add_argument("--ksm-sleep-ms", type=int, default=None)
+    parser.add_argument("--ksm-advisor", action="store_true",
+                        help="let the kernel's advisor pick KSM's scan rate")  # fmt: skip
+    parser.add_argument("--out", default="out/demo" if demo else "out/fleet", metavar="DIR")
+    parser.add_argument("--json", action="store_true", help="print summary.json")
+
+
+DEFAULT_FLEET_IMAGES = ("hello", "idle", "cowprobe")
+
+
+def run_fleet_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench, table, write_outputs
+    from dksm.fleet.instance import DedupMode
+
+    cfg = FleetBenchConfig(
+        images=args.image or list(DEFAULT_FLEET_IMAGES),
+        instances=args.instances,
+        modes=[DedupMode.parse(m.strip()) for m in args.modes.split(",") if m.strip()],
+        duration=args.duration,
+        mem_mib=args.mem_mib,
+        knobs=KsmKnobs(args.ksm_pages_to_scan, args.ksm_sleep_ms, args.ksm_advisor),
+        out_dir=Path(args.out),
+    )
+    results = run_fleet_bench(cfg)
+    summary = write_outputs(cfg, results)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console = Console()
+        console.print(table(results))
+        console.print(f"series, summary.json and memory.png in {cfg.out_dir}/")
+    return ExitStatus.OK
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    return run_fleet_command(args)
 
 
 def _boot(args: argparse.Namespace) -> int:

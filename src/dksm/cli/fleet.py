@@ -30,6 +30,13 @@ def register(sub: Any) -> None:
     up.add_argument("--instances", type=int, default=1, help="VMs per image")
     up.add_argument("--boot-args", default=None)
     up.add_argument("--boot-timeout", type=float, default=120.0)
+    up.add_argument(
+        "--vms-per-process",
+        type=int,
+        default=1,
+        metavar="K",
+        help="host K VMs per worker process (1, the default: a process per VM)",
+    )
     add_instance_options(up)
     up.set_defaults(handler=_up)
     status = fsub.add_parser("status", help="list a fleet's VMs")
@@ -61,7 +68,7 @@ def instance_specs(
     if instances < 1:
         raise DksmError(f"--instances must be at least 1, not {instances}")
     mode = DedupMode.parse(dedup)
-    specs = []
+    specs: list[tuple[str, InstanceSpec]] = []
     for image in images:
         path = resolve_image(image)
         config = VmConfig(
@@ -83,7 +90,7 @@ def _up(args: argparse.Namespace) -> int:
     specs = instance_specs(args.image, args.instances, args.mem_mib, args.dedup, args.domain,
                            args.pool_root, args.boot_args)  # fmt: skip
     start = time.monotonic()
-    handle = control.up(specs, boot_timeout=args.boot_timeout)
+    handle = control.up(specs, boot_timeout=args.boot_timeout, vms_per_worker=args.vms_per_process)
     members = handle.members()
     failed = [m for m in members if m["state"] == "failed"]
     print(handle.id)

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from dksm.vmm.exit_status import ExitStatus
 from dksm.error import DksmError
+from dksm.vmm.exit_status import ExitStatus
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -17,7 +17,7 @@ def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dksm.cli import bench, fleet, guests, run
+    from dksm.cli import bench, demo, fleet, guests, pool, run
 
     parser = argparse.ArgumentParser(
         prog="dksm", description="Daemonless, load-time same-page merging for KVM microVMs."
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(sub)
     guests.register(sub)
     fleet.register(sub)
+    pool.register(sub)
     bench.register(sub)
+    demo.register(sub)
     return parser
 
 

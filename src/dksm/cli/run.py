@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Any, BinaryIO
 
-from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
 from dksm.error import DksmError
+from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
 
 
 class SerialOutputError(DksmError):
@@ -34,6 +34,16 @@ def register(sub: Any) -> None:
         help="stop the VM after S seconds (exit status 5)",
     )
     parser.add_argument("--serial-out", metavar="FILE", help="write the serial console to FILE")
+    parser.add_argument(
+        "--dedup", default="dksm", metavar="MODE", help="none, ksm, dksm (default) or dksm+ksm"
+    )
+    parser.add_argument("--domain", default="default", help="page-pool sharing domain")
+    parser.add_argument(
+        "--pool-root", default=None, metavar="DIR", help="page-pool directory on tmpfs"
+    )
+    parser.add_argument(
+        "--info-file", metavar="FILE", help="write the VM's pid and RAM address here once built"
+    )
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
     )
@@ -83,14 +93,24 @@ def _serial_sink(path: str | None) -> BinaryIO:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from dksm.vmm.builder import build
+    from pathlib import Path
+
+    from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
 
     if args.timeout is not None and args.timeout <= 0:
         raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
     config = _config(args)
+    spec = InstanceSpec(
+        config=config,
+        dedup=DedupMode.parse(args.dedup),
+        domain=args.domain,
+        pool_root=None if args.pool_root is None else Path(args.pool_root),
+    )
     sys.stdout.flush()
-    with _serial_sink(args.serial_out) as sink, build(config, serial_sink=sink) as vm:
-        outcome = vm.run(timeout=args.timeout)
+    with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
+        if args.info_file:
+            instance.write_info(args.info_file)
+        outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:
         print(f"dksm: {outcome.describe()}", file=sys.stderr)

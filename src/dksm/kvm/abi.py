@@ -38,6 +38,16 @@ KVM_SET_LAPIC = 0x4400AE8F
 KVM_SET_CPUID2 = 0x4008AE90
 KVM_GET_XSAVE = 0x9000AEA4
 KVM_SET_XSAVE = 0x5000AEA5
+KVM_GET_XCRS = 0x8188AEA6  # _IOR(0xAE, 0xa6, struct kvm_xcrs)
+KVM_CHECK_EXTENSION = 0xAE03
+
+# KVM_CHECK_EXTENSION capabilities dksm asks about.
+KVM_CAP_SYNC_REGS = 74
+
+# kvm_run.kvm_valid_regs / kvm_dirty_regs bits (x86): which register classes KVM
+# copies into kvm_run.s.regs at each exit, and which it loads from there at entry.
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
 
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_INTERNAL_ERROR_EMULATION = 1
@@ -158,8 +168,14 @@ class MsrEntry(ctypes.Structure):
     )
 
 
+_variable_structs: dict[tuple[str, int], type[ctypes.Structure]] = {}
+
+
 def msrs_struct(count: int) -> type[ctypes.Structure]:
     """``struct kvm_msrs`` with room for ``count`` entries (a flexible array)."""
+    cached = _variable_structs.get(("msrs", count))
+    if cached is not None:
+        return cached
 
     class Msrs(ctypes.Structure):
         _fields_ = (
@@ -168,6 +184,7 @@ def msrs_struct(count: int) -> type[ctypes.Structure]:
             ("entries", MsrEntry * count),
         )
 
+    _variable_structs[("msrs", count)] = Msrs
     return Msrs
 
 
@@ -186,6 +203,9 @@ class CpuidEntry2(ctypes.Structure):
 
 def cpuid2_struct(count: int) -> type[ctypes.Structure]:
     """``struct kvm_cpuid2`` with room for ``count`` entries."""
+    cached = _variable_structs.get(("cpuid2", count))
+    if cached is not None:
+        return cached
 
     class Cpuid2(ctypes.Structure):
         _fields_ = (
@@ -194,6 +214,7 @@ def cpuid2_struct(count: int) -> type[ctypes.Structure]:
             ("entries", CpuidEntry2 * count),
         )
 
+    _variable_structs[("cpuid2", count)] = Cpuid2
     return Cpuid2
 
 
@@ -222,6 +243,27 @@ class Translation(ctypes.Structure):
 
 class Xsave(ctypes.Structure):
     _fields_ = (("region", ctypes.c_uint32 * 1024),)
+
+
+KVM_MAX_XCRS = 16
+XCR_XFEATURE_ENABLED_MASK = 0  # XCR0
+
+
+class Xcr(ctypes.Structure):
+    _fields_ = (
+        ("xcr", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("value", ctypes.c_uint64),
+    )
+
+
+class Xcrs(ctypes.Structure):
+    _fields_ = (
+        ("nr_xcrs", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("xcrs", Xcr * KVM_MAX_XCRS),
+        ("padding", ctypes.c_uint64 * 16),
+    )
 
 
 # struct kvm_run: the fixed head, then the exit union at offset 32.
@@ -278,6 +320,12 @@ class RunExit(ctypes.Union):
     )
 
 
+class SyncRegs(ctypes.Structure):
+    """``struct kvm_sync_regs`` (x86), the head of ``kvm_run.s``."""
+
+    _fields_ = (("regs", Regs), ("sregs", Sregs))
+
+
 class Run(ctypes.Structure):
     _fields_ = (
         ("request_interrupt_window", ctypes.c_uint8),
@@ -290,6 +338,9 @@ class Run(ctypes.Structure):
         ("cr8", ctypes.c_uint64),
         ("apic_base", ctypes.c_uint64),
         ("exit", RunExit),
+        ("kvm_valid_regs", ctypes.c_uint64),
+        ("kvm_dirty_regs", ctypes.c_uint64),
+        ("s", SyncRegs),
     )
 
 

@@ -39,7 +39,9 @@ class KvmError(DksmError):
     """KVM is missing, refused a request, or behaved unexpectedly."""
 
 
-def _ioctl(fd: int, request: int, arg: int | ctypes.Structure = 0, what: str = "") -> int:
+def _ioctl(
+    fd: int, request: int, arg: int | ctypes.Structure | bytearray = 0, what: str = ""
+) -> int:
     try:
         return (
             fcntl.ioctl(fd, request, arg, True)
@@ -63,6 +65,10 @@ class Kvm:
         if version != abi.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmError(f"KVM API version {version}, expected {abi.KVM_API_VERSION}")
+
+    def check_extension(self, capability: int) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 if unsupported, else a capability-specific value."""
+        return _ioctl(self.fd, abi.KVM_CHECK_EXTENSION, capability, "KVM_CHECK_EXTENSION")
 
     def vcpu_mmap_size(self) -> int:
         return _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
@@ -229,6 +235,24 @@ class Vcpu:
 
     def set_lapic(self, lapic: abi.LapicState) -> None:
         _ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+
+    @property
+    def run_address(self) -> int:
+        """The host address of the ``kvm_run`` mapping (for views of ``kvm_run.s``)."""
+        return self._run_addr
+
+    def get_xsave(self, xsave: abi.Xsave | bytearray) -> None:
+        """Fill ``xsave`` (4096 bytes) with the vCPU's x87/SSE/AVX state, in the
+        standard XSAVE format."""
+        _ioctl(self.fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave: abi.Xsave | bytearray) -> None:
+        _ioctl(self.fd, abi.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> abi.Xcrs:
+        xcrs = abi.Xcrs()
+        _ioctl(self.fd, abi.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
 
     def translate(self, linear_address: int) -> abi.Translation:
         tr = abi.Translation(linear_address=linear_address)

@@ -33,8 +33,33 @@ def _mib(n: int) -> str:
     return f"{n / layout.MIB:g} MiB"
 
 
+# Images parsed ahead of time by a process that is about to fork many VMs, so that
+# the children share one parsed copy instead of each reading its own.
+_preloaded: dict[tuple[str, int], tuple[tuple[int, int, int], KernelImage]] = {}
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def preload_images(images: set[tuple[str, int]]) -> None:
+    """Parse each (path, mem_size) now; later :func:`load_elf` calls reuse the result
+    while the file is unchanged."""
+    for path, mem_size in images:
+        image = load_elf(path, mem_size)
+        _preloaded[(path, mem_size)] = (_file_identity(path), image)
+
+
 def load_elf(path: str, mem_size: int) -> KernelImage:
     """Parse ``path`` and check that it fits a guest with ``mem_size`` bytes of RAM."""
+    cached = _preloaded.get((path, mem_size))
+    if cached is not None:
+        try:
+            if _file_identity(path) == cached[0]:
+                return cached[1]
+        except OSError:
+            pass
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

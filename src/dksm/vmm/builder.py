@@ -7,10 +7,10 @@ nothing behind.
 
 from __future__ import annotations
 
-
 from dksm.arch import boot_state, layout
 from dksm.devices import i8042, serial
 from dksm.devices.bus import PortBus
+from dksm.kvm import abi
 from dksm.kvm.system import Kvm, Vcpu
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf, page_ceil, page_floor
@@ -119,8 +119,21 @@ def build(
     return machine
 
 
+_host_cpuid: list[abi.CpuidEntry2] | None = None
+
+
+def preload_host_cpuid() -> None:
+    """Ask KVM for the supported CPUID once, for every VM this process (and the
+    processes it forks) will build."""
+    global _host_cpuid
+    if _host_cpuid is None:
+        with Kvm() as kvm:
+            _host_cpuid = kvm.supported_cpuid()
+
+
 def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, vcpu_count: int, entry: int) -> None:
-    vcpu.set_cpuid(boot_state.vcpu_cpuid(kvm.supported_cpuid(), vcpu.index, vcpu_count))
+    supported = _host_cpuid if _host_cpuid is not None else kvm.supported_cpuid()
+    vcpu.set_cpuid(boot_state.vcpu_cpuid(supported, vcpu.index, vcpu_count))
     vcpu.set_msrs(boot_state.boot_msrs())
     vcpu.set_regs(boot_state.boot_regs(entry))
     fpu = vcpu.get_fpu()

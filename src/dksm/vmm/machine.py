@@ -21,6 +21,7 @@ from dksm.devices.serial import Serial
 from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.memory.guest_memory import GuestMemory
+from dksm.vmm.emulation import EmulationError, EmulationFallback
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02
@@ -97,6 +98,9 @@ class MicroVm:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.exit_counts: dict[str, int] = {}
+        # Executes what the host's KVM cannot emulate (SSE on PVM hosts); idle on
+        # hardware KVM.  Created before the first run so KVM syncs registers.
+        self.emulation = EmulationFallback(kvm, vcpu, memory.view())
 
     # -- stopping ---------------------------------------------------------------
 
@@ -122,24 +126,39 @@ class MicroVm:
 
     # -- running ----------------------------------------------------------------
 
-    def run(self, timeout: float | None = None) -> Outcome:
-        """Run until the guest stops, ``timeout`` seconds pass, or :meth:`stop`."""
+    def start(self) -> None:
+        """Start the vCPU thread; the guest runs until :meth:`stop` or its own end."""
         _install_kick_handler()
         self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
         self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the VM to end; True if it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """Why the VM ended, once its vCPU has stopped."""
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        return self._outcome
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run until the guest stops, ``timeout`` seconds pass, or :meth:`stop`."""
+        self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while self._thread.is_alive():
+            while True:
                 wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-                self._thread.join(min(wait, 0.5))
-                if (
-                    deadline is not None
-                    and time.monotonic() >= deadline
-                    and self._thread.is_alive()
-                ):
+                if self.wait(min(wait, 0.5)):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
                     self.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
         except KeyboardInterrupt:
-            self.stop(ExitCause.INTERRUPTED, "SIGINT")
+            self.stop(ExitCause.INTERRUPTED, "SIGINT or SIGTERM")
         assert self._outcome is not None
         return self._outcome
 
@@ -213,15 +232,12 @@ class MicroVm:
     def _internal_error(self) -> None:
         internal = self.vcpu.run_state.exit.internal
         if internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
-            raw = self.vcpu.io_data(0, INTERNAL_INSN_BYTES_OFFSET + 16)
-            length = min(raw[INTERNAL_INSN_LEN_OFFSET], 15) if internal.ndata >= 2 else 0
-            insn = bytes(raw[INTERNAL_INSN_BYTES_OFFSET : INTERNAL_INSN_BYTES_OFFSET + length])
-            shown = insn.hex(" ") if insn else "unavailable"
-            self.finish(
-                ExitCause.EMULATION_FAILURE,
-                f"{self._rip_detail()}, instruction bytes: {shown}",
-                format_registers(self.vcpu),
-            )
+            try:
+                self.emulation.handle()
+                return  # done: the loop re-enters the guest past the instruction
+            except EmulationError as exc:
+                detail = str(exc)
+            self.finish(ExitCause.EMULATION_FAILURE, detail, format_registers(self.vcpu))
         else:
             self.finish(
                 ExitCause.INTERNAL_ERROR,

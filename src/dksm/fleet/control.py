@@ -1,0 +1,207 @@
+"""Fleets on disk: where they live, how they are started, inspected and stopped.
+
+A fleet is a directory under the runtime root (``DKSM_RUN_DIR``, else
+``/run/dksm/fleets`` for root, else the user's runtime directory) holding the
+fleet's spec, the supervisor's state file (``fleet.json``, replaced atomically),
+and each member's console log.  ``up`` starts a supervisor in its own session, so
+the fleet outlives the command that started it, and returns once every VM booted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dksm.fleet.instance import DedupMode, InstanceSpec
+from dksm.fleet.launcher import FleetError
+from dksm.vmm.config import VmConfig
+
+SPEC_FILE = "spec.json"
+STATE_FILE = "fleet.json"
+SUPERVISOR_LOG = "supervisor.log"
+
+
+def runtime_root() -> Path:
+    env = os.environ.get("DKSM_RUN_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/dksm/fleets")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dksm-{os.geteuid()}"
+    return Path(base) / "dksm" / "fleets"
+
+
+def spec_to_json(label: str, spec: InstanceSpec) -> dict[str, Any]:
+    return {
+        "label": label,
+        "config": asdict(spec.config),
+        "dedup": spec.dedup.value,
+        "domain": spec.domain,
+        "pool_root": None if spec.pool_root is None else str(spec.pool_root),
+    }
+
+
+def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
+    root = doc.get("pool_root")
+    return doc["label"], InstanceSpec(
+        config=VmConfig(**doc["config"]),
+        dedup=DedupMode(doc["dedup"]),
+        domain=doc["domain"],
+        pool_root=None if root is None else Path(root),
+    )
+
+
+def write_json_atomically(path: Path, doc: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def _new_fleet_id(root: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        candidate = f"{stamp}-{n}" if n else stamp
+        if not (root / candidate).exists():
+            return candidate
+    raise FleetError(f"cannot find a free fleet id under {root}")
+
+
+class FleetHandle:
+    """A fleet seen from outside its supervisor."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.id = directory.name
+
+    def state(self) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = json.loads((self.directory / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return {"members": [], "booted": False, "stopped": False}
+        except ValueError as exc:
+            raise FleetError(f"fleet {self.id}: state file is unreadable: {exc}") from exc
+        return doc
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        pid = self.state().get("supervisor_pid")
+        return int(pid) if pid else None
+
+    def supervisor_alive(self) -> bool:
+        pid = self.supervisor_pid
+        if pid is None:
+            return False
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"supervise" in f.read()
+        except OSError:
+            return False
+
+    def members(self) -> list[dict[str, Any]]:
+        members: list[dict[str, Any]] = self.state().get("members", [])
+        return members
+
+    def live_pids(self) -> list[int]:
+        return [m["pid"] for m in self.members() if m["state"] in ("booting", "running")]
+
+    def process_pids(self) -> list[int]:
+        """The supervisor and its live members: every process the fleet costs."""
+        pids = self.live_pids()
+        sup = self.supervisor_pid
+        return ([sup] if sup and self.supervisor_alive() else []) + pids
+
+    def log_path(self, index: int) -> Path:
+        return self.directory / f"vm-{index}.log"
+
+    def info(self, index: int) -> dict[str, Any]:
+        """What the VM's process published about itself (pid, RAM address, mode)."""
+        doc: dict[str, Any] = json.loads((self.directory / f"vm-{index}.info.json").read_text())
+        return doc
+
+    def down(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Stop every member and the supervisor; return the final state."""
+        pid = self.supervisor_pid
+        if pid is not None and self.supervisor_alive():
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.supervisor_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.supervisor_alive():
+                raise FleetError(f"fleet {self.id}: supervisor {pid} did not stop in {timeout:g} s")
+        return self.state()
+
+
+def up(
+    specs: Sequence[tuple[str, InstanceSpec]],
+    *,
+    boot_timeout: float = 120.0,
+    vms_per_worker: int = 1,
+    root: Path | None = None,
+) -> FleetHandle:
+    """Start a supervisor for ``specs`` and return once every VM has booted."""
+    if not specs:
+        raise FleetError("a fleet needs at least one instance")
+    root = root or runtime_root()
+    root.mkdir(parents=True, exist_ok=True)
+    fleet_id = _new_fleet_id(root)
+    directory = root / fleet_id
+    directory.mkdir()
+    write_json_atomically(
+        directory / SPEC_FILE,
+        {
+            "boot_timeout": boot_timeout,
+            "vms_per_worker": vms_per_worker,
+            "members": [spec_to_json(label, s) for label, s in specs],
+        },
+    )
+    with open(directory / SUPERVISOR_LOG, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dksm", "fleet", "supervise", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    handle = FleetHandle(directory)
+    deadline = time.monotonic() + boot_timeout + 30
+    while True:
+        state = handle.state()
+        if state.get("error"):
+            handle.down()
+            raise FleetError(f"fleet {fleet_id}: {state['error']}")
+        if state.get("booted"):
+            return handle
+        code = proc.poll()
+        if code is not None:
+            log_text = (directory / SUPERVISOR_LOG).read_text(errors="replace").strip()
+            last = log_text.splitlines()[-1] if log_text else f"exit status {code}"
+            raise FleetError(f"fleet {fleet_id}: supervisor ended before boot: {last}")
+        if time.monotonic() > deadline:
+            handle.down()
+            raise FleetError(f"fleet {fleet_id}: not booted after {boot_timeout:g} s")
+        time.sleep(0.05)
+
+
+def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
+    """The named fleet, or the only/newest live one when no id is given."""
+    root = root or runtime_root()
+    if fleet_id:
+        directory = root / fleet_id
+        if not (directory / SPEC_FILE).exists():
+            raise FleetError(f"no fleet with id '{fleet_id}' under {root}")
+        return FleetHandle(directory)
+    fleets = [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+    live = [f for f in fleets if f.supervisor_alive()]
+    if live:
+        return live[-1]
+    if fleets:
+        return fleets[-1]
+    raise FleetError(f"no fleet found under {root}")

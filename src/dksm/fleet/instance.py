@@ -1,0 +1,120 @@
+"""One microVM instance together with its deduplication mode.
+
+The order of acquisition and release is the crash-safety contract with the pool:
+the lease exists (and holds its references) before the VM's RAM maps pool pages,
+and it is released only after that RAM is unmapped.  A process killed in between
+leaves a lease whose owner is dead, which the next process to open the pool sweeps.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dksm.devices.serial import ByteSink
+from dksm.error import DksmError
+from dksm.vmm.builder import build
+from dksm.vmm.config import VmConfig
+from dksm.vmm.machine import MicroVm, Outcome
+
+if TYPE_CHECKING:
+    from dksm.dedup.pool import Lease, PagePool
+
+DEFAULT_DOMAIN = "default"
+
+
+class DedupMode(enum.Enum):
+    """How an instance's memory is deduplicated."""
+
+    NONE = "none"  # private copies of everything
+    KSM = "ksm"  # all RAM advised MADV_MERGEABLE; ksmd merges in the background
+    DKSM = "dksm"  # read-only image pages mapped from the page pool at load time
+    DKSM_KSM = "dksm+ksm"  # both: the pool at load time, KSM for what becomes equal later
+
+    @property
+    def uses_pool(self) -> bool:
+        return self in (DedupMode.DKSM, DedupMode.DKSM_KSM)
+
+    @property
+    def uses_ksm(self) -> bool:
+        return self in (DedupMode.KSM, DedupMode.DKSM_KSM)
+
+    @classmethod
+    def parse(cls, text: str) -> DedupMode:
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise DksmError(f"unknown dedup mode '{text}'; choose one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    config: VmConfig
+    dedup: DedupMode = DedupMode.DKSM
+    domain: str = DEFAULT_DOMAIN
+    pool_root: Path | None = None
+
+
+class Instance:
+    """A built VM, its pool lease (if any), and how to tear both down in order."""
+
+    def __init__(self, spec: InstanceSpec, serial_sink: ByteSink) -> None:
+        self.spec = spec
+        self.pool: PagePool | None = None
+        self.lease: Lease | None = None
+        try:
+            if spec.dedup.uses_pool:
+                from dksm.dedup.pool import PagePool
+
+                self.pool = PagePool.open(spec.domain, spec.pool_root)
+                self.lease = self.pool.lease()
+            self.vm: MicroVm = build(spec.config, serial_sink=serial_sink, sharer=self.lease)
+            if spec.dedup.uses_ksm:
+                self.vm.memory.advise_mergeable()
+        except BaseException:
+            self._release_pool()
+            raise
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        return self.vm.run(timeout)
+
+    def describe(self) -> dict[str, object]:
+        """What another process needs to inspect this VM (e.g. via /proc/PID/mem)."""
+        return {
+            "pid": os.getpid(),
+            "kernel": self.spec.config.kernel_path,
+            "mem_size": self.spec.config.mem_size,
+            "ram_host_address": self.vm.memory.host_address,
+            "dedup": self.spec.dedup.value,
+            "domain": self.spec.domain,
+            "pages_shared": self.vm.memory.pages_shared,
+        }
+
+    def write_info(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.describe(), f)
+        os.replace(tmp, path)
+
+    def _release_pool(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def close(self) -> None:
+        self.vm.close()  # unmaps guest RAM, and with it every pool mapping
+        self._release_pool()
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,64 @@
+"""The supervisor process of one fleet: forks the members, keeps ``fleet.json``
+current, and on SIGTERM stops every member and releases their pool leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
+from dksm.fleet.launcher import FleetError, FleetLauncher
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        self.set = True
+
+
+def supervise(directory: Path) -> int:
+    doc = json.loads((directory / SPEC_FILE).read_text())
+    specs = [spec_from_json(m) for m in doc["members"]]
+    stop = _StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    launcher = FleetLauncher(directory, int(doc.get("vms_per_worker", 1)))
+    state: dict[str, object] = {
+        "id": directory.name,
+        "supervisor_pid": os.getpid(),
+        "created": time.time(),
+        "booted": False,
+        "stopped": False,
+        "error": "",
+    }
+
+    def publish() -> None:
+        state["members"] = launcher.snapshot()
+        write_json_atomically(directory / STATE_FILE, state)
+
+    launcher.launch(specs)
+    publish()
+    try:
+        launcher.wait_booted(float(doc.get("boot_timeout", 120)))
+        state["booted"] = True
+        state["booted_at"] = time.time()
+    except FleetError as exc:
+        state["error"] = str(exc)
+    publish()
+    last = launcher.snapshot()
+    while not stop.set:
+        launcher.poll(0.5)
+        now = launcher.snapshot()
+        if now != last:
+            publish()
+            last = now
+    launcher.stop_all()
+    state["stopped"] = True
+    publish()
+    return 0

@@ -1,0 +1,529 @@
+"""The emulation-failure fallback: instructions the host's KVM cannot emulate, done here.
+
+On a PVM host (BOOT.md, last section) guest kernel-mode code is run by the host
+kernel's instruction emulator, which knows no SSE, no XSAVE family and not
+``xgetbv``; it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation failure, and
+running again fails at the same RIP.  :class:`EmulationFallback` decodes the
+instruction (:mod:`dksm.arch.x86_decode`), executes it against the vCPU
+(:mod:`dksm.arch.x86_execute` on a :class:`VcpuCpu`), advances RIP and lets the
+vCPU loop re-enter the guest.  On hardware KVM it is never called.
+
+Why it is fast enough (median round trip measured by ``dksm bench emulation``):
+
+- Registers travel in ``kvm_run.s.regs`` (``KVM_CAP_SYNC_REGS``): KVM stores
+  general and special registers at every exit and loads the general ones at entry
+  when marked dirty, so an emulated instruction costs no ``GET/SET_REGS`` or
+  ``GET_SREGS`` ioctl.  Each vCPU ioctl costs about 6 µs on PVM.
+- The XSAVE area is read (``KVM_GET_XSAVE``) only for instructions that touch
+  vector state, and written back only if they changed it.
+- Decoding is cached by the instruction's bytes.
+- After one instruction, the following ones are executed too while they are
+  instructions this module knows (a vectorised loop body is mostly SSE): one exit
+  then covers a run of them.  Batching stops at the first instruction that is not
+  known or would fault; that one goes back to the guest, which either runs it or
+  exits again on it, and then it is reported.
+- Guest page tables are walked here (``KVM_TRANSLATE`` would be one ioctl per
+  page).
+
+Counters (:attr:`EmulationFallback.counts`, :meth:`EmulationFallback.stats`):
+instructions executed here by mnemonic, and exits that led here.
+
+An instruction that cannot be executed exactly raises :class:`EmulationError`
+whose message gives RIP, the bytes, a disassembly when a disassembler is available,
+the CPU mode and CPL, and the reason.  Guests never run on with a wrong result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+from dksm.arch import x86_decode, x86_execute
+from dksm.arch.x86_decode import DecodeError, Instruction
+from dksm.arch.x86_execute import (
+    FLAG_TF,
+    MASK64,
+    RFLAGS,
+    RIP,
+    ExecutionError,
+    Handler,
+    VectorState,
+)
+from dksm.error import DksmError
+from dksm.kvm import abi
+from dksm.kvm.system import Kvm, Vcpu
+
+INSN_LENGTH_OFFSET = 48  # kvm_run.internal.data[1], low byte: how many bytes follow
+INSN_BYTES_OFFSET = 49
+# Instructions executed per exit at most: bounds how long an exit can delay a
+# pending interrupt (each costs a few µs here).
+BATCH_LIMIT = 64
+# Decoded instructions kept (keyed by their bytes); cleared when full.
+DECODE_CACHE_LIMIT = 1 << 16
+XSAVE_CPUID_LEAF = 0xD
+
+# Page-table entry bits (SDM vol. 3, 4.5).
+PTE_PRESENT = 1 << 0
+PTE_WRITABLE = 1 << 1
+PTE_USER = 1 << 2
+PTE_ACCESSED = 1 << 5
+PTE_DIRTY = 1 << 6
+PTE_LARGE = 1 << 7
+PTE_NO_EXECUTE = 1 << 63
+PHYSICAL_MASK = 0x000F_FFFF_FFFF_F000
+PAGE_SIZE = 4096
+PAGE_MASK = PAGE_SIZE - 1
+CR0_PE = 1 << 0
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_LA57 = 1 << 12
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+
+class EmulationError(DksmError):
+    """The fallback cannot execute the guest's instruction; the message says why."""
+
+
+@dataclass(frozen=True)
+class EmulationStats:
+    """What the fallback did during a VM's life."""
+
+    instructions: int
+    exits: int
+    seconds: float
+    by_mnemonic: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.instructions:
+            return "no instructions emulated"
+        per = self.seconds / self.exits * 1e6 if self.exits else 0.0
+        names = ", ".join(f"{k}={v}" for k, v in sorted(self.by_mnemonic.items()))
+        return (
+            f"{self.instructions} instructions emulated in {self.exits} exits "
+            f"({per:.1f} µs per exit in the VMM): {names}"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "instructions": self.instructions,
+            "exits": self.exits,
+            "seconds": self.seconds,
+            "by_mnemonic": dict(self.by_mnemonic),
+        }
+
+
+def describe_mode(sregs: abi.Sregs) -> str:
+    """The CPU mode and CPL, e.g. "64-bit mode, CPL 0"."""
+    cpl = sregs.cs.selector & 3
+    if not sregs.cr0 & CR0_PE:
+        return "real mode"
+    if sregs.efer & EFER_LMA:
+        kind = "64-bit mode" if sregs.cs.l else "compatibility mode"
+    else:
+        kind = "protected mode"
+    return f"{kind}, CPL {cpl}"
+
+
+def xsave_layout(kvm: Kvm) -> dict[int, tuple[int, int]]:
+    """(offset, size) of each extended XSAVE component KVM supports (CPUID 0xD).
+
+    ``KVM_GET_XSAVE`` uses the host's standard-format layout, which these leaves
+    describe; AVX is at 576 everywhere, but AVX-512 differs between vendors.
+    """
+    layout = dict(x86_execute.DEFAULT_LAYOUT)
+    for entry in kvm.supported_cpuid():
+        if entry.function == XSAVE_CPUID_LEAF and entry.index >= 2 and entry.eax and entry.ebx:
+            layout[entry.index] = (entry.ebx, entry.eax)
+    return layout
+
+
+class VcpuCpu:
+    """A :class:`dksm.arch.x86_execute.Cpu` backed by a stopped vCPU and guest RAM.
+
+    Valid for one exit at a time: :meth:`begin` binds it to the current exit,
+    :meth:`commit` hands the changes back to KVM.
+    """
+
+    def __init__(self, kvm: Kvm, vcpu: Vcpu, ram: memoryview) -> None:
+        self._kvm = kvm
+        self._vcpu = vcpu
+        self._ram = ram
+        self._ram_size = len(ram)
+        self._walker = PageWalker(ram)
+        run = vcpu.run_state
+        self._run = run
+        # Registers: in kvm_run.s when KVM syncs them, else fetched by ioctl.
+        self._sync = kvm.check_extension(abi.KVM_CAP_SYNC_REGS) & (
+            abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        ) == (abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS)
+        self._synced = False  # KVM has filled kvm_run.s at this exit
+        if self._sync:
+            run.kvm_valid_regs |= abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS
+        self._sync_regs = memoryview(run.s.regs).cast("B").cast("Q")
+        self._sync_sregs = run.s.sregs
+        self._own_regs = abi.Regs()
+        self._own_regs_view = memoryview(self._own_regs).cast("B").cast("Q")
+        self._regs: memoryview = self._sync_regs
+        self._sregs: abi.Sregs = self._sync_sregs
+        # Vector state: loaded lazily, once per exit.
+        self._area = bytearray(ctypes.sizeof(abi.Xsave))
+        self._vector: VectorState | None = None
+        self._vector_loaded = False
+        self._xcr0: int | None = None
+        self._tlb: dict[int, int] = {}
+
+    # -- per exit ------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Bind to the exit that just happened."""
+        if self._sync and self._synced:
+            self._regs = self._sync_regs
+            self._sregs = self._sync_sregs
+        else:
+            # The first exit after enabling sync regs (or a KVM without them).
+            self._vcpu_get_regs()
+            self._sregs = self._vcpu.get_sregs()
+        self._vector_loaded = False
+        self._xcr0 = None
+        self._tlb.clear()
+
+    def commit(self) -> None:
+        """Give the registers (and vector state, if changed) back to KVM."""
+        vector = self._vector
+        if self._vector_loaded and vector is not None and vector.changed:
+            vector.settle()
+            self._vcpu.set_xsave(self._area)
+        if self._regs is self._sync_regs:
+            self._run.kvm_dirty_regs |= abi.KVM_SYNC_X86_REGS
+        else:
+            self._vcpu.set_regs(self._own_regs)
+        # From the next exit on, KVM fills kvm_run.s (valid_regs was set at start).
+        self._synced = self._sync
+
+    def _vcpu_get_regs(self) -> None:
+        fresh = self._vcpu.get_regs()
+        ctypes.memmove(
+            ctypes.addressof(self._own_regs), ctypes.addressof(fresh), ctypes.sizeof(abi.Regs)
+        )
+        self._regs = self._own_regs_view
+
+    @property
+    def sregs(self) -> abi.Sregs:
+        return self._sregs
+
+    # -- the Cpu protocol ----------------------------------------------------------
+
+    @property
+    def regs(self) -> memoryview:
+        return self._regs
+
+    @property
+    def cr0(self) -> int:
+        cr0: int = self._sregs.cr0
+        return cr0
+
+    @property
+    def cr4(self) -> int:
+        cr4: int = self._sregs.cr4
+        return cr4
+
+    def segment_base(self, segment: str) -> int:
+        if segment == "fs":
+            fs: int = self._sregs.fs.base
+            return fs
+        if segment == "gs":
+            gs: int = self._sregs.gs.base
+            return gs
+        return 0
+
+    def vector(self) -> VectorState:
+        if not self._vector_loaded:
+            self._vcpu.get_xsave(self._area)
+            if self._vector is None:
+                self._vector = VectorState(self._area, xsave_layout(self._kvm))
+            else:
+                self._vector.refresh()
+            self._vector_loaded = True
+        assert self._vector is not None
+        return self._vector
+
+    def xcr0(self) -> int:
+        if self._xcr0 is None:
+            xcrs = self._vcpu.get_xcrs()
+            values: dict[int, int] = {
+                xcrs.xcrs[i].xcr: xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs)
+            }
+            self._xcr0 = values.get(abi.XCR_XFEATURE_ENABLED_MASK, x86_execute.X87_COMPONENT)
+        return self._xcr0
+
+    def read(self, address: int, size: int) -> bytes:
+        offset = address & PAGE_MASK
+        if offset + size <= PAGE_SIZE:
+            physical = self._translate(address, write=False) + offset
+            return bytes(self._ram[physical : physical + size])
+        out = bytearray()
+        for start, length in _pages(address, size):
+            physical = self._translate(start, write=False) + (start & PAGE_MASK)
+            out += self._ram[physical : physical + length]
+        return bytes(out)
+
+    def write(self, address: int, data: bytes) -> None:
+        # Translate (and check) every page before writing any byte.
+        pieces = [
+            (self._translate(start, write=True) + (start & PAGE_MASK), length)
+            for start, length in _pages(address, len(data))
+        ]
+        done = 0
+        for physical, length in pieces:
+            self._ram[physical : physical + length] = data[done : done + length]
+            done += length
+
+    def fetch(self, address: int, size: int) -> bytes:
+        """Instruction bytes at ``address``; as many as are mapped and executable."""
+        out = b""
+        for start, length in _pages(address, size):
+            try:
+                physical = self._translate(start, write=False, fetch=True) + (start & PAGE_MASK)
+            except ExecutionError:
+                break
+            out += self._ram[physical : physical + length]
+        return out
+
+    # -- paging --------------------------------------------------------------------
+
+    def _translate(self, address: int, write: bool, fetch: bool = False) -> int:
+        """The guest-physical address of the page holding linear ``address``."""
+        key = (address >> 12) << 2 | write << 1 | fetch
+        cached = self._tlb.get(key)
+        if cached is not None:
+            return cached
+        physical = self._walk(address, write, fetch)
+        if physical + PAGE_SIZE > self._ram_size:
+            raise ExecutionError(
+                "-",
+                f"linear {address:#x} maps to guest-physical {physical:#x}, "
+                "which is not RAM (MMIO is not emulated for these instructions)",
+            )
+        self._tlb[key] = physical
+        return physical
+
+    def _walk(self, address: int, write: bool, fetch: bool) -> int:
+        sregs = self._sregs
+        return self._walker.walk(
+            address,
+            PagingMode(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs.selector & 3),
+            write=write,
+            fetch=fetch,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PagingMode:
+    """The control registers a page walk depends on, and the CPL."""
+
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    cpl: int
+
+
+class PageWalker:
+    """Linear to guest-physical translation through the guest's own page tables
+    (4- or 5-level, 4 KiB, 2 MiB and 1 GiB pages), as the CPU does it: permission
+    checks, and accessed and dirty bits set once the walk has succeeded."""
+
+    def __init__(self, ram: memoryview) -> None:
+        self._size = len(ram)
+        self._words = ram.cast("B").cast("Q")  # page-table entries, by index
+
+    def walk(self, address: int, mode: PagingMode, write: bool, fetch: bool = False) -> int:
+        """The guest-physical address of the 4 KiB page holding ``address``."""
+        cr0, cr4 = mode.cr0, mode.cr4
+        if not cr0 & CR0_PG:
+            return address & ~PAGE_MASK & MASK64
+        la57 = bool(cr4 & CR4_LA57)
+        top = 56 if la57 else 47
+        if (address >> top) not in (0, (1 << (64 - top)) - 1):
+            raise ExecutionError("#GP", f"non-canonical address {address:#x}")
+        user = mode.cpl == 3
+        check_write = write and (user or cr0 & CR0_WP)
+        nx = bool(mode.efer & EFER_NXE)
+        words = self._words
+        table = mode.cr3 & PHYSICAL_MASK
+        physical = 0
+        updates: list[tuple[int, int]] = []
+        for shift in (48, 39, 30, 21, 12) if la57 else (39, 30, 21, 12):
+            slot = table + ((address >> shift) & 0x1FF) * 8
+            if slot + 8 > self._size:
+                raise ExecutionError("#PF", f"the page table for {address:#x} is not in RAM")
+            entry = words[slot >> 3]
+            if not entry & PTE_PRESENT:
+                raise ExecutionError("#PF", f"linear address {address:#x} is not mapped")
+            if check_write and not entry & PTE_WRITABLE:
+                raise ExecutionError("#PF", f"linear address {address:#x} is read-only")
+            if user and not entry & PTE_USER:
+                raise ExecutionError("#PF", f"linear address {address:#x} is supervisor-only")
+            if fetch and nx and entry & PTE_NO_EXECUTE:
+                raise ExecutionError("#PF", f"linear address {address:#x} is not executable")
+            leaf = shift == 12 or (shift in (21, 30) and entry & PTE_LARGE)
+            wanted = entry | PTE_ACCESSED | (PTE_DIRTY if leaf and write else 0)
+            if wanted != entry:
+                updates.append((slot >> 3, wanted))
+            if leaf:
+                size = 1 << shift
+                physical = (entry & PHYSICAL_MASK & ~(size - 1)) | (address & (size - 1))
+                break
+            table = entry & PHYSICAL_MASK
+        for index, value in updates:
+            words[index] = value
+        return physical & ~PAGE_MASK
+
+
+def _pages(address: int, size: int) -> list[tuple[int, int]]:
+    """Split [address, address + size) at page boundaries: (start, length) pieces."""
+    pieces = []
+    while size > 0:
+        length = min(size, PAGE_SIZE - (address & PAGE_MASK))
+        pieces.append((address, length))
+        address = (address + length) & MASK64
+        size -= length
+    return pieces
+
+
+_Decoded = tuple[Instruction, Handler, str]
+
+
+class EmulationFallback:
+    """Executes what KVM could not, for one vCPU.  Create it before the first run."""
+
+    def __init__(self, kvm: Kvm, vcpu: Vcpu, ram: memoryview) -> None:
+        self._vcpu = vcpu
+        self._cpu = VcpuCpu(kvm, vcpu, ram)
+        self._decoded: dict[bytes, _Decoded | str] = {}
+        # Addresses where the instruction after an emulated one was not one of
+        # ours last time: batching is not tried there again.  Only a shortcut: a
+        # stale entry costs an exit, never correctness.
+        self._batch_ends: set[int] = set()
+        self._counts: dict[str, int] = {}
+        self._instructions = 0
+        self._exits = 0
+        self._seconds = 0.0
+        self.batching = True
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Instructions executed here, by mnemonic (a copy)."""
+        return dict(self._counts)
+
+    def stats(self) -> EmulationStats:
+        return EmulationStats(self._instructions, self._exits, self._seconds, self.counts)
+
+    def handle(self) -> None:
+        """Execute the instruction of the current emulation-failure exit (and the
+        ones after it it can), so that the next ``KVM_RUN`` resumes past them.
+
+        Raises :class:`EmulationError` when it cannot.
+        """
+        start = time.perf_counter()
+        cpu = self._cpu
+        cpu.begin()
+        raw = self._vcpu.io_data(0, INSN_BYTES_OFFSET + x86_decode.MAX_INSTRUCTION_LENGTH)
+        count = min(raw[INSN_LENGTH_OFFSET], x86_decode.MAX_INSTRUCTION_LENGTH)
+        code = bytes(raw[INSN_BYTES_OFFSET : INSN_BYTES_OFFSET + count])
+        regs = cpu.regs
+        rip = regs[RIP]
+        try:
+            if not code:
+                code = cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH)
+            sregs = cpu.sregs
+            if not (sregs.efer & EFER_LMA and sregs.cs.l):
+                raise EmulationError(self._message(code, "only 64-bit code is emulated"))
+            if regs[RFLAGS] & FLAG_TF:
+                raise EmulationError(
+                    self._message(code, "single-stepping (RFLAGS.TF) is not emulated")
+                )
+            decoded = self._decode(code)
+            if isinstance(decoded, str):
+                raise EmulationError(self._message(code, decoded))
+            insn, handler, name = decoded
+            if insn.length > len(code):  # KVM gave fewer bytes than the instruction has
+                decoded = self._decode(cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH))
+                if isinstance(decoded, str):
+                    raise EmulationError(self._message(code, decoded))
+                insn, handler, name = decoded
+            try:
+                x86_execute.execute(cpu, insn, handler)
+            except ExecutionError as exc:
+                raise EmulationError(self._message(insn.code, str(exc))) from exc
+            self._count(name)
+            if self.batching:
+                self._run_on(cpu)
+            cpu.commit()
+        finally:
+            self._exits += 1
+            self._seconds += time.perf_counter() - start
+
+    def _run_on(self, cpu: VcpuCpu) -> None:
+        """Execute the instructions that follow while they are known and complete."""
+        regs = cpu.regs
+        for _ in range(BATCH_LIMIT - 1):
+            rip = regs[RIP]
+            if rip in self._batch_ends:
+                return
+            code = cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH)
+            decoded = self._decode(code)
+            if isinstance(decoded, str):
+                if len(self._batch_ends) >= DECODE_CACHE_LIMIT:
+                    self._batch_ends.clear()
+                self._batch_ends.add(rip)
+                return
+            insn, handler, name = decoded
+            if insn.length > len(code):
+                return
+            try:
+                x86_execute.execute(cpu, insn, handler)
+            except ExecutionError:
+                return  # untouched: the guest meets it again, and we report it then
+            self._count(name)
+
+    def _decode(self, code: bytes) -> _Decoded | str:
+        """The decoded instruction and its handler, or why there is none (cached)."""
+        cached = self._decoded.get(code)
+        if cached is not None:
+            return cached
+        result: _Decoded | str
+        try:
+            insn = x86_decode.decode(code)
+            result = (insn, x86_execute.handler_for(insn), x86_execute.display_name(insn))
+        except DecodeError as exc:
+            result = str(exc)
+        if len(self._decoded) >= DECODE_CACHE_LIMIT:
+            self._decoded.clear()
+        self._decoded[code] = result
+        return result
+
+    def _count(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
+        self._instructions += 1
+
+    def _message(self, code: bytes, reason: str) -> str:
+        return failure_message(self._cpu.regs[RIP], code, describe_mode(self._cpu.sregs), reason)
+
+
+def failure_message(rip: int, code: bytes, mode: str, reason: str) -> str:
+    """One line for the user: where, which bytes, what instruction, which mode, why."""
+    from dksm.arch.x86_disassemble import disassemble
+
+    shown = code
+    text = "no disassembler available (install capstone or binutils)"
+    found = disassemble(code, rip) if code else None
+    if found is not None:
+        shown = code[: found.length]
+        text = found.text
+    elif code:
+        text = "unknown to the disassembler"
+    hex_bytes = shown.hex(" ") if shown else "unavailable"
+    return f"at rip {rip:#x} ({mode}), instruction bytes: {hex_bytes} ({text}): {reason}"

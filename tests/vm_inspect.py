@@ -1,0 +1,66 @@
+"""Looking at running VMs from outside, as a user or an auditor would: guest RAM
+through /proc/PID/mem, pool mappings through /proc/PID/smaps."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dksm.loader.elf import load_elf
+from dksm.loader.segment import shareable_span
+
+PAGE = 4096
+
+
+def read_guest(info: dict[str, Any], guest_addr: int, length: int) -> bytes:
+    """Guest-physical bytes of a running VM, read from its VMM's address space."""
+    fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDONLY)
+    try:
+        return os.pread(fd, length, info["ram_host_address"] + guest_addr)
+    finally:
+        os.close(fd)
+
+
+def readonly_pages(image: Path, mem_size: int = 16 << 20) -> dict[int, bytes]:
+    """Guest address -> content of every page the pool may share, by the loader's rule."""
+    pages: dict[int, bytes] = {}
+    for seg in load_elf(str(image), mem_size).segments:
+        start, end = shareable_span(seg)
+        for addr in range(start, end, PAGE):
+            offset = addr - seg.guest_addr
+            pages[addr] = seg.data[offset : offset + PAGE]
+    return pages
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    path: str
+    rss_kb: int
+    pss_kb: int
+
+
+def mappings_of(pid: int, path_prefix: str) -> list[Mapping]:
+    """The mappings of ``pid`` whose backing file starts with ``path_prefix``."""
+    found: list[Mapping] = []
+    current: dict[str, Any] | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                if current is not None and current["path"].startswith(path_prefix):
+                    found.append(Mapping(**current))
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                path = fields[5] if len(fields) > 5 else ""
+                current = {"start": lo, "end": hi, "path": path, "rss_kb": 0, "pss_kb": 0}
+            elif current is not None and first == "Rss:":
+                current["rss_kb"] = int(line.split()[1])
+            elif current is not None and first == "Pss:":
+                current["pss_kb"] = int(line.split()[1])
+    if current is not None and current["path"].startswith(path_prefix):
+        found.append(Mapping(**current))
+    return found
