@@ -110,7 +110,9 @@ class FleetHandle:
         return members
 
     def live_pids(self) -> list[int]:
-        return [m["pid"] for m in self.members() if m["state"] in ("booting", "running")]
+        """Processes hosting live VMs, each once (a worker may host several VMs)."""
+        pids = [m["pid"] for m in self.members() if m["state"] in ("booting", "running")]
+        return list(dict.fromkeys(pids))
 
     def process_pids(self) -> list[int]:
         """The supervisor and its live members: every process the fleet costs."""

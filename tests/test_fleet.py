@@ -1,0 +1,136 @@
+"""Fleets through the real command line: up, status, logs, down; and one VM's
+failure (killed, triple fault) leaves the others running and releases its lease."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dksm.dedup.pool import PagePool
+
+from conftest import dksm, requires_kvm, requires_root
+
+pytestmark = [requires_kvm, requires_root]
+
+
+def status(fleet_id: str) -> dict[str, Any]:
+    result = dksm("fleet", "status", fleet_id, "--json")
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def leases(domain: str) -> int:
+    with contextlib.closing(PagePool.open(domain)) as pool:
+        return pool.stats().leases
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_fleet_up_status_logs_down() -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--image", "hello", "--instances", "3",
+              "--domain", "fleet-cli", "--boot-args", "console=ttyS0 then=idle")  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        doc = status(fleet_id)
+        assert doc["supervisor_alive"]
+        members = doc["members"]
+        assert len(members) == 6
+        assert {m["label"] for m in members} == {"idle", "hello"}
+        assert all(m["state"] == "running" for m in members), members
+        assert all(m["pss_bytes"] > 0 for m in members)
+        text = dksm("fleet", "status", fleet_id)
+        assert text.returncode == 0 and "running" in text.stdout
+        idle_vm = next(m["index"] for m in members if m["label"] == "idle")
+        log = dksm("fleet", "logs", fleet_id, str(idle_vm))
+        assert log.stdout.splitlines()[:2] == ["idle: dksm guest kit", "idle: ready"]
+        assert leases("fleet-cli") == 6
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    assert "6 VMs stopped" in down.stdout
+    assert not status(fleet_id)["supervisor_alive"]
+    assert all(m["state"] == "stopped" for m in status(fleet_id)["members"])
+    assert leases("fleet-cli") == 0
+
+
+def test_killed_vm_is_reported_and_the_rest_keep_running() -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--instances", "4", "--domain", "fleet-kill")
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        victim = status(fleet_id)["members"][1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: status(fleet_id)["members"][1]["state"] == "failed")
+        members = status(fleet_id)["members"]
+        assert "killed by signal SIGKILL" in members[1]["reason"]
+        assert [m["state"] for m in members] == ["running", "failed", "running", "running"]
+        for m in members:
+            if m["state"] == "running":
+                os.kill(m["pid"], 0)  # still alive
+        wait_for(lambda: leases("fleet-kill") == 3)  # the dead VM's lease was released
+    finally:
+        dksm("fleet", "down", fleet_id)
+    assert leases("fleet-kill") == 0
+
+
+def test_triple_fault_fails_one_vm_only(asm_guest: Callable[[str], Path]) -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--image", str(asm_guest("triple_fault")),
+              "--instances", "2", "--domain", "fleet-fault")  # fmt: skip
+    assert up.returncode == 1  # some VMs failed: said on stderr, fleet still up
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        faulted = [m for m in members if m["label"] == "triple_fault"]
+        assert [m["state"] for m in faulted] == ["failed", "failed"]
+        assert all("triple fault" in m["reason"] for m in faulted)
+        assert "triple fault" in up.stderr
+        assert all(m["state"] == "running" for m in members if m["label"] == "idle")
+        wait_for(lambda: leases("fleet-fault") == 2)
+    finally:
+        dksm("fleet", "down", fleet_id)
+
+
+def test_many_vms_per_process_keep_failures_apart(asm_guest: Callable[[str], Path]) -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--image", str(asm_guest("triple_fault")),
+              "--instances", "3", "--vms-per-process", "6", "--domain", "fleet-shared")  # fmt: skip
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        assert len({m["pid"] for m in members}) == 1  # one worker hosts all six
+        states = {m["label"]: {x["state"] for x in members if x["label"] == m["label"]}
+                  for m in members}  # fmt: skip
+        assert states == {"idle": {"running"}, "triple_fault": {"failed"}}
+        wait_for(lambda: leases("fleet-shared") == 3)
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert "6 VMs stopped" in down.stdout
+    assert leases("fleet-shared") == 0
+
+
+def test_sixty_four_vms_answer_status_and_stop_cleanly() -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--instances", "64", "--domain", "fleet-64",
+              timeout=180)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        assert len(members) == 64
+        assert all(m["state"] == "running" and m["pss_bytes"] > 0 for m in members)
+    finally:
+        down = dksm("fleet", "down", fleet_id, timeout=180)
+    assert "64 VMs stopped (0 had failed)" in down.stdout
+    assert leases("fleet-64") == 0
+    assert not any(os.path.exists(f"/proc/{m['pid']}") for m in members)
