@@ -39,8 +39,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def test_fleet_up_status_logs_down() -> None:
-    up = dksm("fleet", "up", "--image", "idle", "--image", "hello", "--instances", "3",
-              "--domain", "fleet-cli", "--boot-args", "console=ttyS0 then=idle")  # fmt: skip
+    up = dksm(
+        "fleet",
+        "up",
+        "--image",
+        "idle",
+        "--image",
+        "hello",
+        "--instances",
+        "3",
+        "--domain",
+        "fleet-cli",
+        "--boot-args",
+        "console=ttyS0 then=idle",
+    )
     assert up.returncode == 0, up.stderr
     fleet_id = up.stdout.strip()
     try:
@@ -87,8 +99,18 @@ def test_killed_vm_is_reported_and_the_rest_keep_running() -> None:
 
 
 def test_triple_fault_fails_one_vm_only(asm_guest: Callable[[str], Path]) -> None:
-    up = dksm("fleet", "up", "--image", "idle", "--image", str(asm_guest("triple_fault")),
-              "--instances", "2", "--domain", "fleet-fault")  # fmt: skip
+    up = dksm(
+        "fleet",
+        "up",
+        "--image",
+        "idle",
+        "--image",
+        str(asm_guest("triple_fault")),
+        "--instances",
+        "2",
+        "--domain",
+        "fleet-fault",
+    )
     assert up.returncode == 1  # some VMs failed: said on stderr, fleet still up
     fleet_id = up.stdout.strip()
     try:
@@ -104,14 +126,27 @@ def test_triple_fault_fails_one_vm_only(asm_guest: Callable[[str], Path]) -> Non
 
 
 def test_many_vms_per_process_keep_failures_apart(asm_guest: Callable[[str], Path]) -> None:
-    up = dksm("fleet", "up", "--image", "idle", "--image", str(asm_guest("triple_fault")),
-              "--instances", "3", "--vms-per-process", "6", "--domain", "fleet-shared")  # fmt: skip
+    up = dksm(
+        "fleet",
+        "up",
+        "--image",
+        "idle",
+        "--image",
+        str(asm_guest("triple_fault")),
+        "--instances",
+        "3",
+        "--vms-per-process",
+        "6",
+        "--domain",
+        "fleet-shared",
+    )
     fleet_id = up.stdout.strip()
     try:
         members = status(fleet_id)["members"]
         assert len({m["pid"] for m in members}) == 1  # one worker hosts all six
-        states = {m["label"]: {x["state"] for x in members if x["label"] == m["label"]}
-                  for m in members}  # fmt: skip
+        states = {
+            m["label"]: {x["state"] for x in members if x["label"] == m["label"]} for m in members
+        }
         assert states == {"idle": {"running"}, "triple_fault": {"failed"}}
         wait_for(lambda: leases("fleet-shared") == 3)
     finally:
@@ -121,8 +156,9 @@ def test_many_vms_per_process_keep_failures_apart(asm_guest: Callable[[str], Pat
 
 
 def test_sixty_four_vms_answer_status_and_stop_cleanly() -> None:
-    up = dksm("fleet", "up", "--image", "idle", "--instances", "64", "--domain", "fleet-64",
-              timeout=180)  # fmt: skip
+    up = dksm(
+        "fleet", "up", "--image", "idle", "--instances", "64", "--domain", "fleet-64", timeout=180
+    )
     assert up.returncode == 0, up.stderr
     fleet_id = up.stdout.strip()
     try:

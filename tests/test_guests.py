@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dksm, requires_kvm
 
 from dksm.guests import catalog, guest_path
 from dksm.loader.elf import load_elf
 from dksm.loader.segment import shareable_span
+
+from conftest import dksm, requires_kvm
 
 REPO = Path(__file__).parent.parent
 MASK64 = (1 << 64) - 1
@@ -67,8 +68,9 @@ def test_shipped_guests_share_a_library_at_the_same_addresses() -> None:
 
 @requires_kvm
 def test_hello_prints_cmdline_and_e820() -> None:
-    result = dksm("run", "--kernel", str(guest_path("hello")), "--boot-args", "a=1 b=two",
-                  "--mem-mib", "32")  # fmt: skip
+    result = dksm(
+        "run", "--kernel", str(guest_path("hello")), "--boot-args", "a=1 b=two", "--mem-mib", "32"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert 'hello: cmdline="a=1 b=two"' in lines
@@ -81,13 +83,19 @@ def test_hello_prints_cmdline_and_e820() -> None:
 @requires_kvm
 def test_firecracker_config_boots_hello(tmp_path: Path) -> None:
     config = tmp_path / "vm.json"
-    config.write_text(json.dumps({
-        "boot-source": {"kernel_image_path": str(guest_path("hello")),
-                        "boot_args": "console=ttyS0 from=config"},
-        "drives": [],
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": False},
-        "network-interfaces": [],
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "boot-source": {
+                    "kernel_image_path": str(guest_path("hello")),
+                    "boot_args": "console=ttyS0 from=config",
+                },
+                "drives": [],
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": False},
+                "network-interfaces": [],
+            }
+        )
+    )
     result = dksm("run", "--config-file", str(config))
     assert result.returncode == 0, result.stderr
     assert 'hello: cmdline="console=ttyS0 from=config"' in result.stdout
@@ -123,10 +131,17 @@ def test_cowprobe_sees_its_own_write() -> None:
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to rebuild the guests")
 def test_rebuilding_reproduces_the_shipped_images(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, str(REPO / "guests" / "build.py"), "--out", str(tmp_path),
-         "--build-dir", str(tmp_path / "work")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "guests" / "build.py"),
+            "--out",
+            str(tmp_path),
+            "--build-dir",
+            str(tmp_path / "work"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for name, shipped in catalog().items():
         rebuilt = tmp_path / f"{name}.elf"
         assert rebuilt.read_bytes() == shipped.read_bytes(), name

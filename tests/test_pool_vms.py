@@ -28,8 +28,11 @@ pytestmark = [requires_kvm, requires_root]
 def specs(
     name: str, count: int, domain: str, boot_args: str | None = None
 ) -> list[tuple[str, InstanceSpec]]:
-    config = VmConfig(kernel_path=str(guest_path(name)), mem_mib=16,
-                      boot_args=boot_args or "console=ttyS0 then=idle")  # fmt: skip
+    config = VmConfig(
+        kernel_path=str(guest_path(name)),
+        mem_mib=16,
+        boot_args=boot_args or "console=ttyS0 then=idle",
+    )
     return [(name, InstanceSpec(config, DedupMode.DKSM, domain))] * count
 
 
@@ -175,8 +178,18 @@ def test_kill_nine_while_loading_loses_nothing() -> None:
     expected = readonly_pages(guest_path("idle"))
     rng = random.Random(20231)
     env = {**os.environ}
-    cmd = [sys.executable, "-m", "dksm", "run", "--kernel", str(guest_path("idle")),
-           "--mem-mib", "16", "--domain", domain]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dksm",
+        "run",
+        "--kernel",
+        str(guest_path("idle")),
+        "--mem-mib",
+        "16",
+        "--domain",
+        domain,
+    ]
     with fleet(specs("idle", 2, domain)) as survivors:
         killed = 0
         for _ in range(50):

@@ -71,14 +71,17 @@ def measure(
     image: str, instances: int, vms_per_process: int, mem_mib: int, domain: str
 ) -> DensityRow:
     path = resolve_image(image)
-    config = VmConfig(kernel_path=str(path), mem_mib=mem_mib,
-                      boot_args=f"{DEFAULT_BOOT_ARGS} then=idle")  # fmt: skip
+    config = VmConfig(
+        kernel_path=str(path), mem_mib=mem_mib, boot_args=f"{DEFAULT_BOOT_ARGS} then=idle"
+    )
     spec = InstanceSpec(config, DedupMode.DKSM, domain)
     before = _mem_available()
     start = time.monotonic()
-    handle = control.up([(path.stem, spec)] * instances,
-                        boot_timeout=max(120.0, instances * 0.5),
-                        vms_per_worker=vms_per_process)  # fmt: skip
+    handle = control.up(
+        [(path.stem, spec)] * instances,
+        boot_timeout=max(120.0, instances * 0.5),
+        vms_per_worker=vms_per_process,
+    )
     boot_seconds = time.monotonic() - start
     try:
         time.sleep(SETTLE_SECONDS)
@@ -154,12 +157,26 @@ def table(rows: Sequence[DensityRow]) -> object:
 
     kib = 1024
     t = Table(title="per-VM cost of idle microVMs under dksm")
-    for col in ("VMs", "VMs/process", "fleet MiB", "fleet KiB/VM", "guest KiB/VM",
-                "overhead KiB/VM", "MemAvailable drop KiB/VM", "boot s"):  # fmt: skip
+    for col in (
+        "VMs",
+        "VMs/process",
+        "fleet MiB",
+        "fleet KiB/VM",
+        "guest KiB/VM",
+        "overhead KiB/VM",
+        "MemAvailable drop KiB/VM",
+        "boot s",
+    ):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r.instances), str(r.vms_per_process), f"{r.fleet_bytes / kib / kib:.1f}",
-                  f"{r.fleet_bytes_per_vm / kib:.0f}", f"{r.guest_bytes / kib:.0f}",
-                  f"{r.per_vm_overhead_bytes / kib:.0f}",
-                  f"{r.mem_available_drop_per_vm_bytes / kib:.0f}", f"{r.boot_seconds:.1f}")  # fmt: skip
+        t.add_row(
+            str(r.instances),
+            str(r.vms_per_process),
+            f"{r.fleet_bytes / kib / kib:.1f}",
+            f"{r.fleet_bytes_per_vm / kib:.0f}",
+            f"{r.guest_bytes / kib:.0f}",
+            f"{r.per_vm_overhead_bytes / kib:.0f}",
+            f"{r.mem_available_drop_per_vm_bytes / kib:.0f}",
+            f"{r.boot_seconds:.1f}",
+        )
     return t

@@ -260,8 +260,12 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for r in results:
-        ax.plot([s.t for s in r.samples], [s.memory_bytes / MIB for s in r.samples],
-                label=r.mode, linewidth=2)  # fmt: skip
+        ax.plot(
+            [s.t for s in r.samples],
+            [s.memory_bytes / MIB for s in r.samples],
+            label=r.mode,
+            linewidth=2,
+        )
     total = sum(1 for _ in cfg.images) * cfg.instances
     ax.set_title(f"{total} microVMs ({', '.join(cfg.images)}), KSM {cfg.knobs.describe()}")
     ax.set_xlabel("seconds since every VM booted")
@@ -278,13 +282,24 @@ def table(results: list[ModeResult]) -> object:
     from rich.table import Table
 
     t = Table(title="fleet memory by dedup mode")
-    for col in ("mode", "VMs", "at boot (MiB)", "final (MiB)", "converged after (s)",
-                "dedup CPU (s)"):  # fmt: skip
+    for col in (
+        "mode",
+        "VMs",
+        "at boot (MiB)",
+        "final (MiB)",
+        "converged after (s)",
+        "dedup CPU (s)",
+    ):
         t.add_column(col, justify="right")
     for r in results:
-        t.add_row(r.mode, str(r.instances), f"{r.memory_at_boot / MIB:.1f}",
-                  f"{r.final_memory / MIB:.1f}", f"{r.converge_seconds:.1f}",
-                  f"{r.dedup_cpu_seconds:.3f}")  # fmt: skip
+        t.add_row(
+            r.mode,
+            str(r.instances),
+            f"{r.memory_at_boot / MIB:.1f}",
+            f"{r.final_memory / MIB:.1f}",
+            f"{r.converge_seconds:.1f}",
+            f"{r.dedup_cpu_seconds:.3f}",
+        )
     return t
 
 
@@ -296,9 +311,14 @@ def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> lis
     results: list[ModeResult] = []
     with (
         ksm.KsmSession() as session,
-        Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                 disable=not show_progress, transient=True) as progress,
-    ):  # fmt: skip
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            disable=not show_progress,
+            transient=True,
+        ) as progress,
+    ):
         for mode in cfg.modes:
             task = progress.add_task(f"{mode.value}: starting fleet", total=cfg.duration)
 

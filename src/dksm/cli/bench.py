@@ -17,25 +17,46 @@ def register(sub: Any) -> None:
     boot.add_argument("--runs", type=int, default=20)
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
+    density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
+    density.add_argument("--image", default="idle")
+    density.add_argument("--sizes", default="1,16,64,256", help="fleet sizes (comma-separated)")
+    density.add_argument(
+        "--vms-per-process",
+        default="1",
+        metavar="K[,K...]",
+        help="VMs hosted per worker process, one run per value",
+    )
+    density.add_argument("--mem-mib", type=int, default=16)
+    density.add_argument("--json", action="store_true")
+    density.set_defaults(handler=_density)
     fleet = bsub.add_parser("fleet", help="memory over time of a fleet under each dedup mode")
     add_fleet_options(fleet)
     fleet.set_defaults(handler=_fleet)
 
 
 def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    parser.add_argument("--image", action="append", default=None, metavar="NAME_OR_PATH",
-                        help="shipped guest or image path (repeatable; default: the idle-style "
-                        "shipped apps)")  # fmt: skip
-    parser.add_argument("--instances", type=int, default=16 if demo else 10,
-                        help="VMs per image")  # fmt: skip
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="shipped guest or image path (repeatable; default: the idle-style shipped apps)",
+    )
+    parser.add_argument("--instances", type=int, default=16 if demo else 10, help="VMs per image")
     parser.add_argument("--modes", default="none,ksm,dksm,dksm+ksm")
-    parser.add_argument("--duration", type=float, default=40.0 if demo else 60.0, metavar="S",
-                        help="longest sampling time per mode")  # fmt: skip
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=40.0 if demo else 60.0,
+        metavar="S",
+        help="longest sampling time per mode",
+    )
     parser.add_argument("--mem-mib", type=int, default=16)
     parser.add_argument("--ksm-pages-to-scan", type=int, default=None)
     parser.add_argument("--ksm-sleep-ms", type=int, default=None)
-    parser.add_argument("--ksm-advisor", action="store_true",
-                        help="let the kernel's advisor pick KSM's scan rate")  # fmt: skip
+    parser.add_argument(
+        "--ksm-advisor", action="store_true", help="let the kernel's advisor pick KSM's scan rate"
+    )
     parser.add_argument("--out", default="out/demo" if demo else "out/fleet", metavar="DIR")
     parser.add_argument("--json", action="store_true", help="print summary.json")
 
@@ -68,6 +89,36 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         console = Console()
         console.print(table(results))
         console.print(f"series, summary.json and memory.png in {cfg.out_dir}/")
+    return ExitStatus.OK
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from dksm.error import DksmError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DksmError(f"{what} must be comma-separated whole numbers, not '{text}'") from None
+    if not values or min(values) < 1:
+        raise DksmError(f"{what} must be positive whole numbers, not '{text}'")
+    return values
+
+
+def _density(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dksm.bench.density import run_density, table, to_json
+
+    rows = run_density(
+        args.image,
+        _ints(args.sizes, "--sizes"),
+        _ints(args.vms_per_process, "--vms-per-process"),
+        args.mem_mib,
+    )
+    if args.json:
+        print(json.dumps(to_json(rows), indent=2))
+    else:
+        Console().print(table(rows))
     return ExitStatus.OK
 
 

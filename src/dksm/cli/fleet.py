@@ -25,8 +25,13 @@ def register(sub: Any) -> None:
     parser = sub.add_parser("fleet", help="run many microVMs")
     fsub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     up = fsub.add_parser("up", help="start N VMs and return once all booted")
-    up.add_argument("--image", action="append", required=True, metavar="NAME_OR_PATH",
-                    help="shipped guest name or image path (repeatable)")  # fmt: skip
+    up.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="shipped guest name or image path (repeatable)",
+    )
     up.add_argument("--instances", type=int, default=1, help="VMs per image")
     up.add_argument("--boot-args", default=None)
     up.add_argument("--boot-timeout", type=float, default=120.0)
@@ -56,9 +61,14 @@ def register(sub: Any) -> None:
 
 
 def instance_specs(
-    images: list[str], instances: int, mem_mib: int, dedup: str, domain: str,
-    pool_root: str | None, boot_args: str | None = None,
-) -> list[tuple[str, Any]]:  # fmt: skip
+    images: list[str],
+    instances: int,
+    mem_mib: int,
+    dedup: str,
+    domain: str,
+    pool_root: str | None,
+    boot_args: str | None = None,
+) -> list[tuple[str, Any]]:
     from dksm.error import DksmError
     from dksm.fleet.instance import DedupMode, InstanceSpec
     from dksm.guests import resolve_image
@@ -87,8 +97,15 @@ def instance_specs(
 def _up(args: argparse.Namespace) -> int:
     from dksm.fleet import control
 
-    specs = instance_specs(args.image, args.instances, args.mem_mib, args.dedup, args.domain,
-                           args.pool_root, args.boot_args)  # fmt: skip
+    specs = instance_specs(
+        args.image,
+        args.instances,
+        args.mem_mib,
+        args.dedup,
+        args.domain,
+        args.pool_root,
+        args.boot_args,
+    )
     start = time.monotonic()
     handle = control.up(specs, boot_timeout=args.boot_timeout, vms_per_worker=args.vms_per_process)
     members = handle.members()
@@ -116,19 +133,26 @@ def _status(args: argparse.Namespace) -> int:
     for m in handle.members():
         mem = process_memory(m["pid"]) if m["state"] in ("booting", "running") else None
         end = m["ended_at"] or now
-        rows.append({**m, "uptime_s": round(end - m["started_at"], 1),
-                     "pss_bytes": mem.pss if mem else 0})  # fmt: skip
+        rows.append(
+            {**m, "uptime_s": round(end - m["started_at"], 1), "pss_bytes": mem.pss if mem else 0}
+        )
     if args.json:
-        print(json.dumps({"id": handle.id, "supervisor_alive": handle.supervisor_alive(),
-                          "members": rows}, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {"id": handle.id, "supervisor_alive": handle.supervisor_alive(), "members": rows},
+                indent=1,
+            )
+        )
         return ExitStatus.OK
     alive = "running" if handle.supervisor_alive() else "stopped"
     print(f"fleet {handle.id} (supervisor {alive})")
     print(f"{'vm':>4} {'pid':>8} {'image':<12} {'state':<8} {'uptime':>8} {'pss':>9}  reason")
     for r in rows:
         pss = f"{r['pss_bytes'] / MIB:.2f}M" if r["pss_bytes"] else "-"
-        print(f"{r['index']:>4} {r['pid']:>8} {r['label']:<12} {r['state']:<8} "
-              f"{r['uptime_s']:>7.1f}s {pss:>9}  {r['reason']}")  # fmt: skip
+        print(
+            f"{r['index']:>4} {r['pid']:>8} {r['label']:<12} {r['state']:<8} "
+            f"{r['uptime_s']:>7.1f}s {pss:>9}  {r['reason']}"
+        )
     return ExitStatus.OK
 
 
