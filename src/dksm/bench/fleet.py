@@ -304,7 +304,7 @@ def table(results: list[ModeResult]) -> object:
 
 
 def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> list[ModeResult]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     if not ksm.ksm_controllable():
         raise FleetBenchError("the fleet experiment needs root and KSM (/sys/kernel/mm/ksm)")
@@ -322,7 +322,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> lis
         for mode in cfg.modes:
             task = progress.add_task(f"{mode.value}: starting fleet", total=cfg.duration)
 
-            def tick(name: str, t: float, task: int = task) -> None:
+            def tick(name: str, t: float, task: TaskID = task) -> None:
                 progress.update(task, completed=t, description=f"{name}: sampling")
 
             results.append(_run_mode(cfg, mode, session, tick))

@@ -29,6 +29,25 @@ def register(sub: Any) -> None:
     density.add_argument("--mem-mib", type=int, default=16)
     density.add_argument("--json", action="store_true")
     density.set_defaults(handler=_density)
+    merge = bsub.add_parser("merge-cost", help="CPU per merged page, dksm vs KSM (the thesis's)")
+    merge.add_argument("--processes", type=int, default=64)
+    merge.add_argument(
+        "--pages",
+        default="100,1000,5000,10000",
+        metavar="N[,N...]",
+        help="pages per process, one run per value (the thesis: 100 to 10,000)",
+    )
+    merge.add_argument("--methods", default="dksm,ksm")
+    merge.add_argument("--out", default="out/merge-cost", metavar="DIR")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(handler=_merge_cost)
+    emulation = bsub.add_parser(
+        "emulation", help="cost of one instruction emulated in user space (PVM hosts)"
+    )
+    emulation.add_argument("--iterations", type=int, default=2000)
+    emulation.add_argument("--runs", type=int, default=5)
+    emulation.add_argument("--json", action="store_true")
+    emulation.set_defaults(handler=_emulation)
     fleet = bsub.add_parser("fleet", help="memory over time of a fleet under each dedup mode")
     add_fleet_options(fleet)
     fleet.set_defaults(handler=_fleet)
@@ -102,6 +121,47 @@ def _ints(text: str, what: str) -> list[int]:
     if not values or min(values) < 1:
         raise DksmError(f"{what} must be positive whole numbers, not '{text}'")
     return values
+
+
+def _merge_cost(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dksm.bench.merge_cost import run_merge_cost
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = run_merge_cost(
+        args.processes, _ints(args.pages, "--pages"), Path(args.out), methods=methods
+    )
+    if args.json:
+        print(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2))
+        return ExitStatus.OK
+    table = Table(title=f"merge cost, {args.processes} processes")
+    for col in ("method", "pages/process", "merged", "elapsed s", "CPU s", "CPU µs/merged page"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.method,
+            str(r.pages),
+            f"{r.pages_merged}/{r.pages_expected}",
+            f"{r.elapsed_s:.2f}",
+            f"{r.cpu_s:.3f}",
+            f"{r.cpu_us_per_merged_page:.2f}",
+        )
+    Console().print(table)
+    print(f"CSV and plot in {args.out}/")
+    return ExitStatus.OK
+
+
+def _emulation(args: argparse.Namespace) -> int:
+    from dksm.bench.emulation import measure_emulation
+
+    result = measure_emulation(iterations=args.iterations, runs=args.runs)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    return ExitStatus.OK
 
 
 def _density(args: argparse.Namespace) -> int:

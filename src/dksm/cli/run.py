@@ -119,4 +119,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.verbose:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(outcome.exits.items())) or "none"
         print(f"dksm: non-IO exits: {counts}", file=sys.stderr)
+        emulated = sorted(outcome.emulated.items(), key=lambda kv: (-kv[1], kv[0]))
+        total = sum(n for _, n in emulated)
+        shown = ", ".join(f"{name}={n}" for name, n in emulated) or "none"
+        print(f"dksm: instructions emulated in user space: {total} ({shown})", file=sys.stderr)
     return status

@@ -1,32 +1,41 @@
 """The emulation-failure fallback: instructions the host's KVM cannot emulate, done here.
 
 On a PVM host (BOOT.md, last section) guest kernel-mode code is run by the host
-kernel's instruction emulator, which knows no SSE, no XSAVE family and not
-``xgetbv``; it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation failure, and
-running again fails at the same RIP.  :class:`EmulationFallback` decodes the
-instruction (:mod:`dksm.arch.x86_decode`), executes it against the vCPU
-(:mod:`dksm.arch.x86_execute` on a :class:`VcpuCpu`), advances RIP and lets the
+kernel's instruction emulator.  It runs plain SSE moves and ``fxsave`` itself,
+but not SSE arithmetic and shuffles, ``ldmxcsr``/``stmxcsr``, ``xgetbv``,
+``xsaveopt``/``xrstor``: it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation
+failure, and running again fails at the same RIP.  :class:`EmulationFallback`
+decodes the instruction (:mod:`dksm.arch.x86_decode`), executes it against the
+vCPU (:mod:`dksm.arch.x86_execute` on a :class:`VcpuCpu`), advances RIP and lets the
 vCPU loop re-enter the guest.  On hardware KVM it is never called.
 
-Why it is fast enough (median round trip measured by ``dksm bench emulation``):
+Design, by measurement (``dksm bench emulation``; this host, PVM):
 
-- Registers travel in ``kvm_run.s.regs`` (``KVM_CAP_SYNC_REGS``): KVM stores
-  general and special registers at every exit and loads the general ones at entry
-  when marked dirty, so an emulated instruction costs no ``GET/SET_REGS`` or
-  ``GET_SREGS`` ioctl.  Each vCPU ioctl costs about 6 µs on PVM.
+- Every vCPU ioctl costs about 6 µs and ``KVM_RUN`` with two emulated instructions
+  about 9 µs, so ioctls, not Python, set the price.  Registers therefore travel in
+  ``kvm_run.s`` (``KVM_CAP_SYNC_REGS``): KVM stores general and special registers
+  at every exit and loads the general ones at entry when marked dirty, which saves
+  ``GET_REGS``, ``SET_REGS`` and ``GET_SREGS`` on every instruction.
 - The XSAVE area is read (``KVM_GET_XSAVE``) only for instructions that touch
-  vector state, and written back only if they changed it.
-- Decoding is cached by the instruction's bytes.
-- After one instruction, the following ones are executed too while they are
-  instructions this module knows (a vectorised loop body is mostly SSE): one exit
-  then covers a run of them.  Batching stops at the first instruction that is not
-  known or would fault; that one goes back to the guest, which either runs it or
-  exits again on it, and then it is reported.
-- Guest page tables are walked here (``KVM_TRANSLATE`` would be one ioctl per
-  page).
+  vector state, and written back only if they changed it.  It is never cached
+  across exits: the guest's own emulator changes XMM registers too (its SSE moves).
+- Decoding is cached by the instruction's bytes; guest page tables are walked
+  here (``KVM_TRANSLATE`` would be one ioctl per page).
+- After one instruction, the following ones are executed too while this module
+  knows them (a vectorised loop body is mostly SSE): one exit covers the run.
+  Batching stops at the first instruction that is not known or would fault; that
+  one goes back to the guest, which runs it or exits on it again, and a fault is
+  reported then.
+
+  Result: about 28 µs per instruction that reads and writes XMM registers, 21 µs
+  for one that only reads them, 7 µs each in a run of eight (medians, round trip
+  included; one instruction the host emulates itself costs 0.6 µs).
+- Instructions without hand-written code (SSSE3, SSE4 integer ...) go to the
+  Unicorn engine when it is installed (:mod:`dksm.vmm.emulation_unicorn`, GPL,
+  optional): about 260 µs each, right for a long tail only.
 
 Counters (:attr:`EmulationFallback.counts`, :meth:`EmulationFallback.stats`):
-instructions executed here by mnemonic, and exits that led here.
+instructions executed here by mnemonic, exits that led here, time spent here.
 
 An instruction that cannot be executed exactly raises :class:`EmulationError`
 whose message gives RIP, the bytes, a disassembly when a disassembler is available,
@@ -38,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dksm.arch import x86_decode, x86_execute
 from dksm.arch.x86_decode import DecodeError, Instruction
@@ -53,6 +63,9 @@ from dksm.arch.x86_execute import (
 from dksm.error import DksmError
 from dksm.kvm import abi
 from dksm.kvm.system import Kvm, Vcpu
+
+if TYPE_CHECKING:
+    from dksm.vmm.emulation_unicorn import UnicornExecutor
 
 INSN_LENGTH_OFFSET = 48  # kvm_run.internal.data[1], low byte: how many bytes follow
 INSN_BYTES_OFFSET = 49
@@ -397,11 +410,25 @@ _Decoded = tuple[Instruction, Handler, str]
 
 
 class EmulationFallback:
-    """Executes what KVM could not, for one vCPU.  Create it before the first run."""
+    """Executes what KVM could not, for one vCPU.  Create it before the first run.
 
-    def __init__(self, kvm: Kvm, vcpu: Vcpu, ram: memoryview) -> None:
+    ``ram`` is guest RAM from guest-physical 0, mapped at host ``ram_address``.
+    ``long_tail`` allows the optional Unicorn engine for XMM integer instructions
+    without hand-written code (see :mod:`dksm.vmm.emulation_unicorn`).  Setting
+    ``batching`` to False makes every instruction its own exit (for measuring).
+    """
+
+    def __init__(
+        self, kvm: Kvm, vcpu: Vcpu, ram: memoryview, ram_address: int, long_tail: bool = True
+    ) -> None:
         self._vcpu = vcpu
         self._cpu = VcpuCpu(kvm, vcpu, ram)
+        self._ram_address = ram_address
+        self._ram_size = len(ram)
+        self._long_tail_wanted = long_tail
+        self._long_tail_missing = False  # Unicorn is not installed (checked once)
+        self._long_tail: UnicornExecutor | None = None
+        self._long_tail_names: dict[bytes, str] = {}
         self._decoded: dict[bytes, _Decoded | str] = {}
         # Addresses where the instruction after an emulated one was not one of
         # ours last time: batching is not tried there again.  Only a shortcut: a
@@ -447,7 +474,9 @@ class EmulationFallback:
                 )
             decoded = self._decode(code)
             if isinstance(decoded, str):
-                raise EmulationError(self._message(code, decoded))
+                self._run_long_tail(code, decoded)
+                cpu.commit()
+                return
             insn, handler, name = decoded
             if insn.length > len(code):  # KVM gave fewer bytes than the instruction has
                 decoded = self._decode(cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH))
@@ -488,6 +517,48 @@ class EmulationFallback:
             except ExecutionError:
                 return  # untouched: the guest meets it again, and we report it then
             self._count(name)
+
+    def _run_long_tail(self, code: bytes, reason: str) -> None:
+        """Execute an instruction without hand-written code on Unicorn, if it is an
+        XMM integer instruction and Unicorn is installed; else say why not."""
+        shape = x86_decode.instruction_shape(code)
+        if shape is None or shape.kind != x86_decode.XMM_INTEGER:
+            raise EmulationError(self._message(code, reason))
+        executor = self._long_tail_executor()
+        if executor is None:
+            hint = (
+                "the optional Unicorn engine would run it (pip install 'dksm[emulation]')"
+                if self._long_tail_wanted
+                else "the Unicorn long tail is disabled"
+            )
+            raise EmulationError(self._message(code, f"{reason}; {hint}"))
+        try:
+            executor.execute(self._cpu, shape.length)
+        except ExecutionError as exc:
+            raise EmulationError(self._message(code, f"{exc} (in the Unicorn engine)")) from exc
+        self._count(self._long_tail_name(code[: shape.length]))
+
+    def _long_tail_executor(self) -> UnicornExecutor | None:
+        if self._long_tail is None and self._long_tail_wanted and not self._long_tail_missing:
+            from dksm.vmm import emulation_unicorn
+
+            if emulation_unicorn.available():
+                self._long_tail = emulation_unicorn.UnicornExecutor(
+                    self._ram_address, self._ram_size
+                )
+            else:
+                self._long_tail_missing = True
+        return self._long_tail
+
+    def _long_tail_name(self, code: bytes) -> str:
+        name = self._long_tail_names.get(code)
+        if name is None:
+            from dksm.arch.x86_disassemble import disassemble
+
+            found = disassemble(code)
+            name = found.text.split()[0] if found else f"simd {code.hex(' ')}"
+            self._long_tail_names[code] = name
+        return name
 
     def _decode(self, code: bytes) -> _Decoded | str:
         """The decoded instruction and its handler, or why there is none (cached)."""

@@ -15,18 +15,19 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dksm.devices.bus import PortBus
 from dksm.devices.serial import Serial
 from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.memory.guest_memory import GuestMemory
-from dksm.vmm.emulation import EmulationError, EmulationFallback
+
+if TYPE_CHECKING:
+    from dksm.vmm.emulation import EmulationFallback
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02
-INTERNAL_INSN_LEN_OFFSET = 48  # kvm_run.internal.data[1], low byte: instruction length
-INTERNAL_INSN_BYTES_OFFSET = 49
 
 
 class ExitCause(enum.Enum):
@@ -49,6 +50,7 @@ class Outcome:
     detail: str
     registers: str = ""
     exits: dict[str, int] = field(default_factory=dict)
+    emulated: dict[str, int] = field(default_factory=dict)  # by mnemonic, in user space
 
     def describe(self) -> str:
         return f"{self.cause.value}: {self.detail}" if self.detail else self.cause.value
@@ -98,9 +100,10 @@ class MicroVm:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.exit_counts: dict[str, int] = {}
-        # Executes what the host's KVM cannot emulate (SSE on PVM hosts); idle on
-        # hardware KVM.  Created before the first run so KVM syncs registers.
-        self.emulation = EmulationFallback(kvm, vcpu, memory.view())
+        # Executes what the host's KVM cannot emulate (SSE on PVM hosts).  Made at
+        # the first emulation failure, so VMs that never need it (hardware KVM,
+        # guests without SSE) do not even import it.
+        self.emulation: EmulationFallback | None = None
 
     # -- stopping ---------------------------------------------------------------
 
@@ -108,7 +111,8 @@ class MicroVm:
         """Record why the VM ends (the first reason wins) and make the vCPU stop."""
         with self._lock:
             if self._outcome is None:
-                self._outcome = Outcome(cause, detail, registers, dict(self.exit_counts))
+                emulated = dict(self.emulation.counts) if self.emulation is not None else {}
+                self._outcome = Outcome(cause, detail, registers, dict(self.exit_counts), emulated)
         self.vcpu.run_state.immediate_exit = 1
 
     def stop(self, cause: ExitCause, detail: str = "") -> None:
@@ -232,6 +236,12 @@ class MicroVm:
     def _internal_error(self) -> None:
         internal = self.vcpu.run_state.exit.internal
         if internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
+            from dksm.vmm.emulation import EmulationError, EmulationFallback
+
+            if self.emulation is None:
+                self.emulation = EmulationFallback(
+                    self.kvm, self.vcpu, self.memory.view(), self.memory.host_address
+                )
             try:
                 self.emulation.handle()
                 return  # done: the loop re-enters the guest past the instruction

@@ -1,0 +1,400 @@
+"""The page pool's index: its LMDB schema and every read and write of it.
+
+LMDB fits the pool's access pattern: many processes read concurrently without
+locks, one writer at a time holds a process-shared robust mutex (a writer killed
+mid-transaction loses its transaction and nothing else), and the whole database
+is a memory map, so a lookup costs no system call.  This module owns the byte
+layout; :mod:`dksm.dedup.pool` owns what the records mean for page sharing.
+
+Schema, format 1 (every integer is an unsigned 64-bit big-endian number, so that
+LMDB's byte order of keys is their numeric order):
+
+``meta``
+    ``format`` -> ``b"1"``, ``page_size`` -> ``b"4096"``, ``layout`` -> :data:`LAYOUT`
+    (ASCII), ``run`` -> ``b"1"`` or ``b"0"``, ``next_lease`` -> u64 (the next lease
+    id), ``end`` -> u64 (slots ``[0, end)`` exist in the pages file: each is either
+    in ``slots`` or inside one ``free`` range).
+``counters``
+    counter name (ASCII) -> u64: :data:`COUNTERS`.
+``hashes`` (sorted duplicates of fixed size)
+    page hash (8 bytes) -> slot, one duplicate per slot holding a page with that
+    hash; several only after a hash collision.
+``slots``
+    slot -> page hash (8 bytes) || reference count (u64, never 0: a slot whose count
+    would reach 0 is deleted).
+``leases``
+    lease id -> owner pid || owner start time || owner pid namespace (inode) ||
+    references held (the sum of its chunks' lengths).
+``lease_slots``
+    lease id || chunk number -> the slots of one load call, one u64 per reference
+    (a slot appears as often as the lease references it).  A chunk's number is the
+    lease's reference count before it, so numbers grow and never repeat.
+``free``
+    first slot of a free range -> its length.  Ranges are disjoint, never adjacent
+    (adjacent ones are coalesced) and never touch ``end`` (the end moves down
+    instead), so an empty pool has no free range and ``end`` 0.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import lmdb
+
+FORMAT_VERSION: Final = 1
+LAYOUT: Final = "meta counters hashes:dupsort,dupfixed slots leases lease_slots free"
+COUNTERS: Final = (
+    "pages_scanned",
+    "pages_merged",
+    "merging_failed",
+    "references",
+    "merge_cpu_ns",
+)
+
+# The index holds a few dozen bytes per slot and per reference; 1 GiB of address
+# space (sparse on tmpfs) is room for tens of millions of pages.
+MAP_SIZE: Final = 1 << 30
+# LMDB's reader table is sized once, by whoever creates the lock file.  One slot per
+# process with a read transaction open: room for a thousand VMM processes and more.
+MAX_READERS: Final = 4096
+MAX_DBS: Final = 16
+
+_U64 = struct.Struct(">Q")
+_SLOT_RECORD = struct.Struct(">8sQ")
+_LEASE_RECORD = struct.Struct(">QQQQ")
+_HASH_SIZE = 8
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    lease_id: int
+    pid: int
+    start_time: int
+    pid_namespace: int  # inode of /proc/PID/ns/pid: pids mean something only inside it
+    references: int
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    slot: int
+    page_hash: bytes
+    references: int
+
+
+def pack_slots(slots: Sequence[int]) -> bytes:
+    packed = array.array("Q", slots)
+    if sys.byteorder == "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_slots(raw: bytes) -> array.array[int]:
+    unpacked = array.array("Q")
+    unpacked.frombytes(raw)
+    if sys.byteorder == "little":
+        unpacked.byteswap()
+    return unpacked
+
+
+class PoolIndex:
+    """One process's handle on a pool's LMDB environment.
+
+    LMDB forbids opening one environment twice in a process (its fcntl locks are
+    per process), so the pool keeps one ``PoolIndex`` per process and domain.
+    """
+
+    def __init__(self, path: Path, *, create: bool) -> None:
+        self.env = lmdb.open(
+            str(path),
+            map_size=MAP_SIZE,
+            max_dbs=MAX_DBS,
+            max_readers=MAX_READERS,
+            subdir=True,
+            create=create,
+            lock=True,
+            # tmpfs does not outlive the host, so syncing buys nothing: a committed
+            # transaction is in the shared page cache, visible to every process.
+            sync=False,
+            metasync=False,
+            readahead=False,
+            mode=0o700,
+        )
+        try:
+            # Each table handle is opened in a transaction of its own: LMDB keeps
+            # handles opened inside a read-only transaction only for that transaction.
+            self.meta = self.env.open_db(b"meta", create=create)
+            self.counters = self.env.open_db(b"counters", create=create)
+            self.hashes = self.env.open_db(b"hashes", create=create, dupsort=True, dupfixed=True)
+            self.slots = self.env.open_db(b"slots", create=create)
+            self.leases = self.env.open_db(b"leases", create=create)
+            self.lease_slots = self.env.open_db(b"lease_slots", create=create)
+            self.free = self.env.open_db(b"free", create=create)
+        except BaseException:
+            self.env.close()
+            raise
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction[bytes]:
+        return self.env.begin()
+
+    def write(self) -> lmdb.Transaction[bytes]:
+        """A write transaction: commits when its ``with`` block ends, aborts on error."""
+        return self.env.begin(write=True)
+
+    # -- meta ------------------------------------------------------------------------
+
+    def initialise(self, txn: lmdb.Transaction[bytes], page_size: int) -> None:
+        txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.meta)
+        txn.put(b"page_size", str(page_size).encode(), db=self.meta)
+        txn.put(b"layout", LAYOUT.encode(), db=self.meta)
+        txn.put(b"run", b"1", db=self.meta)
+        txn.put(b"next_lease", u64(1), db=self.meta)
+        txn.put(b"end", u64(0), db=self.meta)
+        for name in COUNTERS:
+            txn.put(name.encode(), u64(0), db=self.counters)
+
+    def meta_text(self, txn: lmdb.Transaction[bytes], key: str) -> str | None:
+        raw = txn.get(key.encode(), db=self.meta)
+        return None if raw is None else raw.decode("ascii", "replace")
+
+    def run(self, txn: lmdb.Transaction[bytes]) -> bool:
+        return txn.get(b"run", db=self.meta) == b"1"
+
+    def set_run(self, txn: lmdb.Transaction[bytes], run: bool) -> None:
+        txn.put(b"run", b"1" if run else b"0", db=self.meta)
+
+    def end(self, txn: lmdb.Transaction[bytes]) -> int:
+        return from_u64(txn.get(b"end", b"", db=self.meta))
+
+    # -- counters --------------------------------------------------------------------
+
+    def read_counters(self, txn: lmdb.Transaction[bytes]) -> dict[str, int]:
+        return {name: from_u64(txn.get(name.encode(), b"", db=self.counters)) for name in COUNTERS}
+
+    def add_to_counters(self, txn: lmdb.Transaction[bytes], deltas: dict[str, int]) -> None:
+        for name, delta in deltas.items():
+            if delta:
+                key = name.encode()
+                value = from_u64(txn.get(key, b"", db=self.counters)) + delta
+                txn.put(key, u64(value), db=self.counters)
+
+    def entries(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+        """(distinct pages, leases): LMDB keeps both counts, no scan needed."""
+        return txn.stat(self.slots)["entries"], txn.stat(self.leases)["entries"]
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def first_slots(
+        self, txn: lmdb.Transaction[bytes], hash_keys: Iterable[bytes]
+    ) -> dict[bytes, bytes]:
+        """For each hash present, its lowest slot (one batched lookup in C)."""
+        return dict(txn.cursor(db=self.hashes).getmulti(hash_keys))
+
+    def slots_with_hash(self, txn: lmdb.Transaction[bytes], hash_key: bytes) -> list[int]:
+        cursor = txn.cursor(db=self.hashes)
+        if not cursor.set_key(hash_key):
+            return []
+        return [from_u64(raw) for raw in cursor.iternext_dup()]
+
+    # -- references ------------------------------------------------------------------
+
+    def add_references(self, txn: lmdb.Transaction[bytes], counts: dict[int, int]) -> None:
+        """Raise the reference counts of existing slots."""
+        order = sorted(counts)
+        cursor = txn.cursor(db=self.slots)
+        records = cursor.getmulti([u64(slot) for slot in order])
+        if len(records) != len(order):  # the caller holds the write lock and just read them
+            raise RuntimeError("a slot vanished inside its own write transaction")
+        # A hot path (once per distinct page loaded): plain slicing beats unpacking.
+        pack = _U64.pack
+        cursor.putmulti(
+            [
+                (key, record[:8] + pack(int.from_bytes(record[8:], "big") + counts[slot]))
+                for (key, record), slot in zip(records, order, strict=True)
+            ]
+        )
+
+    def add_slots(
+        self,
+        txn: lmdb.Transaction[bytes],
+        first: int,
+        hash_keys: Sequence[bytes],
+        counts: dict[int, int],
+        *,
+        at_end: bool,
+    ) -> None:
+        """Record new slots ``first, first+1, ...`` holding pages with these hashes."""
+        records = [
+            (u64(first + i), _SLOT_RECORD.pack(page_hash, counts[first + i]))
+            for i, page_hash in enumerate(hash_keys)
+        ]
+        # Slots taken at the end sort after every existing key: LMDB appends them
+        # without searching the tree.
+        txn.cursor(db=self.slots).putmulti(records, append=at_end)
+        txn.cursor(db=self.hashes).putmulti(
+            sorted(
+                (page_hash, key) for (key, _), page_hash in zip(records, hash_keys, strict=True)
+            ),
+            dupdata=True,
+        )
+
+    def drop_references(self, txn: lmdb.Transaction[bytes], counts: dict[int, int]) -> list[int]:
+        """Lower reference counts; delete the slots that reach zero and return them."""
+        keys = [u64(slot) for slot in sorted(counts)]
+        cursor = txn.cursor(db=self.slots)
+        records = cursor.getmulti(keys)
+        if len(records) != len(keys):
+            missing = sorted(set(counts) - {from_u64(key) for key, _ in records})
+            raise RuntimeError(f"a lease references slots {missing[:8]} the index lacks")
+        freed = []
+        updated = []
+        for key, record in records:
+            page_hash, references = _SLOT_RECORD.unpack(record)
+            slot = from_u64(key)
+            remaining = references - counts[slot]
+            if remaining > 0:
+                updated.append((key, _SLOT_RECORD.pack(page_hash, remaining)))
+            elif remaining == 0:
+                txn.delete(key, db=self.slots)
+                txn.delete(page_hash, key, db=self.hashes)
+                freed.append(slot)
+            else:
+                raise RuntimeError(f"slot {slot} would drop below zero references")
+        cursor.putmulti(updated)
+        return freed
+
+    def slot_records(self, txn: lmdb.Transaction[bytes]) -> Iterator[SlotRecord]:
+        for key, record in txn.cursor(db=self.slots):
+            page_hash, references = _SLOT_RECORD.unpack(record)
+            yield SlotRecord(from_u64(key), page_hash, references)
+
+    def hash_entries(self, txn: lmdb.Transaction[bytes]) -> Iterator[tuple[bytes, int]]:
+        for page_hash, slot in txn.cursor(db=self.hashes):
+            yield page_hash, from_u64(slot)
+
+    # -- slot allocation -------------------------------------------------------------
+
+    def allocate(self, txn: lmdb.Transaction[bytes], count: int) -> tuple[int, bool]:
+        """Reserve ``count`` consecutive slots: (first slot, whether taken at the end).
+
+        First fit among the free ranges, else at the end: an image seen for the first
+        time lands in one run and maps with one mmap.
+        """
+        cursor = txn.cursor(db=self.free)
+        for key, raw_length in cursor:
+            length = from_u64(raw_length)
+            if length >= count:
+                start = from_u64(key)
+                txn.delete(key, db=self.free)
+                if length > count:
+                    txn.put(u64(start + count), u64(length - count), db=self.free)
+                return start, False
+        end = self.end(txn)
+        txn.put(b"end", u64(end + count), db=self.meta)
+        return end, True
+
+    def release_runs(self, txn: lmdb.Transaction[bytes], runs: Sequence[tuple[int, int]]) -> None:
+        """Return runs of slots (first, length) to the free ranges, coalescing."""
+        cursor = txn.cursor(db=self.free)
+        for run_start, run_length in runs:
+            start, length = run_start, run_length
+            if cursor.set_range(u64(start + length)) and from_u64(cursor.key()) == start + length:
+                length += from_u64(cursor.value())
+                cursor.delete()
+            # The range just below: the one before the first key >= start, or the
+            # last one when no key is that high.
+            has_before = cursor.prev() if cursor.set_range(u64(start)) else cursor.last()
+            if has_before:
+                before, before_length = from_u64(cursor.key()), from_u64(cursor.value())
+                if before + before_length == start:
+                    cursor.delete()
+                    start, length = before, before_length + length
+            txn.put(u64(start), u64(length), db=self.free)
+        # The end moves down over a free range touching it, so free space at the top
+        # is not a range at all.  Coalescing leaves at most one such range.
+        if cursor.last():
+            start, length = from_u64(cursor.key()), from_u64(cursor.value())
+            if start + length == self.end(txn):
+                cursor.delete()
+                txn.put(b"end", u64(start), db=self.meta)
+
+    def free_ranges(self, txn: lmdb.Transaction[bytes]) -> list[tuple[int, int]]:
+        return [(from_u64(key), from_u64(length)) for key, length in txn.cursor(db=self.free)]
+
+    # -- leases ----------------------------------------------------------------------
+
+    def new_lease(
+        self, txn: lmdb.Transaction[bytes], pid: int, start_time: int, pid_namespace: int
+    ) -> int:
+        lease_id = from_u64(txn.get(b"next_lease", b"", db=self.meta))
+        txn.put(b"next_lease", u64(lease_id + 1), db=self.meta)
+        record = _LEASE_RECORD.pack(pid, start_time, pid_namespace, 0)
+        txn.put(u64(lease_id), record, db=self.leases)
+        return lease_id
+
+    def lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> LeaseRecord | None:
+        raw = txn.get(u64(lease_id), db=self.leases)
+        if raw is None:
+            return None
+        return LeaseRecord(lease_id, *_LEASE_RECORD.unpack(raw))
+
+    def lease_records(self, txn: lmdb.Transaction[bytes]) -> list[LeaseRecord]:
+        return [
+            LeaseRecord(from_u64(key), *_LEASE_RECORD.unpack(raw))
+            for key, raw in txn.cursor(db=self.leases)
+        ]
+
+    def add_chunk(
+        self, txn: lmdb.Transaction[bytes], lease: LeaseRecord, slots: Sequence[int]
+    ) -> None:
+        """Give the lease one reference to each of ``slots`` (repeats included)."""
+        key = u64(lease.lease_id)
+        txn.put(key + u64(lease.references), pack_slots(slots), db=self.lease_slots)
+        references = lease.references + len(slots)
+        record = _LEASE_RECORD.pack(lease.pid, lease.start_time, lease.pid_namespace, references)
+        txn.put(key, record, db=self.leases)
+
+    def lease_chunks(
+        self, txn: lmdb.Transaction[bytes], lease_id: int
+    ) -> Iterator[tuple[int, array.array[int]]]:
+        prefix = u64(lease_id)
+        cursor = txn.cursor(db=self.lease_slots)
+        if not cursor.set_range(prefix):
+            return
+        for key, raw in cursor:
+            if key[:8] != prefix:
+                return
+            yield from_u64(key[8:]), unpack_slots(raw)
+
+    def lease_ids_with_chunks(self, txn: lmdb.Transaction[bytes]) -> set[int]:
+        return {from_u64(key[:8]) for key in txn.cursor(db=self.lease_slots).iternext(values=False)}
+
+    def remove_lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> Counter[int]:
+        """Delete a lease and its chunks; return how often it referenced each slot."""
+        counts: Counter[int] = Counter()
+        prefix = u64(lease_id)
+        cursor = txn.cursor(db=self.lease_slots)
+        positioned = cursor.set_range(prefix)
+        while positioned and cursor.key()[:8] == prefix:
+            counts.update(unpack_slots(cursor.value()))
+            cursor.delete()  # moves on to the next record, or unpositions at the end
+            positioned = bool(cursor.key())
+        txn.delete(prefix, db=self.leases)
+        return counts

@@ -1,0 +1,1041 @@
+"""The page pool: every distinct read-only page of a sharing domain stored once, and
+mapped copy-on-write into each process that loads it.
+
+Design
+======
+
+A *domain* (one tenant's trust boundary) has a directory under the pool root
+(``/dev/shm/dksm``, or ``$DKSM_POOL_ROOT``, or an explicit argument) holding:
+
+``pages``
+    the pages file on tmpfs.  Slot *s* is the page at offset ``s * 4096``.  tmpfs
+    pages are page-cache pages, so every ``MAP_PRIVATE`` mapping of a slot, in any
+    process, uses the same physical frame until it writes to it (then it gets a
+    private copy and the file keeps its bytes).
+``index/``
+    an LMDB environment (schema in :mod:`dksm.dedup.index`): page hash -> slots,
+    slot -> hash and reference count, lease -> owner and the slots it holds, free
+    slot ranges, counters, and the ``run`` switch.
+``lock``
+    held shared by every process that has the pool open, exclusively while the pool
+    is created or purged.
+``ready``
+    written last when the pool is created: without it the directory is a creation
+    (or purge) that died half-way and is cleared by the next creator.
+
+Loading content (:meth:`Lease.map_pages`) hashes each page (xxh3-64) before taking
+the lock, then in one LMDB write transaction looks each hash up, confirms every hash
+match byte for byte against the pages file, stores the pages it did not find in
+consecutive slots (first fit among free ranges, else at the end), takes one
+reference per page and names those references in the caller's lease.  After the
+commit it maps the slots over the caller's memory, one ``mmap`` per run of
+consecutive slots.  There is no daemon: reclaim happens when a lease is released,
+and the leases of dead processes are swept by whichever process next opens the pool.
+
+Invariants
+==========
+
+Everything else relies on these:
+
+1. **A lease is written before a slot is mapped.**  The references a process takes
+   are recorded under its lease in the same write transaction that takes them, and
+   it maps nothing before that transaction commits.  So every mapping of a slot is
+   covered by a reference that outlives it; a process killed at any instant leaves
+   at worst references without mappings, which the sweep returns.
+2. **A slot is freed only inside the write transaction that drops its last
+   reference.**  LMDB admits one writer at a time, and a loader takes its
+   references inside a write transaction, so no loader can find (let alone map) a
+   slot in the window between its count reaching zero and its page being punched
+   out of the file.  Exact counts matter because punching a hole in a tmpfs file
+   unmaps those pages from every private mapping that has not copied them: one
+   reference too few and a live VM suddenly reads zeros.
+3. **Bytes are compared before a page is shared.**  A hash match is only a
+   candidate; it is confirmed against the pages file byte for byte, and a mismatch
+   stores the page in a new slot (counted in ``merging_failed``).  A weak or
+   colliding hash costs time, never correctness.
+4. **Only read-only content enters the pool** (a contract on callers).  The pool
+   stores what it is given; sharing is only sound for pages no sharer modifies in
+   place -- code and read-only data -- since a shared page must mean the same to
+   everyone.  Writes to a mapped page stay private (copy-on-write), so a misbehaving
+   sharer harms only itself, but content it later merges is whatever it wrote.
+5. **An empty pool holds nothing**: with no slot in the index the pages file has
+   no allocated block, and the index no hash, slot, lease or free-range entry.
+
+Releasing and unmapping
+=======================
+
+A process must stop using its mappings of pool pages *before* releasing the lease
+that covers them: unmap (or remap anonymous memory over) them first, or release at
+exit, after which the kernel has dropped the mappings anyway.  Releasing first
+would let the slots be punched while still mapped, and a live VM would read zeros.
+Leases of processes that die are released by the sweep, after their mappings are
+gone with them.
+
+Concurrency and crashes
+=======================
+
+Any number of processes, and threads in them, may use one pool.  A writer killed
+mid-transaction loses the transaction (LMDB's write mutex is robust), so the index
+is always as the last commit left it, and the file may differ from it in two ways,
+both harmless:
+
+- pages it had written for new slots lie in space the index still calls free; the
+  next sweep that sees the file holding more blocks than the index has slots
+  punches the free space;
+- slots it had punched while releasing a lease are holes although the index still
+  lists them -- referenced only by the dead process's lease (they were about to
+  reach zero), so nobody maps them, and a loader comparing bytes against a hole
+  finds a mismatch and stores its page anew.  The sweep of that lease frees them.
+
+Owners are identified by pid and start time (pid reuse is not ownership) and, to be
+safe across containers, only leases from the sweeper's own pid namespace are judged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import lmdb
+import xxhash
+
+from dksm.dedup.index import FORMAT_VERSION, LAYOUT, LeaseRecord, PoolIndex, from_u64
+from dksm.dedup.owner import ProcessIdentity
+from dksm.dedup.pages_file import PagesFile
+from dksm.error import DksmError
+from dksm.memory.host_mapping import PAGE_SIZE, HostMappingError, map_file_private_fixed, view
+
+DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
+POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"
+DEFAULT_DOMAIN: Final = "default"
+
+PageHash = Callable[[memoryview], int]
+"""A page's 64-bit hash.  Pools are shared, so every opener must use the same one."""
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MAX_DOMAIN_LENGTH = 64
+_READY_TEXT = f"dksm page pool, format {FORMAT_VERSION}\n"
+# Hash matches are confirmed by reading runs of consecutive candidate slots at most
+# this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
+# pages on every call.
+_COMPARE_RUN = 16
+# merge() snapshots a region this many pages at a time, one transaction each.
+_MERGE_BATCH = 256
+_NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
+_NO_SLOT_NUMBER = from_u64(_NO_SLOT)
+_OPEN_ATTEMPTS = 100
+
+
+class PoolError(DksmError):
+    """The page pool cannot be opened or used as asked."""
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What one :meth:`Lease.map_pages` or :meth:`Lease.merge` call did."""
+
+    pages: int  # pages offered
+    pages_merged: int  # pages that matched a page already in the pool
+    pages_new: int  # pages stored in new slots
+    mapped: bool  # False: the run switch is off and nothing was mapped
+    mmaps: int = 0  # mmap calls made (one per run of consecutive slots)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The pool's counters, named as in the DKSM thesis (``/sys/kernel/mm/dksm``)."""
+
+    pages_scanned: int  # pages offered to the pool while it ran
+    pages_merged: int  # pages that matched a page already in the pool
+    merging_failed: int  # pages whose hash matched but bytes differed
+    hashtable_entries: int  # distinct pages in the pool (slots in use)
+    leases: int
+    references: int  # sum of all slots' reference counts
+    pages_saved: int  # references - hashtable_entries
+    bytes_saved: int
+    file_blocks_bytes: int  # storage the pages file holds (st_blocks * 512)
+    run: bool
+    # CPU time the loading threads of every process spent hashing, comparing and
+    # storing pages (mapping excluded): dksm's counterpart of ksmd's CPU time.
+    merge_cpu_ns: int = 0
+
+    def to_json(self) -> dict[str, int | bool]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """One lease as the index records it."""
+
+    lease_id: int
+    pid: int
+    start_time: int
+    references: int
+    alive: bool
+
+
+def validate_domain(domain: str) -> str:
+    """Return ``domain`` if it can name a directory under the pool root, else raise."""
+    if not domain:
+        raise PoolError("a sharing domain needs a name, and the one given is empty")
+    if "/" in domain or "\0" in domain:
+        raise PoolError(f"domain name {domain!r} contains '/' or NUL: a domain is one directory")
+    if domain in (".", ".."):
+        raise PoolError(f"domain name {domain!r} would name a directory outside the pool root")
+    if len(domain) > _MAX_DOMAIN_LENGTH:
+        raise PoolError(f"domain name {domain[:16]!r}... is longer than {_MAX_DOMAIN_LENGTH}")
+    if not _DOMAIN_NAME.fullmatch(domain):
+        raise PoolError(
+            f"domain name {domain!r} may only hold letters, digits, '_', '.' and '-', "
+            "and must not start with '.' or '-'"
+        )
+    return domain
+
+
+def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The directory holding every domain's pool: ``root``, else $DKSM_POOL_ROOT, else
+    /dev/shm/dksm."""
+    if root is None:
+        root = os.environ.get(POOL_ROOT_ENV) or DEFAULT_POOL_ROOT
+    return Path(os.path.abspath(root))
+
+
+def pool_directory(
+    domain: str = DEFAULT_DOMAIN, root: str | os.PathLike[str] | None = None
+) -> Path:
+    return pool_root(root) / validate_domain(domain)
+
+
+# -- what one process holds open per domain -----------------------------------------
+
+
+class _Store:
+    """One process's open files of one domain's pool, shared by its handles.
+
+    LMDB must not open one environment twice in a process, so handles and leases on
+    the same domain share a store; it closes when the last of them lets go.
+    """
+
+    def __init__(self, directory: Path, lock_fd: int, index: PoolIndex, pages: PagesFile) -> None:
+        self.directory = directory
+        self.lock_fd = lock_fd
+        self.index = index
+        self.pages = pages
+        self.pid = os.getpid()
+        self.users = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.index.close()
+        self.pages.close()
+        os.close(self.lock_fd)
+
+
+_stores: dict[Path, _Store] = {}
+_stores_lock = threading.Lock()
+
+
+def _forget_inherited_stores() -> None:
+    # A forked child must not use its parent's LMDB environment; it opens its own.
+    # Closing the inherited copies touches neither the parent's locks nor its files.
+    global _stores_lock
+    _stores_lock = threading.Lock()  # another thread may have held it at the fork
+    for store in _stores.values():
+        store.close()
+    _stores.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_stores)
+
+
+def _acquire_store(directory: Path) -> _Store:
+    with _stores_lock:
+        store = _stores.get(directory)
+        if store is None:
+            store = _open_store(directory)
+            _stores[directory] = store
+        store.users += 1
+        return store
+
+
+def _release_store(store: _Store) -> None:
+    with _stores_lock:
+        if store.closed:
+            return
+        store.users -= 1
+        if store.users == 0:
+            _stores.pop(store.directory, None)
+            store.close()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _open_store(directory: Path) -> _Store:
+    """Open (creating if needed) the pool in ``directory``, holding its lock shared."""
+    lock_path = directory / "lock"
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # purged between mkdir and open: start again
+            continue
+        except OSError as error:
+            raise PoolError(f"cannot create the pool directory {directory}: {error}") from error
+        try:
+            if _lock_ready_pool(lock_fd, lock_path, directory):
+                index, pages = _open_pool_files(directory)
+                return _Store(directory, lock_fd, index, pages)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        os.close(lock_fd)
+    raise PoolError(f"the pool at {directory} kept being purged while opening it")
+
+
+def _lock_ready_pool(lock_fd: int, lock_path: Path, directory: Path) -> bool:
+    """Hold the lock shared on a pool that is ready, creating it if needed.
+
+    False if the lock file was purged meanwhile: the caller must start again.
+    """
+    chooser = random.Random()
+    while True:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)  # waits while a creator or purger works
+        # A purge unlinks the lock file under an exclusive lock: whoever waited on
+        # the old file now holds a lock on nothing.
+        if not _same_file(lock_fd, lock_path):
+            return False
+        if (directory / "ready").exists():
+            return True
+        # Creating takes the lock exclusively.  Waiting for that could wait forever:
+        # a process that saw the pool being created holds the lock shared for as long
+        # as it uses the pool (and may be waiting for us, at a barrier say).  So only
+        # try; on failure wait shared for whoever is creating, and look again.
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(chooser.uniform(0.0005, 0.002))  # desynchronise rival creators
+            continue
+        try:
+            if not _same_file(lock_fd, lock_path):
+                return False
+            if not (directory / "ready").exists():
+                _create_pool(directory)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+
+
+def _format_problem(index: PoolIndex, directory: Path) -> str | None:
+    with index.read() as txn:
+        version = index.meta_text(txn, "format")
+        page_size = index.meta_text(txn, "page_size")
+        layout = index.meta_text(txn, "layout")
+    if version is None:
+        return f"the index at {directory / 'index'} is not a dksm pool index (no format)"
+    if version != str(FORMAT_VERSION):
+        return (
+            f"the pool at {directory} has format {version}, and this dksm reads only "
+            f"format {FORMAT_VERSION}"
+        )
+    if page_size != str(PAGE_SIZE):
+        return f"the pool at {directory} holds {page_size}-byte pages, not {PAGE_SIZE}-byte ones"
+    if layout != LAYOUT:
+        return f"the pool at {directory} has index layout {layout!r}, not {LAYOUT!r}"
+    return None
+
+
+def _refusal(problem: str, directory: Path) -> PoolError:
+    return PoolError(
+        f"{problem}; refusing to use it.  Remove {directory} (no VM may be using it) "
+        "or choose another pool root or domain"
+    )
+
+
+def _open_pool_files(directory: Path) -> tuple[PoolIndex, PagesFile]:
+    try:
+        index = PoolIndex(directory / "index", create=False)
+    except lmdb.NotFoundError as error:
+        raise _refusal(
+            f"the pool index at {directory / 'index'} lacks a table ({error})", directory
+        ) from error
+    except lmdb.Error as error:
+        raise _refusal(
+            f"the pool index at {directory / 'index'} cannot be opened ({error})", directory
+        ) from error
+    try:
+        problem = _format_problem(index, directory)
+        if problem is not None:
+            raise _refusal(problem, directory)
+        try:
+            fd = os.open(directory / "pages", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as error:
+            raise _refusal(
+                f"the pool's pages file cannot be opened ({error})", directory
+            ) from error
+    except BaseException:
+        index.close()
+        raise
+    return index, PagesFile(fd)
+
+
+def _create_pool(directory: Path) -> None:
+    """Create an empty pool; the caller holds the lock exclusively and ``ready`` is absent."""
+    index_path = directory / "index"
+    if (index_path / "data.mdb").exists():
+        # Without `ready` this is a creation or purge that died half-way -- unless it
+        # is a pool of another format, which must never be cleared by mistake.
+        try:
+            with lmdb.open(str(index_path), max_dbs=16, create=False, readonly=True) as env:
+                with env.begin() as txn:
+                    meta_exists = txn.get(b"meta") is not None
+                if meta_exists:
+                    meta = env.open_db(b"meta", create=False)
+                    with env.begin() as txn:
+                        version = txn.get(b"format", db=meta)
+                    if version not in (None, str(FORMAT_VERSION).encode()):
+                        raise _refusal(
+                            f"the pool at {directory} has format {version.decode(errors='replace')}"
+                            f", and this dksm reads only format {FORMAT_VERSION}",
+                            directory,
+                        )
+        except lmdb.Error as error:
+            raise _refusal(
+                f"the pool index at {index_path} cannot be read ({error})", directory
+            ) from error
+    shutil.rmtree(index_path, ignore_errors=True)
+    pages_path = directory / "pages"
+    pages_path.unlink(missing_ok=True)
+    os.close(os.open(pages_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    index = PoolIndex(index_path, create=True)
+    try:
+        with index.write() as txn:
+            index.initialise(txn, PAGE_SIZE)
+    finally:
+        index.close()
+    ready_tmp = directory / "ready.tmp"
+    ready_tmp.write_text(_READY_TEXT)
+    ready_tmp.rename(directory / "ready")
+
+
+def _pid_namespace() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def _runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Group ascending slot numbers into (first, length) runs of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in sorted_slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
+
+
+# -- the pool --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Admission:
+    slots: list[int]
+    pages_new: int
+
+
+class PagePool:
+    """One sharing domain's page pool, open in this process.  Use :meth:`open`."""
+
+    def __init__(self, store: _Store, domain: str, page_hash: PageHash | None) -> None:
+        self._store = store
+        self.domain = domain
+        self.directory = store.directory
+        self._closed = False
+        self._hash_key: Callable[[memoryview], bytes]
+        if page_hash is None:
+            self._hash_key = xxhash.xxh3_64_digest  # the big-endian bytes of the 64-bit hash
+        else:
+            custom = page_hash
+            self._hash_key = lambda page: (custom(page) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "big")
+
+    @classmethod
+    def open(
+        cls,
+        domain: str = DEFAULT_DOMAIN,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        page_hash: PageHash | None = None,
+    ) -> PagePool:
+        """Open (creating if needed) a domain's pool and sweep the leases of dead owners.
+
+        ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests.
+        """
+        directory = pool_directory(domain, root)
+        store = _acquire_store(directory)
+        pool = cls(store, domain, page_hash)
+        try:
+            pool.sweep()
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    def close(self) -> None:
+        """Let go of the pool files (live leases keep them open until released)."""
+        if not self._closed:
+            self._closed = True
+            if self._store.pid == os.getpid():
+                _release_store(self._store)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _usable_store(self) -> _Store:
+        if self._closed:
+            raise PoolError(f"the pool of domain {self.domain!r} is closed")
+        if self._store.pid != os.getpid() or self._store.closed:
+            raise PoolError(
+                f"this handle on the pool of domain {self.domain!r} belongs to process "
+                f"{self._store.pid}; open the pool again in process {os.getpid()}"
+            )
+        return self._store
+
+    # -- leases ------------------------------------------------------------------------
+
+    def lease(self) -> Lease:
+        """A new lease owned by this process (several may coexist)."""
+        store = self._usable_store()
+        me = ProcessIdentity.current()
+        with store.index.write() as txn:
+            lease_id = store.index.new_lease(txn, me.pid, me.start_time, _pid_namespace())
+        with _stores_lock:
+            store.users += 1
+        return Lease(self, store, lease_id)
+
+    def leases(self) -> list[LeaseInfo]:
+        store = self._usable_store()
+        with store.index.read() as txn:
+            records = store.index.lease_records(txn)
+        return [
+            LeaseInfo(r.lease_id, r.pid, r.start_time, r.references, _owner_alive(r))
+            for r in records
+        ]
+
+    def sweep(self) -> int:
+        """Release the leases of dead owners; return how many there were.
+
+        Also punches pages a writer killed mid-transaction left in free space.
+        """
+        store = self._usable_store()
+        index = store.index
+        index.env.reader_check()  # reader slots of dead processes pin old pages
+        with index.read() as txn:
+            records = index.lease_records(txn)
+            entries, _ = index.entries(txn)
+        namespace = _pid_namespace()
+        dead = [r for r in records if r.pid_namespace == namespace and not _owner_alive(r)]
+        if not dead and store.pages.allocated_bytes() <= entries * PAGE_SIZE:
+            return 0
+        with index.write() as txn:
+            swept = 0
+            for record in dead:
+                if index.lease(txn, record.lease_id) is not None:
+                    self._drop_lease(txn, record.lease_id)
+                    swept += 1
+            self._punch_leftovers(txn)
+        return swept
+
+    def _punch_leftovers(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Punch free space that holds blocks (the caller holds the write lock)."""
+        store = self._store
+        entries, _ = store.index.entries(txn)
+        if store.pages.allocated_bytes() <= entries * PAGE_SIZE:
+            return
+        for first, length in store.index.free_ranges(txn):
+            store.pages.punch(first, length)
+        end = store.index.end(txn)
+        tail = -(-store.pages.size() // PAGE_SIZE) - end
+        if tail > 0:
+            store.pages.punch(end, tail)
+
+    def _drop_lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> int:
+        """Remove a lease and its references, freeing slots that reach zero."""
+        store = self._store
+        counts = store.index.remove_lease(txn, lease_id)
+        if not counts:
+            return 0
+        freed = store.index.drop_references(txn, counts)
+        runs = _runs(sorted(freed))
+        store.index.release_runs(txn, runs)
+        for first, length in runs:
+            store.pages.punch(first, length)
+        store.index.add_to_counters(txn, {"references": -sum(counts.values())})
+        return len(freed)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _hash_pages(self, data: memoryview) -> list[bytes]:
+        key = self._hash_key
+        return [key(data[offset : offset + PAGE_SIZE]) for offset in range(0, len(data), PAGE_SIZE)]
+
+    def _admit(
+        self, lease_id: int, data: memoryview, hash_keys: list[bytes], started_ns: int
+    ) -> _Admission | None:
+        """Find or store every page and reference it under the lease, in one transaction.
+
+        Returns the slot of each page, or None when the run switch is off.  The
+        calling thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.
+        """
+        store = self._store
+        index = store.index
+        pages = store.pages
+        count = len(hash_keys)
+        with index.write() as txn:
+            if not index.run(txn):
+                return None
+            lease = index.lease(txn, lease_id)
+            if lease is None:
+                raise PoolError(
+                    f"lease {lease_id} is gone from the pool of domain {self.domain!r}: it was "
+                    "released, or swept because its owner looked dead"
+                )
+            first_slots = index.first_slots(txn, hash_keys)
+            lookup = first_slots.get
+            candidates = [int.from_bytes(lookup(key, _NO_SLOT), "big") for key in hash_keys]
+            slots, unconfirmed = _confirm(pages, data, candidates)
+            collided: set[int] = set()  # pages whose hash matched a page with other bytes
+            for page in unconfirmed:  # try the other slots with that hash
+                found = _find_equal(pages, data, page, index.slots_with_hash(txn, hash_keys[page]))
+                if found is None:
+                    collided.add(page)
+                else:
+                    slots[page] = found
+
+            fresh = _distinct_new_pages(data, hash_keys, slots, collided)
+            failed = len(collided.intersection(fresh))
+            if fresh:
+                first, at_end = index.allocate(txn, len(fresh))
+                for offset, page in enumerate(fresh):
+                    slots[page] = first + offset
+                for page, slot in enumerate(slots):
+                    if slot < 0:  # a twin of a new page: -2 - (its position in fresh)
+                        slots[page] = first - 2 - slot
+                pages.write(first, [data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
+            counts = Counter(slots)
+            if fresh:
+                new_range = range(first, first + len(fresh))
+                index.add_slots(txn, first, [hash_keys[p] for p in fresh], counts, at_end=at_end)
+                existing = {s: n for s, n in counts.items() if s not in new_range}
+            else:
+                existing = counts
+            if existing:
+                index.add_references(txn, existing)
+            index.add_chunk(txn, lease, slots)
+            index.add_to_counters(
+                txn,
+                {
+                    "pages_scanned": count,
+                    "pages_merged": count - len(fresh),
+                    "merging_failed": failed,
+                    "references": count,
+                    "merge_cpu_ns": time.thread_time_ns() - started_ns,
+                },
+            )
+        return _Admission(slots, len(fresh))
+
+    def _map_slots(self, address: int, slots: Sequence[int]) -> int:
+        """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
+        fd = self._store.pages.fd
+        mmaps = 0
+        start = 0
+        count = len(slots)
+        while start < count:
+            first = slots[start]
+            stop = start + 1
+            while stop < count and slots[stop] == first + stop - start:
+                stop += 1
+            try:
+                map_file_private_fixed(
+                    address + start * PAGE_SIZE, (stop - start) * PAGE_SIZE, fd, first * PAGE_SIZE
+                )
+            except HostMappingError as error:
+                raise PoolError(
+                    f"cannot map pool pages at {address + start * PAGE_SIZE:#x}: {error} "
+                    "(the lease keeps its references until released)"
+                ) from error
+            mmaps += 1
+            start = stop
+        return mmaps
+
+    # -- control and inspection --------------------------------------------------------
+
+    def set_run(self, run: bool) -> None:
+        """Turn merging on or off, for every process, like /sys/kernel/mm/dksm/run.
+
+        Off, loads map nothing (callers copy the bytes themselves); existing mappings
+        and leases stay.
+        """
+        store = self._usable_store()
+        with store.index.write() as txn:
+            store.index.set_run(txn, run)
+
+    def stats(self) -> PoolStats:
+        store = self._usable_store()
+        with store.index.read() as txn:
+            counters = store.index.read_counters(txn)
+            entries, leases = store.index.entries(txn)
+            run = store.index.run(txn)
+        references = counters["references"]
+        return PoolStats(
+            pages_scanned=counters["pages_scanned"],
+            pages_merged=counters["pages_merged"],
+            merging_failed=counters["merging_failed"],
+            hashtable_entries=entries,
+            leases=leases,
+            references=references,
+            pages_saved=references - entries,
+            merge_cpu_ns=counters["merge_cpu_ns"],
+            bytes_saved=(references - entries) * PAGE_SIZE,
+            file_blocks_bytes=store.pages.allocated_bytes(),
+            run=run,
+        )
+
+    def verify(self, *, check_hashes: bool = True) -> list[str]:
+        """Check the index against itself and the pages file; return the problems found.
+
+        Runs inside a write transaction (then aborted) so no writer changes the file
+        meanwhile.  An empty list means the pool is consistent.
+        """
+        store = self._usable_store()
+        index = store.index
+        txn = index.env.begin(write=True)
+        try:
+            return list(self._problems(txn, check_hashes))
+        finally:
+            txn.abort()
+
+    def _problems(self, txn: lmdb.Transaction[bytes], check_hashes: bool) -> Iterator[str]:
+        index = self._store.index
+        pages = self._store.pages
+        end = index.end(txn)
+        slot_records = {r.slot: r for r in index.slot_records(txn)}
+        hash_entries = list(index.hash_entries(txn))
+        for page_hash, slot in hash_entries:
+            record = slot_records.get(slot)
+            if record is None or record.page_hash != page_hash:
+                yield f"hash {page_hash.hex()} names slot {slot}, which does not hold it"
+        if len(hash_entries) != len(slot_records):
+            yield f"{len(hash_entries)} hash entries for {len(slot_records)} slots"
+        held: Counter[int] = Counter()
+        leases = {r.lease_id: r for r in index.lease_records(txn)}
+        for lease_id in index.lease_ids_with_chunks(txn) | set(leases):
+            lease_total = 0
+            for _, chunk in index.lease_chunks(txn, lease_id):
+                held.update(chunk)
+                lease_total += len(chunk)
+            lease = leases.get(lease_id)
+            if lease is None:
+                yield f"slots are held under lease {lease_id}, which does not exist"
+            elif lease.references != lease_total:
+                yield f"lease {lease_id} counts {lease.references} references, holds {lease_total}"
+        for slot, record in slot_records.items():
+            if record.references != held[slot]:
+                yield f"slot {slot} counts {record.references} references, leases hold {held[slot]}"
+            if slot >= end:
+                yield f"slot {slot} lies beyond the end ({end})"
+        for slot in held.keys() - slot_records.keys():
+            yield f"leases hold slot {slot}, which is not in the pool"
+        counters = index.read_counters(txn)
+        if counters["references"] != held.total():
+            yield f"references counter {counters['references']} != {held.total()} held"
+        previous_end = -1
+        free_slots = 0
+        for first, length in index.free_ranges(txn):
+            if length <= 0 or first <= previous_end or first + length >= end:
+                yield f"free range {first}+{length} overlaps, touches another or the end ({end})"
+            if any(first <= slot < first + length for slot in slot_records):
+                yield f"free range {first}+{length} holds slots in use"
+            previous_end = first + length
+            free_slots += length
+        if free_slots + len(slot_records) != end:
+            yield f"{len(slot_records)} slots and {free_slots} free do not make up the end {end}"
+        blocks = pages.allocated_bytes()
+        if blocks != len(slot_records) * PAGE_SIZE:
+            yield f"the pages file holds {blocks} bytes for {len(slot_records)} pages"
+        if pages.size() < end * PAGE_SIZE:
+            yield f"the pages file is shorter than its {end} slots"
+        if check_hashes:
+            for slot, record in slot_records.items():
+                page = memoryview(pages.read(slot, 1))
+                if self._hash_key(page) != record.page_hash:
+                    yield f"slot {slot} does not hold a page with its recorded hash"
+
+    def purge(self) -> None:
+        """Remove the pool's files, after sweeping; refused while live leases exist or
+        another process has the pool open.  This handle is closed afterwards."""
+        store = self._usable_store()
+        self.sweep()
+        live = self.leases()
+        if live:
+            owners = ", ".join(sorted({str(lease.pid) for lease in live}))
+            raise PoolError(
+                f"the pool of domain {self.domain!r} still has {len(live)} live lease(s), held "
+                f"by process(es) {owners}; stop them (or release the leases) before purging"
+            )
+        with _stores_lock:
+            if store.users > 1:
+                raise PoolError(
+                    f"the pool of domain {self.domain!r} is open more than once in this process; "
+                    "close the other handles before purging"
+                )
+            try:
+                fcntl.flock(store.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(store.lock_fd, fcntl.LOCK_SH)  # the attempt may have dropped it
+                raise PoolError(
+                    f"the pool of domain {self.domain!r} is open in another process; close it "
+                    "there before purging"
+                ) from None
+            # Exclusive: nobody else has the pool open.  `ready` goes first, so that a
+            # purge dying half-way leaves a directory the next creator clears.
+            directory = store.directory
+            (directory / "ready").unlink(missing_ok=True)
+            store.index.close()
+            store.pages.close()
+            shutil.rmtree(directory / "index", ignore_errors=True)
+            (directory / "pages").unlink(missing_ok=True)
+            (directory / "lock").unlink(missing_ok=True)
+            os.close(store.lock_fd)
+            store.closed = True
+            _stores.pop(directory, None)
+            self._closed = True
+            # Fails if someone already re-created the pool, or left files of their own.
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _owner_alive(record: LeaseRecord) -> bool:
+    return ProcessIdentity(record.pid, record.start_time).is_alive()
+
+
+def _confirm(
+    pages: PagesFile, data: memoryview, candidates: list[int]
+) -> tuple[list[int], list[int]]:
+    """Compare each page with its candidate slot: (slot or -1 per page, mismatched pages).
+
+    Runs of pages whose candidates are consecutive slots -- an image already in the
+    pool -- are read and compared a run at a time.
+    """
+    count = len(candidates)
+    slots = [-1] * count
+    mismatched: list[int] = []
+    start = 0
+    while start < count:
+        first = candidates[start]
+        if first == _NO_SLOT_NUMBER:
+            start += 1
+            continue
+        stop = start + 1
+        while (
+            stop < count
+            and stop - start < _COMPARE_RUN
+            and candidates[stop] == first + stop - start
+        ):
+            stop += 1
+        stored = pages.read(first, stop - start)
+        # bytearray == memoryview is one memcmp; memoryview == x compares item by item.
+        if stored == data[start * PAGE_SIZE : stop * PAGE_SIZE]:
+            slots[start:stop] = range(first, first + stop - start)
+        else:
+            for page in range(start, stop):
+                offset = (page - start) * PAGE_SIZE
+                if (
+                    stored[offset : offset + PAGE_SIZE]
+                    == data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+                ):
+                    slots[page] = first + page - start
+                else:
+                    mismatched.append(page)
+        start = stop
+    return slots, mismatched
+
+
+def _find_equal(pages: PagesFile, data: memoryview, page: int, slots: list[int]) -> int | None:
+    wanted = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+    for slot in slots:
+        if pages.read(slot, 1) == wanted:
+            return slot
+    return None
+
+
+def _distinct_new_pages(
+    data: memoryview, hash_keys: list[bytes], slots: list[int], collided: set[int]
+) -> list[int]:
+    """The pages to store (those without a slot, each distinct content once), in order.
+
+    A later page equal to one of them gets ``-2 - i`` in ``slots``, i being the
+    position of its twin in the returned list.  Pages whose hash matched an earlier
+    new page with other bytes are added to ``collided``.
+    """
+    fresh: list[int] = []
+    by_hash: dict[bytes, list[int]] = {}
+    for page, slot in enumerate(slots):
+        if slot != -1:
+            continue
+        twins = by_hash.setdefault(hash_keys[page], [])
+        if twins:
+            content = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE].tobytes()
+            for position in twins:
+                twin = fresh[position]
+                if content == data[twin * PAGE_SIZE : (twin + 1) * PAGE_SIZE].tobytes():
+                    slots[page] = -2 - position
+                    break
+            else:
+                collided.add(page)
+                twins.append(len(fresh))
+                fresh.append(page)
+        else:
+            twins.append(len(fresh))
+            fresh.append(page)
+    return fresh
+
+
+class Lease:
+    """A process's claim on pool pages: every page it maps is referenced here.
+
+    Release it (or leave its ``with`` block) after unmapping those pages, or let the
+    process exit: the next opener of the pool sweeps leases of dead processes.
+    """
+
+    def __init__(self, pool: PagePool, store: _Store, lease_id: int) -> None:
+        self.pool = pool
+        self.lease_id = lease_id
+        self._store = store
+        self._released = False
+        self._references = 0
+
+    @property
+    def references(self) -> int:
+        """Page references this lease holds."""
+        return self._references
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def _check_usable(self) -> None:
+        if self._released:
+            raise PoolError(f"lease {self.lease_id} has been released")
+        if self._store.pid != os.getpid() or self._store.closed:
+            raise PoolError(
+                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
+            )
+
+    def map_pages(self, address: int, content: bytes | bytearray | memoryview) -> MergeResult:
+        """Make ``content`` (whole pages) appear at page-aligned ``address`` from the pool.
+
+        ``address`` must lie in memory this process owns (guest RAM, say): the pool's
+        pages are mapped over it with ``MAP_FIXED``.  When the run switch is off
+        nothing is mapped and ``mapped`` is False; the caller copies the bytes itself.
+        """
+        self._check_usable()
+        return self._map_pages(address, memoryview(content).cast("B"), time.thread_time_ns())
+
+    def _map_pages(self, address: int, data: memoryview, started_ns: int) -> MergeResult:
+        if address % PAGE_SIZE:
+            raise PoolError(f"address {address:#x} is not page aligned")
+        if len(data) % PAGE_SIZE:
+            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
+        count = len(data) // PAGE_SIZE
+        if count == 0:
+            return MergeResult(0, 0, 0, True, 0)
+        hash_keys = self.pool._hash_pages(data)  # outside the lock: pure CPU
+        admission = self.pool._admit(self.lease_id, data, hash_keys, started_ns)
+        if admission is None:
+            return MergeResult(count, 0, 0, False, 0)
+        self._references += count
+        mmaps = self.pool._map_slots(address, admission.slots)
+        return MergeResult(count, count - admission.pages_new, admission.pages_new, True, mmaps)
+
+    def merge(self, address: int, length: int) -> MergeResult:
+        """Replace the pages of a populated private region with pool mappings.
+
+        The madvise-like API: the region's current bytes (copied out first, a batch
+        at a time) are looked up or stored, then the pool's pages are mapped over the
+        region.  Only regions nobody writes meanwhile may be merged: a write between
+        the copy and the mapping is lost.
+        """
+        self._check_usable()
+        if address % PAGE_SIZE or length % PAGE_SIZE:
+            raise PoolError(f"region {address:#x}+{length:#x} is not whole pages")
+        region = view(address, length)
+        snapshot = bytearray(min(length, _MERGE_BATCH * PAGE_SIZE))
+        pages = merged = new = mmaps = 0
+        for offset in range(0, length, len(snapshot) or 1):
+            started_ns = time.thread_time_ns()  # the copy is part of the cost
+            size = min(len(snapshot), length - offset)
+            batch = memoryview(snapshot)[:size]
+            batch[:] = region[offset : offset + size]
+            result = self._map_pages(address + offset, batch, started_ns)
+            if not result.mapped:
+                return MergeResult(pages + result.pages, merged, new, False, mmaps)
+            pages += result.pages
+            merged += result.pages_merged
+            new += result.pages_new
+            mmaps += result.mmaps
+        return MergeResult(pages, merged, new, True, mmaps)
+
+    def release(self) -> None:
+        """Drop every reference of this lease, freeing slots no one else holds.
+
+        Unmap this lease's pages first (see the module documentation).
+        """
+        if self._released:
+            return
+        if self._store.pid != os.getpid():
+            raise PoolError(
+                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
+            )
+        store = self._store
+        if not store.closed:
+            with store.index.write() as txn:
+                self.pool._drop_lease(txn, self.lease_id)
+        self._released = True
+        self._references = 0
+        _release_store(store)
