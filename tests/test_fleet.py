@@ -79,7 +79,18 @@ def test_fleet_up_status_logs_down() -> None:
 
 
 def test_killed_vm_is_reported_and_the_rest_keep_running() -> None:
-    up = dksm("fleet", "up", "--image", "idle", "--instances", "4", "--domain", "fleet-kill")
+    up = dksm(
+        "fleet",
+        "up",
+        "--image",
+        "idle",
+        "--instances",
+        "4",
+        "--domain",
+        "fleet-kill",
+        "--vms-per-process",
+        "1",
+    )
     assert up.returncode == 0, up.stderr
     fleet_id = up.stdout.strip()
     try:

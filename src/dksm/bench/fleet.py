@@ -29,11 +29,13 @@ from dksm.dedup.pool import PagePool, pool_directory
 from dksm.error import DksmError
 from dksm.fleet import control
 from dksm.fleet.instance import DedupMode, InstanceSpec
+from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER
 from dksm.memory.accounting import fleet_memory
 from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
 
 MIB = 1 << 20
 CONVERGED_WITHIN = 0.01
+FINAL_WINDOW_S = 2.0
 # A KSM mode is not judged settled before ksmd finished this many full scans since
 # the fleet booted: a page needs two scans to merge.
 KSM_MIN_FULL_SCANS = 3
@@ -91,6 +93,8 @@ class ModeResult:
     boot_seconds: float
     samples: list[Sample] = field(default_factory=list)
     failed_vms: int = 0
+    pool_pages_saved: int = 0  # references - distinct pages, while the fleet ran
+    pool_hashtable_entries: int = 0
 
     @property
     def memory_at_boot(self) -> int:
@@ -98,7 +102,11 @@ class ModeResult:
 
     @property
     def final_memory(self) -> int:
-        return self.samples[-1].memory_bytes
+        """The median of the last ``FINAL_WINDOW_S`` seconds: one sample alone would
+        carry the jitter of a few allocator pages."""
+        last = self.samples[-1].t
+        window = sorted(s.memory_bytes for s in self.samples if s.t >= last - FINAL_WINDOW_S)
+        return window[len(window) // 2]
 
     @property
     def converge_seconds(self) -> float:
@@ -127,6 +135,8 @@ class ModeResult:
             "failed_vms": self.failed_vms,
             "samples": len(self.samples),
             "final_pages_sharing": self.samples[-1].pages_sharing,
+            "pool_pages_saved": self.pool_pages_saved,
+            "pool_hashtable_entries": self.pool_hashtable_entries,
         }
 
 
@@ -142,6 +152,7 @@ class FleetBenchConfig:
     interval: float = 0.5
     settle_seconds: float = 5.0
     pool_root: Path | None = None
+    vms_per_worker: int = DEFAULT_VMS_PER_WORKER
 
 
 def _dksm_cpu_seconds(domain: str, root: Path | None) -> float:
@@ -177,7 +188,9 @@ def _run_mode(
             for _ in range(cfg.instances)
         )
     started = time.monotonic()
-    handle = control.up(specs, boot_timeout=max(120.0, 2.0 * len(specs)))
+    handle = control.up(
+        specs, boot_timeout=max(120.0, 2.0 * len(specs)), vms_per_worker=cfg.vms_per_worker
+    )
     booted = time.monotonic()
     result = ModeResult(mode.value, len(specs), booted - started)
     pool_dir = pool_directory(domain, cfg.pool_root)
@@ -207,6 +220,11 @@ def _run_mode(
             ):
                 break
             time.sleep(max(0.0, cfg.interval - (time.monotonic() - booted - now)))
+        if mode.uses_pool:
+            with contextlib.closing(PagePool.open(domain, cfg.pool_root)) as pool:
+                stats = pool.stats()
+            result.pool_pages_saved = stats.pages_saved
+            result.pool_hashtable_entries = stats.hashtable_entries
     finally:
         final = handle.down()
         result.failed_vms = sum(m["state"] == "failed" for m in final.get("members", []))

@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     density.add_argument("--sizes", default="1,16,64,256", help="fleet sizes (comma-separated)")
     density.add_argument(
         "--vms-per-process",
-        default="1",
+        default="1,8",
         metavar="K[,K...]",
         help="VMs hosted per worker process, one run per value",
     )
@@ -71,6 +71,7 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
         help="longest sampling time per mode",
     )
     parser.add_argument("--mem-mib", type=int, default=16)
+    parser.add_argument("--vms-per-process", type=int, default=8, metavar="K")
     parser.add_argument("--ksm-pages-to-scan", type=int, default=None)
     parser.add_argument("--ksm-sleep-ms", type=int, default=None)
     parser.add_argument(
@@ -99,6 +100,7 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         mem_mib=args.mem_mib,
         knobs=KsmKnobs(args.ksm_pages_to_scan, args.ksm_sleep_ms, args.ksm_advisor),
         out_dir=Path(args.out),
+        vms_per_worker=args.vms_per_process,
     )
     results = run_fleet_bench(cfg)
     summary = write_outputs(cfg, results)

@@ -38,9 +38,9 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--vms-per-process",
         type=int,
-        default=1,
+        default=8,
         metavar="K",
-        help="host K VMs per worker process (1, the default: a process per VM)",
+        help="VMs hosted per worker process (8); 1 gives each VM a process of its own",
     )
     add_instance_options(up)
     up.set_defaults(handler=_up)

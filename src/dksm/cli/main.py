@@ -17,7 +17,7 @@ def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dksm.cli import bench, demo, fleet, guests, pool, run
+    from dksm.cli import analyze, bench, demo, fleet, guests, pool, run
 
     parser = argparse.ArgumentParser(
         prog="dksm", description="Daemonless, load-time same-page merging for KVM microVMs."
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.register(sub)
     pool.register(sub)
     bench.register(sub)
+    analyze.register(sub)
     demo.register(sub)
     return parser
 

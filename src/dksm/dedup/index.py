@@ -349,6 +349,12 @@ class PoolIndex:
         txn.put(u64(lease_id), record, db=self.leases)
         return lease_id
 
+    def set_lease_owner(
+        self, txn: lmdb.Transaction[bytes], lease: LeaseRecord, pid: int, start_time: int
+    ) -> None:
+        record = _LEASE_RECORD.pack(pid, start_time, lease.pid_namespace, lease.references)
+        txn.put(u64(lease.lease_id), record, db=self.leases)
+
     def lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> LeaseRecord | None:
         raw = txn.get(u64(lease_id), db=self.leases)
         if raw is None:

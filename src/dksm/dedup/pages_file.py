@@ -12,7 +12,6 @@ transaction: the file changes only in step with the index that describes it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Sequence
 
@@ -25,7 +24,7 @@ _STAT_BLOCK_SIZE = 512  # st_blocks counts 512-byte units whatever the filesyste
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
 _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 

@@ -96,9 +96,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import random
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -317,7 +315,6 @@ def _lock_ready_pool(lock_fd: int, lock_path: Path, directory: Path) -> bool:
 
     False if the lock file was purged meanwhile: the caller must start again.
     """
-    chooser = random.Random()
     while True:
         fcntl.flock(lock_fd, fcntl.LOCK_SH)  # waits while a creator or purger works
         # A purge unlinks the lock file under an exclusive lock: whoever waited on
@@ -333,7 +330,9 @@ def _lock_ready_pool(lock_fd: int, lock_path: Path, directory: Path) -> bool:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            time.sleep(chooser.uniform(0.0005, 0.002))  # desynchronise rival creators
+            import random  # only on this contended path: kept out of start-up
+
+            time.sleep(random.uniform(0.0005, 0.002))  # desynchronise rival creators
             continue
         try:
             if not _same_file(lock_fd, lock_path):
@@ -421,6 +420,8 @@ def _create_pool(directory: Path) -> None:
             raise _refusal(
                 f"the pool index at {index_path} cannot be read ({error})", directory
             ) from error
+    import shutil
+
     shutil.rmtree(index_path, ignore_errors=True)
     pages_path = directory / "pages"
     pages_path.unlink(missing_ok=True)
@@ -669,28 +670,30 @@ class PagePool:
         return _Admission(slots, len(fresh))
 
     def _map_slots(self, address: int, slots: Sequence[int]) -> int:
-        """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
-        fd = self._store.pages.fd
-        mmaps = 0
-        start = 0
-        count = len(slots)
-        while start < count:
-            first = slots[start]
-            stop = start + 1
-            while stop < count and slots[stop] == first + stop - start:
-                stop += 1
-            try:
-                map_file_private_fixed(
-                    address + start * PAGE_SIZE, (stop - start) * PAGE_SIZE, fd, first * PAGE_SIZE
-                )
-            except HostMappingError as error:
-                raise PoolError(
-                    f"cannot map pool pages at {address + start * PAGE_SIZE:#x}: {error} "
-                    "(the lease keeps its references until released)"
-                ) from error
-            mmaps += 1
-            start = stop
-        return mmaps
+        return map_slots(self._store.pages.fd, address, slots)
+
+    def hand_over(self, lease: Lease, owner: ProcessIdentity) -> None:
+        """Make ``owner`` (a live process, typically just forked) the lease's owner.
+
+        For launchers: a parent references the pages of the VMs a child will run
+        (:meth:`Lease.reference_pages`), forks, hands each lease over, and only then
+        lets the child map the slots (:class:`SlotMapper`).  Every instant is covered:
+        before the hand-over the parent owns the references and nothing is mapped;
+        after it, the references live exactly as long as the process that maps them,
+        and the sweep returns them if that process dies.  The parent keeps the
+        :class:`Lease` object to release it once the child has unmapped its pages.
+        """
+        store = self._usable_store()
+        with store.index.write() as txn:
+            record = store.index.lease(txn, lease.lease_id)
+            if record is None:
+                raise PoolError(f"lease {lease.lease_id} is gone; it cannot be handed over")
+            store.index.set_lease_owner(txn, record, owner.pid, owner.start_time)
+
+    def pages_fd(self) -> int:
+        """A new read-only descriptor of the pages file, for :class:`SlotMapper`;
+        the caller closes it."""
+        return os.open(self._usable_store().directory / "pages", os.O_RDONLY | os.O_CLOEXEC)
 
     # -- control and inspection --------------------------------------------------------
 
@@ -827,6 +830,8 @@ class PagePool:
             (directory / "ready").unlink(missing_ok=True)
             store.index.close()
             store.pages.close()
+            import shutil
+
             shutil.rmtree(directory / "index", ignore_errors=True)
             (directory / "pages").unlink(missing_ok=True)
             (directory / "lock").unlink(missing_ok=True)
@@ -925,6 +930,64 @@ def _distinct_new_pages(
     return fresh
 
 
+def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
+    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
+    mmaps = 0
+    start = 0
+    count = len(slots)
+    while start < count:
+        first = slots[start]
+        stop = start + 1
+        while stop < count and slots[stop] == first + stop - start:
+            stop += 1
+        try:
+            map_file_private_fixed(
+                address + start * PAGE_SIZE, (stop - start) * PAGE_SIZE, pages_fd, first * PAGE_SIZE
+            )
+        except HostMappingError as error:
+            raise PoolError(
+                f"cannot map pool pages at {address + start * PAGE_SIZE:#x}: {error} "
+                "(the lease keeps its references until released)"
+            ) from error
+        mmaps += 1
+        start = stop
+    return mmaps
+
+
+@dataclass(frozen=True)
+class ReferencedPages:
+    """Pages referenced under a lease but not mapped yet: which slot holds each."""
+
+    slots: tuple[int, ...]
+    pages_new: int
+
+
+class SlotMapper:
+    """Maps already-referenced pages for a process that never opens the index.
+
+    Built by a launcher from :meth:`Lease.reference_pages` results keyed by the
+    content they were made from; used (after :meth:`PagePool.hand_over`) as the
+    page sharer of a VM, so a forked child maps pool pages with nothing but
+    ``mmap`` calls: no LMDB, no hashing, no private copy of the pool's code paths.
+    """
+
+    def __init__(self, pages_fd: int, by_content: dict[bytes, ReferencedPages]) -> None:
+        self.pages_fd = pages_fd
+        self.by_content = by_content
+
+    def map_pages(self, address: int, content: bytes | bytearray | memoryview) -> MergeResult:
+        view = memoryview(content)
+        # A read-only memoryview hashes and compares like the bytes it shows, so the
+        # lookup copies nothing (a copy would be private memory in every child).
+        key = view if view.readonly else bytes(view)
+        referenced = self.by_content.get(key)  # type: ignore[arg-type]
+        if referenced is None:  # not referenced for this process: it must copy
+            return MergeResult(len(content) // PAGE_SIZE, 0, 0, False, 0)
+        mmaps = map_slots(self.pages_fd, address, referenced.slots)
+        count = len(referenced.slots)
+        return MergeResult(count, count - referenced.pages_new, referenced.pages_new, True, mmaps)
+
+
 class Lease:
     """A process's claim on pool pages: every page it maps is referenced here.
 
@@ -992,6 +1055,23 @@ class Lease:
         self._references += count
         mmaps = self.pool._map_slots(address, admission.slots)
         return MergeResult(count, count - admission.pages_new, admission.pages_new, True, mmaps)
+
+    def reference_pages(self, content: bytes | bytearray | memoryview) -> ReferencedPages | None:
+        """Find or store ``content`` (whole pages) and reference it under this lease,
+        without mapping it: for a launcher that hands the lease to the process that
+        will map it (:meth:`PagePool.hand_over`).  None when the run switch is off."""
+        self._check_usable()
+        started_ns = time.thread_time_ns()
+        data = memoryview(content).cast("B")
+        if len(data) % PAGE_SIZE:
+            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
+        if not data:
+            return ReferencedPages((), 0)
+        admission = self.pool._admit(self.lease_id, data, self.pool._hash_pages(data), started_ns)
+        if admission is None:
+            return None
+        self._references += len(admission.slots)
+        return ReferencedPages(tuple(admission.slots), admission.pages_new)
 
     def merge(self, address: int, length: int) -> MergeResult:
         """Replace the pages of a populated private region with pool mappings.

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dksm.fleet.instance import DedupMode, InstanceSpec
-from dksm.fleet.launcher import FleetError
+from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError
 from dksm.vmm.config import VmConfig
 
 SPEC_FILE = "spec.json"
@@ -145,7 +145,7 @@ def up(
     specs: Sequence[tuple[str, InstanceSpec]],
     *,
     boot_timeout: float = 120.0,
-    vms_per_worker: int = 1,
+    vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
     root: Path | None = None,
 ) -> FleetHandle:
     """Start a supervisor for ``specs`` and return once every VM has booted."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink
 from dksm.error import DksmError
+from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import MicroVm, Outcome
@@ -63,17 +64,23 @@ class InstanceSpec:
 class Instance:
     """A built VM, its pool lease (if any), and how to tear both down in order."""
 
-    def __init__(self, spec: InstanceSpec, serial_sink: ByteSink) -> None:
+    def __init__(
+        self, spec: InstanceSpec, serial_sink: ByteSink, sharer: PageSharer | None = None
+    ) -> None:
+        """``sharer``: pages already referenced for this process by a launcher (see
+        :meth:`dksm.dedup.pool.PagePool.hand_over`); else the pool is opened here."""
         self.spec = spec
         self.pool: PagePool | None = None
         self.lease: Lease | None = None
         try:
-            if spec.dedup.uses_pool:
+            if sharer is None and spec.dedup.uses_pool:
                 from dksm.dedup.pool import PagePool
 
                 self.pool = PagePool.open(spec.domain, spec.pool_root)
                 self.lease = self.pool.lease()
-            self.vm: MicroVm = build(spec.config, serial_sink=serial_sink, sharer=self.lease)
+            self.vm: MicroVm = build(
+                spec.config, serial_sink=serial_sink, sharer=sharer or self.lease
+            )
             if spec.dedup.uses_ksm:
                 self.vm.memory.advise_mergeable()
         except BaseException:

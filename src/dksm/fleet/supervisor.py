@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
-from dksm.fleet.launcher import FleetError, FleetLauncher
+from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
 
 class _StopFlag:
@@ -28,7 +28,7 @@ def supervise(directory: Path) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    launcher = FleetLauncher(directory, int(doc.get("vms_per_worker", 1)))
+    launcher = FleetLauncher(directory, int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)))
     state: dict[str, object] = {
         "id": directory.name,
         "supervisor_pid": os.getpid(),
@@ -59,6 +59,7 @@ def supervise(directory: Path) -> int:
             publish()
             last = now
     launcher.stop_all()
+    launcher.close()
     state["stopped"] = True
     publish()
     return 0
