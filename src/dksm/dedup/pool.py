@@ -246,14 +246,21 @@ _stores: dict[Path, _Store] = {}
 _stores_lock = threading.Lock()
 
 
+_inherited_stores: list[dict[Path, _Store]] = []
+
+
 def _forget_inherited_stores() -> None:
     # A forked child must not use its parent's LMDB environment; it opens its own.
-    # Closing the inherited copies touches neither the parent's locks nor its files.
-    global _stores_lock
+    # The inherited handles are set aside untouched rather than closed: closing runs
+    # LMDB's and Python's teardown in every child, writing to (and so copying) pages
+    # it would otherwise share with its parent, for no gain; their descriptors close
+    # when the child exits, or when the child opens the same pool itself (LMDB allows
+    # one handle per path and process).  Leases check the owning pid: none is usable.
+    global _stores, _stores_lock
     _stores_lock = threading.Lock()  # another thread may have held it at the fork
-    for store in _stores.values():
-        store.close()
-    _stores.clear()
+    if _stores:
+        _inherited_stores.append(_stores)
+        _stores = {}
 
 
 os.register_at_fork(after_in_child=_forget_inherited_stores)
@@ -263,6 +270,10 @@ def _acquire_store(directory: Path) -> _Store:
     with _stores_lock:
         store = _stores.get(directory)
         if store is None:
+            for inherited in _inherited_stores:  # LMDB opens a path once per process
+                stale = inherited.pop(directory, None)
+                if stale is not None:
+                    stale.close()
             store = _open_store(directory)
             _stores[directory] = store
         store.users += 1

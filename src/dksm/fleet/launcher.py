@@ -278,15 +278,16 @@ class FleetLauncher:
         lease = pool.lease()
         self._leases[index] = (pool, lease)
         by_content: dict[bytes, ReferencedPages] = {}
-        image = load_elf(spec.config.kernel_path, spec.config.mem_size)
+        image = load_elf(spec.config.kernel_path, spec.config.mem_size)  # preloaded
         for segment in image.segments:
             start, end = shareable_span(segment)
             if end > start:
                 offset = start - segment.guest_addr
-                content = segment.data[offset : offset + end - start]
+                # A view, not a slice: the key shares the preloaded image's bytes.
+                content = memoryview(segment.data)[offset : offset + end - start]
                 referenced = lease.reference_pages(content)
                 if referenced is not None:  # None: the pool's run switch is off
-                    by_content[content] = referenced
+                    by_content[content] = referenced  # type: ignore[index]
         return SlotMapper(self._pages_fds[(spec.domain, spec.pool_root)], by_content)
 
     def _hand_over(self, pid: int, indexes: list[int]) -> None:

@@ -1,14 +1,21 @@
 """What processes and the page pool cost the host, read from ``/proc`` and tmpfs.
 
-The measure used everywhere in dksm (fleet experiment, density, ``fleet status``):
+The measure used everywhere in dksm (fleet experiment, density):
 
-    fleet memory = sum over its processes of (Pss_Anon + Pss_File)
+    fleet memory = sum over its processes of Pss_Anon
                    + every byte the page pool holds on tmpfs, counted once.
 
 Pss splits each shared page among its users, so summing it over processes counts
-every frame once.  tmpfs pages are left out of the per-process sums (Pss_Shmem) and
-added as the pool's allocated blocks instead: a pool page costs its frame whether
-or not any guest has touched it yet, and this counts it exactly once either way.
+every anonymous frame once: guest RAM, its copy-on-write copies of pool pages, KSM
+pages, and the interpreter's heap, which forked workers share until they write it.
+tmpfs pages are left out of the per-process sums (Pss_Shmem) and added as the
+pool's allocated blocks instead: a pool page costs its frame whether or not any
+guest has touched it yet, and this counts it exactly once either way.
+
+File-backed pages (libpython, extension modules) are reported apart (Pss_File) and
+not summed in: they are page cache shared with every other process that maps the
+same files, so their Pss moves whenever an unrelated Python process starts or exits
+on the host, which would make fleets measured minutes apart incomparable.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ class ProcessMemory:
 
     @property
     def accounted(self) -> int:
-        """This process's share of the fleet measure (tmpfs excluded)."""
-        return self.pss_anon + self.pss_file
+        """This process's share of the fleet measure (tmpfs and file pages excluded)."""
+        return self.pss_anon
 
 
 def process_memory(pid: int) -> ProcessMemory | None:
@@ -80,8 +87,9 @@ def tmpfs_bytes(path: Path) -> int:
 @dataclass(frozen=True)
 class FleetMemory:
     processes: int
-    process_bytes: int
+    process_bytes: int  # sum of Pss_Anon
     pool_bytes: int
+    file_bytes: int = 0  # sum of Pss_File: reported, not part of the total
 
     @property
     def total(self) -> int:
@@ -94,4 +102,5 @@ def fleet_memory(pids: Iterable[int], pool_dirs: Iterable[Path] = ()) -> FleetMe
         processes=len(found),
         process_bytes=sum(m.accounted for m in found),
         pool_bytes=sum(tmpfs_bytes(d) for d in pool_dirs),
+        file_bytes=sum(m.pss_file for m in found),
     )
