@@ -4,25 +4,24 @@ The model (pages of 4 KiB; ``N_i`` instances of image ``i``; only images with
 ``N_i > 0`` take part):
 
 ``hashtable_entries``
-    ``E = |C_1 ∪ C_2 ∪ ...|`` where ``C_i`` is the set of contents of image ``i``'s
-    shareable pages.  This is what the page pool of one domain holds after the
-    fleet loaded: it stores each distinct content once, whatever its address or
-    image (identical pages within one image included), and nothing else.
+    ``E``, the number of distinct contents among the shareable pages of all the
+    images.  This is what the page pool of one domain holds after the fleet
+    loaded: it stores each distinct content once, whatever its address or image
+    (identical pages within one image included), and nothing else.
 ``none``
-    ``Σ N_i × L_i``, ``L_i`` the image's loaded pages (shareable, partial and
+    ``sum of N_i * L_i``, ``L_i`` the image's loaded pages (shareable, partial and
     writable: every page holding file bytes), each written privately into every
     instance.
 ``dksm``
-    ``E + Σ N_i × (L_i − S_i)``, ``S_i`` the shareable pages: the pool's pages once
-    (its tmpfs file holds exactly ``E`` pages), plus every page that loading copies
-    into every instance.
+    ``E + sum of N_i * (L_i - S_i)``, ``S_i`` the image's shareable pages: the
+    pool's pages once (its tmpfs file holds exactly ``E`` pages), plus every page
+    that loading copies into every instance.
 ``ksm`` (ideal)
-    ``|D_1 ∪ D_2 ∪ ...|`` where ``D_i`` is the set of contents of *all* loaded pages
-    of image ``i``, writable ones included: KSM after it has merged every identical
-    page, with unlimited scanning time, before any guest writes.  All-zero pages
-    count as one content (KSM merges them into one KSM page; with
-    ``use_zero_pages`` they would map the zero page and cost nothing, which is
-    ``zero_contents`` less).
+    the number of distinct contents among *all* loaded pages of all the images,
+    writable ones included: KSM after it has merged every identical page, with
+    unlimited scanning time, before any guest writes.  All-zero pages count as one
+    content (KSM merges them into one KSM page; with ``use_zero_pages`` they would
+    map the zero page and cost nothing, which is ``zero_contents`` less).
 
 Zero-fill pages (``.bss``) are not loaded, so they cost nothing in any mode.  Not
 modelled, because no image file can tell: what guests touch as they run (boot

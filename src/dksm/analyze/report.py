@@ -15,11 +15,10 @@ from typing import Any
 from dksm.analyze.analysis import Analysis
 from dksm.analyze.pages import PageClass
 from dksm.analyze.sharing import PageStatus, section_summaries, unshared_symbols
-from dksm.analyze.shifted import PairShifts, Region
+from dksm.analyze.shifted import MIN_MATCHED, PairShifts, Region
 from dksm.loader.segment import PAGE_SIZE
 
 KIB = 1024
-MIB = 1024 * 1024
 JSON_FORMAT = 1
 
 
@@ -28,16 +27,16 @@ def signed_hex(value: int) -> str:
 
 
 def _main_shifts(pair: PairShifts, count: int = 2) -> list[tuple[int, int, int]]:
-    """The shifts covering most bytes in regions: (delta, bytes, pages if aligned)."""
+    """The shifts of most bytes in regions that count (their runs cover at least
+    MIN_MATCHED of them): (delta, bytes, pages if aligned), largest first."""
     by_delta: dict[int, list[Region]] = {}
     for region in pair.regions:
-        by_delta.setdefault(region.delta, []).append(region)
-    ranked = sorted(by_delta.items(), key=lambda kv: (-sum(r.length for r in kv[1]), abs(kv[0])))[
-        :count
-    ]
+        if region.matched >= MIN_MATCHED * region.length:
+            by_delta.setdefault(region.delta, []).append(region)
+    ranked = sorted(by_delta.items(), key=lambda kv: (-sum(r.length for r in kv[1]), abs(kv[0])))
     return [
         (delta, sum(r.length for r in regions), sum(r.pages_if_aligned for r in regions))
-        for delta, regions in ranked
+        for delta, regions in ranked[:count]
     ]
 
 
@@ -156,36 +155,70 @@ def _table(title: str, columns: Sequence[str], left: int = 1) -> Any:
 
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for k, col in enumerate(columns):
-        t.add_column(col, justify="left" if k < left else "right")
+        # Headers wrap at spaces, never cut inside a word.
+        width = max((len(word) for word in col.split()), default=0)
+        t.add_column(col, justify="left" if k < left else "right", min_width=width)
     return t
+
+
+# Cells longer than this may wrap (free text); shorter ones keep their line.
+_MAX_KEPT_CELL = 24
+
+
+def _show(console: Any, t: Any) -> None:
+    """Print ``t`` with every short cell on one line (labels and numbers are never
+    cut), and its title and caption as lines of their own, as wide as the console
+    rather than as the table."""
+    from rich.text import Text
+
+    for col in t.columns:
+        longest = max((len(str(cell)) for cell in col.cells), default=0)
+        if longest <= _MAX_KEPT_CELL:
+            col.min_width = max(col.min_width or 0, longest)
+    title, caption = t.title, t.caption
+    t.title = t.caption = None
+    if title:
+        console.print(Text(str(title), style="bold"))
+    console.print(t)
+    if caption:
+        console.print(Text(str(caption), style="dim"))
+    console.print()
 
 
 def render(analysis: Analysis, console: Any, top: int = 5) -> None:
     """Print the analysis as rich tables on ``console`` (a ``rich.console.Console``)."""
     images = analysis.images
-    statuses = [s for s in PageStatus if s.shareable]
     t = _table(
-        "Pages of each image, by what loading does with them and why they are (not) shared",
-        ["image", "loaded", "shareable", "partial", "writable", "zero-fill"]
-        + [s.value for s in statuses],
+        "Pages of each image, by what loading does with them",
+        [
+            "image",
+            "loaded",
+            "shareable",
+            "partial",
+            "writable",
+            "zero-fill",
+            "shared",
+            "not shared",
+        ],
     )
     for k, img in enumerate(images):
         counts = _status_counts(analysis, k)
+        shareable = img.count(PageClass.SHAREABLE)
         t.add_row(
             img.label,
             str(len(img.loaded)),
-            str(img.count(PageClass.SHAREABLE)),
+            str(shareable),
             str(img.count(PageClass.PARTIAL)),
             str(img.count(PageClass.WRITABLE)),
             str(img.count(PageClass.ZERO_FILL)),
-            *(str(counts[s]) for s in statuses),
+            str(counts[PageStatus.SHARED]),
+            str(shareable - counts[PageStatus.SHARED]),
         )
     t.caption = (
-        "zero-fill pages are not loaded; shared ... own split the shareable pages "
-        "(shared: same bytes in another image; shifted: aligning would share them; "
-        "partly common: some bytes found in another image; own: none)"
+        "shareable: from the pool; partial, writable: copied per instance; zero-fill: not "
+        "loaded; shared: shareable with the same bytes in another image"
     )
-    console.print(t)
+    _show(console, t)
 
     m = analysis.matrix
     t = _table(
@@ -197,7 +230,7 @@ def render(analysis: Analysis, console: Any, top: int = 5) -> None:
         f"diagonal: the image's distinct shareable pages; "
         f"all images together: {m.distinct_shareable} distinct shareable pages"
     )
-    console.print(t)
+    _show(console, t)
 
     t = _table(
         "Loaded pages by section and status",
@@ -205,12 +238,15 @@ def render(analysis: Analysis, console: Any, top: int = 5) -> None:
         2,
     )
     for k, img in enumerate(images):
-        for s in section_summaries(analysis.pages[k]):
-            per = dict(s.by_status)
+        for sec in section_summaries(analysis.pages[k]):
+            per = dict(sec.by_status)
             t.add_row(
-                img.label, s.name, str(s.pages), *(str(per.get(x.value, "")) for x in PageStatus)
+                img.label,
+                sec.name,
+                str(sec.pages),
+                *(str(per.get(x.value, "")) for x in PageStatus),
             )
-    console.print(t)
+    _show(console, t)
 
     _render_shifts(analysis, console, top)
 
@@ -220,13 +256,15 @@ def render(analysis: Analysis, console: Any, top: int = 5) -> None:
         2,
     )
     for k, img in enumerate(images):
-        for s in unshared_symbols(analysis.pages[k], top):
-            t.add_row(img.label, s.name, f"{s.bytes:,}", str(s.pages), ", ".join(s.statuses))
+        for sym in unshared_symbols(analysis.pages[k], top):
+            t.add_row(
+                img.label, sym.name, f"{sym.bytes:,}", str(sym.pages), ", ".join(sym.statuses)
+            )
     if t.row_count:
-        console.print(t)
+        _show(console, t)
 
     f = analysis.fleet
-    fleet_desc = ", ".join(f"{n}×{label}" for label, n in f.instances if n)
+    fleet_desc = ", ".join(f"{n}x{label}" for label, n in f.instances if n)
     t = _table(
         f"Predicted guest-image memory of {f.vms} VMs ({fleet_desc})",
         ["mode", "pages", "KiB", "counted"],
@@ -246,7 +284,7 @@ def render(analysis: Analysis, console: Any, top: int = 5) -> None:
         "each distinct loaded page once, writable too",
     )
     t.caption = "pages the guests touch as they run, and the VMM processes, are not included"
-    console.print(t)
+    _show(console, t)
     for img in images:
         for note in img.notes:
             console.print(f"note: {img.label}: {note}")
@@ -289,7 +327,7 @@ def _render_shifts(analysis: Analysis, console: Any, top: int) -> None:
     if len(pairs) > shown:
         captions.append(f"{len(pairs) - shown} more pairs in --json")
     t.caption = "; ".join(captions)
-    console.print(t)
+    _show(console, t)
 
     regions = [(p, r) for p in pairs for r in p.listed_regions()]
     regions.sort(key=lambda pr: (-pr[1].pages_if_aligned, -pr[1].length))
@@ -315,7 +353,7 @@ def _render_shifts(analysis: Analysis, console: Any, top: int) -> None:
         "a region joins runs of one shift across differences (relocated addresses) "
         "of up to 2 KiB; matched: bytes inside runs"
     )
-    console.print(t)
+    _show(console, t)
 
 
 # -- plot ---------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
     total = sum(1 for _ in cfg.images) * cfg.instances
     ax.set_title(f"{total} microVMs ({', '.join(cfg.images)}), KSM {cfg.knobs.describe()}")
     ax.set_xlabel("seconds since every VM booted")
-    ax.set_ylabel("fleet memory (MiB, sum of Pss + pool)")
+    ax.set_ylabel("fleet memory (MiB: sum of Pss_Anon + pool)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -84,7 +84,10 @@ def _analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    render(analysis, console, args.top)
+    if not console.is_terminal:
+        # Piped or captured: no terminal width to respect, so do not squeeze tables.
+        console = Console(width=max(console.width, 120))
+    render(analysis, console, max(args.top, 1))
     if args.plot:
         console.print(f"sharing matrix heatmap in {args.plot}")
     return ExitStatus.OK

@@ -51,6 +51,23 @@ def register(sub: Any) -> None:
     fleet = bsub.add_parser("fleet", help="memory over time of a fleet under each dedup mode")
     add_fleet_options(fleet)
     fleet.set_defaults(handler=_fleet)
+    layouts = bsub.add_parser(
+        "layouts", help="fleet memory of aligned vs naive builds of the guest apps under dksm"
+    )
+    layouts.add_argument("--instances", type=int, default=8, help="VMs per app")
+    layouts.add_argument(
+        "--apps", default="hello,idle,compute,cowprobe", help="guest kit apps (comma-separated)"
+    )
+    layouts.add_argument(
+        "--naive-dir",
+        default=None,
+        metavar="DIR",
+        help="prebuilt naive images DIR/APP.elf (default: build them into a temporary "
+        "directory with guests/build.py)",
+    )
+    layouts.add_argument("--mem-mib", type=int, default=16)
+    layouts.add_argument("--json", action="store_true")
+    layouts.set_defaults(handler=_layouts)
 
 
 def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -196,4 +213,36 @@ def _boot(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(result.table())
+    return ExitStatus.OK
+
+
+def _layouts(args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+
+    from dksm.bench.layouts import naive_images, run_layouts, shipped_images, table, to_json
+    from dksm.error import DksmError
+
+    apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    if not apps:
+        raise DksmError("--apps names no app")
+    if args.instances < 1:
+        raise DksmError(f"--instances must be at least 1, not {args.instances}")
+    aligned = shipped_images(apps)
+    with contextlib.ExitStack() as stack:
+        if args.naive_dir:
+            naive = [Path(args.naive_dir) / f"{app}.elf" for app in apps]
+        else:
+            naive = stack.enter_context(naive_images(apps))
+        rows = run_layouts(aligned, naive, args.instances, args.mem_mib)
+    if args.json:
+        print(json.dumps(to_json(rows, args.instances), indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            # Piped or captured: no terminal width to respect, so do not crop the table.
+            console = Console(width=max(console.width, 120))
+        console.print(table(rows))
     return ExitStatus.OK
