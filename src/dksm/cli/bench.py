@@ -15,6 +15,7 @@ def register(sub: Any) -> None:
     boot = bsub.add_parser("boot", help="time from process start to first serial byte and exit")
     boot.add_argument("--guest", default="hello", help="shipped guest name or image path")
     boot.add_argument("--runs", type=int, default=20)
+    boot.add_argument("--dedup", default="dksm", help="dedup mode of the runs (dksm)")
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
@@ -208,7 +209,7 @@ def _fleet(args: argparse.Namespace) -> int:
 def _boot(args: argparse.Namespace) -> int:
     from dksm.bench.boot import measure_boot
 
-    result = measure_boot(args.guest, args.runs)
+    result = measure_boot(args.guest, args.runs, dedup=args.dedup)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
