@@ -257,7 +257,7 @@ def run_fleet(
     ]
     pool_dir = pool_directory(domain) if mode.uses_pool else None
     started = time.monotonic()
-    handle = control.up(specs, boot_timeout=max(120.0, 0.5 * len(specs)), vms_per_worker=1)
+    handle = control.up(specs, boot_timeout=max(120.0, 0.5 * len(specs)))
     boot_seconds = time.monotonic() - started
     try:
         wait_until_quiet(handle)
@@ -385,6 +385,6 @@ def table(rows: Sequence[LayoutRow]) -> object:
     t.caption = (
         "pool pages: hashtable_entries; image: every VM's private image pages + the pool "
         "(pagemap), predicted by dksm analyze; run-time copies: pool pages guests wrote "
-        "(cowprobe); fleet: Pss of all processes + pool"
+        "(cowprobe); fleet: Pss_Anon of all processes + pool"
     )
     return t

@@ -29,13 +29,13 @@ def register(sub: Any) -> None:
         action.set_defaults(handler=handler)
 
 
-def _existing_pool(args: argparse.Namespace) -> Any:
+def _existing_pool(args: argparse.Namespace, *, sweep: bool = True) -> Any:
     from dksm.dedup.pool import PagePool, PoolError, pool_directory
 
     directory = pool_directory(args.domain, args.pool_root)
     if not (directory / "ready").exists():
         raise PoolError(f"no pool for domain '{args.domain}' (looked in {directory})")
-    return PagePool.open(args.domain, args.pool_root)
+    return PagePool.open(args.domain, args.pool_root, sweep=sweep)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    with contextlib.closing(_existing_pool(args)) as pool:
+    with contextlib.closing(_existing_pool(args, sweep=False)) as pool:
         swept = pool.sweep()
     print(f"swept {swept} lease(s) of dead processes from domain '{args.domain}'")
     return ExitStatus.OK

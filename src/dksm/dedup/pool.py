@@ -494,16 +494,19 @@ class PagePool:
         root: str | os.PathLike[str] | None = None,
         *,
         page_hash: PageHash | None = None,
+        sweep: bool = True,
     ) -> PagePool:
         """Open (creating if needed) a domain's pool and sweep the leases of dead owners.
 
-        ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests.
+        ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests;
+        ``sweep=False`` leaves the sweep to an explicit :meth:`sweep` call.
         """
         directory = pool_directory(domain, root)
         store = _acquire_store(directory)
         pool = cls(store, domain, page_hash)
         try:
-            pool.sweep()
+            if sweep:
+                pool.sweep()
         except BaseException:
             pool.close()
             raise
