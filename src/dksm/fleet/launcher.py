@@ -243,9 +243,16 @@ class FleetLauncher:
         self._prepare_for_fork(specs)
         base = len(self.members)
         indexed = [(base + i, label, spec) for i, (label, spec) in enumerate(specs)]
+        # All pool work first, then all forks, then all hand-overs: every page the
+        # supervisor writes after a fork is copied, and the copy left behind is
+        # private to the workers already forked.
+        sharers = {i: self._reference_pages(i, spec) for i, _, spec in indexed}
+        gc.collect()
+        gc.freeze()
+        go_pipes: list[tuple[int, list[int]]] = []
         for start in range(0, len(indexed), self.vms_per_worker):
             group = indexed[start : start + self.vms_per_worker]
-            hosted = [(i, spec, self._reference_pages(i, spec)) for i, _, spec in group]
+            hosted = [(i, spec, sharers[i]) for i, _, spec in group]
             go_r, go_w = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -257,8 +264,12 @@ class FleetLauncher:
             members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
             self.members.extend(members)
             self.workers[pid] = members
-            self._hand_over(pid, [i for i, _, _ in group])
-            os.write(go_w, b"g")
+            go_pipes.append((go_w, [i for i, _, _ in group]))
+        for go_w, indexes in go_pipes:
+            pid = self.members[indexes[0]].pid
+            self._hand_over(pid, indexes)
+            with contextlib.suppress(BrokenPipeError):  # a worker that already died
+                os.write(go_w, b"g")
             os.close(go_w)
 
     def _pool(self, spec: InstanceSpec) -> PagePool:
@@ -312,8 +323,6 @@ class FleetLauncher:
 
         preload_images({(s.config.kernel_path, s.config.mem_size) for _, s in specs})
         preload_host_cpuid()
-        gc.collect()
-        gc.freeze()
 
     def _collect_events(self, wait: float) -> None:
         readable, _, _ = select.select([self._events_r], [], [], wait)
