@@ -181,3 +181,23 @@ def test_sixty_four_vms_answer_status_and_stop_cleanly() -> None:
     assert "64 VMs stopped (0 had failed)" in down.stdout
     assert leases("fleet-64") == 0
     assert not any(os.path.exists(f"/proc/{m['pid']}") for m in members)
+
+
+def test_fleet_down_stops_workers_whose_supervisor_was_killed() -> None:
+    up = dksm("fleet", "up", "--image", "idle", "--instances", "4", "--vms-per-process", "2",
+              "--domain", "fleet-orphans")  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    doc = status(fleet_id)
+    workers = {m["pid"] for m in doc["members"]}
+    supervisor = json.loads(
+        (Path(os.environ["DKSM_RUN_DIR"]) / fleet_id / "fleet.json").read_text()
+    )["supervisor_pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not status(fleet_id)["supervisor_alive"])
+    for pid in workers:
+        os.kill(pid, 0)  # the VMs outlive their supervisor
+    down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers))
+    wait_for(lambda: leases("fleet-orphans") == 0)  # swept once their owners died

@@ -9,6 +9,7 @@ the fleet outlives the command that started it, and returns once every VM booted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,7 +139,36 @@ class FleetHandle:
                 time.sleep(0.05)
             if self.supervisor_alive():
                 raise FleetError(f"fleet {self.id}: supervisor {pid} did not stop in {timeout:g} s")
+        self._stop_orphans(timeout)
         return self.state()
+
+    def _orphans(self) -> list[int]:
+        """Workers still running without their supervisor (it was killed): forked
+        from it, they carry its command line, which tells them from a reused pid."""
+        found = []
+        for pid in self.live_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"supervise" in cmdline and str(self.directory).encode() in cmdline:
+                found.append(pid)
+        return found
+
+    def _stop_orphans(self, timeout: float) -> None:
+        orphans = self._orphans()
+        if not orphans:
+            return
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # each stops its VMs; the sweep frees leases
+        deadline = time.monotonic() + timeout
+        while self._orphans() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self._orphans():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def up(
