@@ -118,3 +118,44 @@ def test_interrupted_run_restores_ksm_and_stops_the_fleet(tmp_path: Path) -> Non
         doc = json.loads(state.read_text())
         for member in doc["members"]:
             assert not Path(f"/proc/{member['pid']}").exists(), err
+
+
+def test_next_dksm_command_repairs_ksm_after_a_kill_9(tmp_path: Path) -> None:
+    before = ksm.read_settings()
+    env = {**os.environ, "DKSM_KSM_STATE": str(tmp_path / "ksm-settings.json")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dksm", "bench", "fleet", "--image", "idle", "--instances", "1",
+         "--modes", "ksm", "--duration", "60", "--ksm-pages-to-scan", "2999",
+         "--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    fleets = Path(os.environ["DKSM_RUN_DIR"])
+    known = set(fleets.glob("*"))
+
+    def running() -> bool:  # KSM switched on, and the run's fleet up (its processes
+        # would otherwise repair KSM themselves as they start)
+        new = [d / "fleet.json" for d in set(fleets.glob("*")) - known]
+        booted = any(f.exists() and json.loads(f.read_text()).get("booted") for f in new)
+        return booted and ksm.read_settings().get("pages_to_scan") == "2999"
+
+    try:
+        deadline = time.monotonic() + 30
+        while not running():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # no chance to restore anything
+        proc.wait()
+    assert ksm.read_settings()["pages_to_scan"] == "2999"  # left behind by the dead run
+    assert (tmp_path / "ksm-settings.json").exists()
+    repaired = subprocess.run(
+        [sys.executable, "-m", "dksm", "guests", "list"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert repaired.returncode == 0
+    assert "restored KSM settings" in repaired.stderr
+    assert ksm.read_settings() == before
+    # the dead run's fleet outlives it; stop it as a user would
+    for directory in set(fleets.glob("*")) - known:
+        subprocess.run([sys.executable, "-m", "dksm", "fleet", "down", directory.name],
+                       capture_output=True, check=False)  # fmt: skip

@@ -123,19 +123,23 @@ def _up(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     import json
+    from collections import Counter
 
     from dksm.fleet import control
     from dksm.memory.accounting import process_memory
 
     handle = control.find(args.id)
     now = time.time()
+    live = [m for m in handle.members() if m["state"] in ("booting", "running")]
+    # A worker hosting K VMs is shared by them: each is charged a K-th of its Pss.
+    hosted = Counter(m["pid"] for m in live)
+    memory = {pid: process_memory(pid) for pid in hosted}
     rows = []
     for m in handle.members():
-        mem = process_memory(m["pid"]) if m["state"] in ("booting", "running") else None
+        mem = memory.get(m["pid"]) if m in live else None
+        share = mem.pss // hosted[m["pid"]] if mem else 0
         end = m["ended_at"] or now
-        rows.append(
-            {**m, "uptime_s": round(end - m["started_at"], 1), "pss_bytes": mem.pss if mem else 0}
-        )
+        rows.append({**m, "uptime_s": round(end - m["started_at"], 1), "pss_bytes": share})
     if args.json:
         print(
             json.dumps(
@@ -146,7 +150,7 @@ def _status(args: argparse.Namespace) -> int:
         return ExitStatus.OK
     alive = "running" if handle.supervisor_alive() else "stopped"
     print(f"fleet {handle.id} (supervisor {alive})")
-    print(f"{'vm':>4} {'pid':>8} {'image':<12} {'state':<8} {'uptime':>8} {'pss':>9}  reason")
+    print(f"{'vm':>4} {'pid':>8} {'image':<12} {'state':<8} {'uptime':>8} {'pss/vm':>9}  reason")
     for r in rows:
         pss = f"{r['pss_bytes'] / MIB:.2f}M" if r["pss_bytes"] else "-"
         print(

@@ -33,11 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _repair_ksm_after_a_crash() -> None:
+    """A dksm process killed while it had KSM switched on leaves its saved settings
+    on disk; whichever dksm command starts next puts them back.  The common case
+    (no record) costs one stat()."""
+    import os
+
+    path = os.environ.get("DKSM_KSM_STATE") or "/run/dksm/ksm-settings.json"
+    if os.path.exists(path):
+        from dksm.dedup.ksm import restore_if_crashed
+
+        if restore_if_crashed():
+            print("dksm: restored KSM settings left by a dksm process that died", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _repair_ksm_after_a_crash()
         status: int = args.handler(args)
     except DksmError as exc:
         print(f"dksm: error: {exc}", file=sys.stderr)
