@@ -47,6 +47,13 @@ def private_runtime_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     os.environ["DKSM_POOL_ROOT"] = str(pool_root)
     os.environ["DKSM_RUN_DIR"] = str(tmp_path_factory.mktemp("fleets"))
     yield
+    # A test that failed half-way may have left a fleet running: stop it, so no VM
+    # outlives the session (and none keeps KSM busy for the tests that follow).
+    from dksm.fleet.control import FleetHandle
+
+    for directory in Path(os.environ["DKSM_RUN_DIR"]).glob("*"):
+        if (directory / "spec.json").exists():
+            FleetHandle(directory).down(timeout=30)
     shutil.rmtree(pool_root, ignore_errors=True)
 
 

@@ -146,16 +146,17 @@ def test_next_dksm_command_repairs_ksm_after_a_kill_9(tmp_path: Path) -> None:
     finally:
         proc.kill()  # no chance to restore anything
         proc.wait()
-    assert ksm.read_settings()["pages_to_scan"] == "2999"  # left behind by the dead run
-    assert (tmp_path / "ksm-settings.json").exists()
-    repaired = subprocess.run(
-        [sys.executable, "-m", "dksm", "guests", "list"],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
-    assert repaired.returncode == 0
-    assert "restored KSM settings" in repaired.stderr
-    assert ksm.read_settings() == before
-    # the dead run's fleet outlives it; stop it as a user would
-    for directory in set(fleets.glob("*")) - known:
-        subprocess.run([sys.executable, "-m", "dksm", "fleet", "down", directory.name],
-                       capture_output=True, check=False)  # fmt: skip
+    try:
+        assert ksm.read_settings()["pages_to_scan"] == "2999"  # left behind by the dead run
+        assert (tmp_path / "ksm-settings.json").exists()
+        repaired = subprocess.run(
+            [sys.executable, "-m", "dksm", "guests", "list"],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        assert repaired.returncode == 0
+        assert "restored KSM settings" in repaired.stderr
+        assert ksm.read_settings() == before
+    finally:  # the dead run's fleet outlives it; stop it as a user would
+        for directory in set(fleets.glob("*")) - known:
+            subprocess.run([sys.executable, "-m", "dksm", "fleet", "down", directory.name],
+                           capture_output=True, check=False, env=env)  # fmt: skip
