@@ -11,7 +11,9 @@ from dksm.vmm.exit_status import ExitStatus
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("bench", help="run a benchmark")
-    bsub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bsub = parser.add_subparsers(
+        dest="bench_command", required=True, metavar="BENCHMARK", prog="dksm bench"
+    )
     boot = bsub.add_parser("boot", help="time from process start to first serial byte and exit")
     boot.add_argument("--guest", default="hello", help="shipped guest name or image path")
     boot.add_argument("--runs", type=int, default=20)

@@ -23,7 +23,9 @@ def add_instance_options(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("fleet", help="run many microVMs")
-    fsub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    fsub = parser.add_subparsers(
+        dest="fleet_command", required=True, metavar="ACTION", prog="dksm fleet"
+    )
     up = fsub.add_parser("up", help="start N VMs and return once all booted")
     up.add_argument(
         "--image",

@@ -10,7 +10,9 @@ from dksm.vmm.exit_status import ExitStatus
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("guests", help="list the shipped guest images")
-    gsub = parser.add_subparsers(dest="guests_command", required=True, metavar="ACTION")
+    gsub = parser.add_subparsers(
+        dest="guests_command", required=True, metavar="ACTION", prog="dksm guests"
+    )
     lister = gsub.add_parser("list", help="list shipped guests and their image paths")
     lister.set_defaults(handler=_list)
     path = gsub.add_parser("path", help="print the image path of a shipped guest")

@@ -12,7 +12,9 @@ from dksm.vmm.exit_status import ExitStatus
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("pool", help="the page pool of a sharing domain")
-    psub = parser.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    psub = parser.add_subparsers(
+        dest="pool_command", required=True, metavar="ACTION", prog="dksm pool"
+    )
     actions = {
         "stats": ("counters of a domain's pool (the DKSM thesis's names)", _stats),
         "sweep": ("release the leases of dead processes now", _sweep),

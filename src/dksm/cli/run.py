@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from dksm.guests import resolve_image
+    from dksm.guests import resolve_image_path
     from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
 
     if args.config_file:
@@ -72,7 +72,7 @@ def _config(args: argparse.Namespace) -> Any:
             config = replace(config, **overrides)
     else:
         config = VmConfig(
-            kernel_path=str(resolve_image(args.kernel)),
+            kernel_path=resolve_image_path(args.kernel),
             boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
             mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
             vcpu_count=1 if args.vcpus is None else args.vcpus,
@@ -92,9 +92,13 @@ def _serial_sink(path: str | None) -> BinaryIO:
         raise SerialOutputError(f"cannot open serial output {path}: {exc.strerror}") from exc
 
 
-def handle(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _path(text: str) -> Any:
+    from pathlib import Path  # only when a pool root is given: pathlib costs ms
 
+    return Path(text)
+
+
+def handle(args: argparse.Namespace) -> int:
     from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
 
     if args.timeout is not None and args.timeout <= 0:
@@ -104,7 +108,7 @@ def handle(args: argparse.Namespace) -> int:
         config=config,
         dedup=DedupMode.parse(args.dedup),
         domain=args.domain,
-        pool_root=None if args.pool_root is None else Path(args.pool_root),
+        pool_root=None if args.pool_root is None else _path(args.pool_root),
     )
     sys.stdout.flush()
     with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:

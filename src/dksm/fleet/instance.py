@@ -9,10 +9,8 @@ leaves a lease whose owner is dead, which the next process to open the pool swee
 from __future__ import annotations
 
 import enum
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink
@@ -23,6 +21,8 @@ from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import MicroVm, Outcome
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dksm.dedup.pool import Lease, PagePool
 
 DEFAULT_DOMAIN = "default"
@@ -103,6 +103,8 @@ class Instance:
         }
 
     def write_info(self, path: str) -> None:
+        import json
+
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(self.describe(), f)

@@ -6,11 +6,15 @@ guests`` rebuilds them byte for byte.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 
-IMAGES_DIR = Path(__file__).parent / "images"
+if TYPE_CHECKING:
+    from pathlib import Path
+
+IMAGES_DIR = os.path.join(os.path.dirname(__file__), "images")
 IMAGE_SUFFIX = ".elf"
 
 
@@ -20,7 +24,9 @@ class GuestNotFoundError(DksmError):
 
 def catalog() -> dict[str, Path]:
     """Shipped guest names and their image paths, sorted by name."""
-    return {p.stem: p for p in sorted(IMAGES_DIR.glob(f"*{IMAGE_SUFFIX}"))}
+    from pathlib import Path
+
+    return {p.stem: p for p in sorted(Path(IMAGES_DIR).glob(f"*{IMAGE_SUFFIX}"))}
 
 
 def guest_path(name: str) -> Path:
@@ -33,6 +39,18 @@ def guest_path(name: str) -> Path:
 
 def resolve_image(name_or_path: str) -> Path:
     """A shipped guest's name, or else a path to an image file."""
+    from pathlib import Path
+
     if "/" not in name_or_path and name_or_path in catalog():
         return guest_path(name_or_path)
     return Path(name_or_path)
+
+
+def resolve_image_path(name_or_path: str) -> str:
+    """:func:`resolve_image` as a plain string, without listing the catalog: the
+    ``dksm run`` path, where every millisecond of start-up shows."""
+    if "/" not in name_or_path:
+        shipped = os.path.join(IMAGES_DIR, name_or_path + IMAGE_SUFFIX)
+        if os.path.isfile(shipped):
+            return shipped
+    return name_or_path

@@ -8,9 +8,7 @@ rather than ignored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dksm.arch import layout
@@ -68,8 +66,11 @@ def _field(section: dict[str, Any], name: str, where: str, kind: type) -> Any:
 
 
 def from_firecracker_json(path: str) -> VmConfig:
+    import json  # only config files need it
+
     try:
-        text = Path(path).read_text()
+        with open(path) as f:
+            text = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
