@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
+
+from dksm.dedup.pool import PagePool
 from dksm.guests import guest_path
 from vm_inspect import readonly_pages
 
@@ -76,3 +81,24 @@ def test_run_dedup_modes() -> None:
     assert bad.returncode == 1 and "unknown dedup mode 'sometimes'" in bad.stderr
     bad_domain = dksm("run", "--kernel", hello, "--domain", "../escape")
     assert bad_domain.returncode == 1 and "domain name" in bad_domain.stderr
+
+
+def test_full_tmpfs_is_a_clear_error_and_leaves_the_pool_consistent(tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)],
+                             capture_output=True, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = dksm("run", "--kernel", str(guest_path("hello")), "--mem-mib", "16",
+                      "--pool-root", str(tiny))  # fmt: skip
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith("dksm: error: ") and "full" in result.stderr
+        with contextlib.closing(PagePool.open("default", tiny)) as pool:
+            assert pool.verify() == []
+            stats = pool.stats()
+            assert (stats.leases, stats.hashtable_entries, stats.file_blocks_bytes) == (0, 0, 0)
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)

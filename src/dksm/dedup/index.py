@@ -38,6 +38,7 @@ LMDB's byte order of keys is their numeric order):
 from __future__ import annotations
 
 import array
+import contextlib
 import struct
 import sys
 from collections import Counter
@@ -47,6 +48,8 @@ from pathlib import Path
 from typing import Final
 
 import lmdb
+
+from dksm.error import DksmError
 
 FORMAT_VERSION: Final = 1
 LAYOUT: Final = "meta counters hashes:dupsort,dupfixed slots leases lease_slots free"
@@ -78,6 +81,10 @@ def u64(value: int) -> bytes:
 
 def from_u64(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
+
+
+class PoolIndexError(DksmError):
+    """The pool's index cannot be read or written (LMDB's error is in the message)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ class PoolIndex:
     """
 
     def __init__(self, path: Path, *, create: bool) -> None:
+        self.path = path
         self.env = lmdb.open(
             str(path),
             map_size=MAP_SIZE,
@@ -151,12 +159,29 @@ class PoolIndex:
     def close(self) -> None:
         self.env.close()
 
-    def read(self) -> lmdb.Transaction[bytes]:
-        return self.env.begin()
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
+        try:
+            with self.env.begin() as txn:
+                yield txn
+        except lmdb.Error as error:
+            raise PoolIndexError(
+                f"the pool index at {self.path} cannot be read: {error}"
+            ) from error
 
-    def write(self) -> lmdb.Transaction[bytes]:
-        """A write transaction: commits when its ``with`` block ends, aborts on error."""
-        return self.env.begin(write=True)
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A write transaction: commits when its ``with`` block ends, aborts on error.
+
+        LMDB's own errors (a full tmpfs, above all) become :class:`PoolIndexError`,
+        a sentence for the user; the aborted transaction changed nothing."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as error:
+            raise PoolIndexError(
+                f"the pool index at {self.path} cannot be written: {error}"
+            ) from error
 
     # -- meta ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ leaves a lease whose owner is dead, which the next process to open the pool swee
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from dataclasses import dataclass
@@ -84,7 +85,10 @@ class Instance:
             if spec.dedup.uses_ksm:
                 self.vm.memory.advise_mergeable()
         except BaseException:
-            self._release_pool()
+            # Keep the error that stopped the build; a lease that cannot be released
+            # now (a full tmpfs, say) is swept once this process has exited.
+            with contextlib.suppress(DksmError):
+                self._release_pool()
             raise
 
     def run(self, timeout: float | None = None) -> Outcome:
