@@ -145,3 +145,27 @@ def test_rebuilding_reproduces_the_shipped_images(tmp_path: Path) -> None:
     for name, shipped in catalog().items():
         rebuilt = tmp_path / f"{name}.elf"
         assert rebuilt.read_bytes() == shipped.read_bytes(), name
+
+
+@requires_kvm
+def test_touch_fills_guest_memory_with_pages_all_different(tmp_path: Path) -> None:
+    info_file = tmp_path / "vm.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dksm", "run", "--kernel", str(guest_path("idle")),
+         "--mem-mib", "16", "--dedup", "none", "--boot-args", "touch=1024",
+         "--info-file", str(info_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"dksm: touched 1024 KiB\n"
+        info = json.loads(info_file.read_text())
+        with open(f"/proc/{info['pid']}/mem", "rb") as mem:
+            words = []
+            for page in range(256):
+                mem.seek(info["ram_host_address"] + 0x400000 + page * 4096)
+                words.append(mem.read(8))
+        assert len(set(words)) == 256 and b"\0" * 8 not in words
+    finally:
+        proc.kill()
+        proc.wait()

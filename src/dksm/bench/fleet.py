@@ -153,6 +153,7 @@ class FleetBenchConfig:
     settle_seconds: float = 5.0
     pool_root: Path | None = None
     vms_per_worker: int = DEFAULT_VMS_PER_WORKER
+    touch_kib: int = 0  # guest memory each VM fills with unique pages (guests/README.md)
 
 
 def _dksm_cpu_seconds(domain: str, root: Path | None) -> float:
@@ -182,7 +183,8 @@ def _run_mode(
         from dksm.guests import resolve_image
 
         path = resolve_image(image)
-        config = VmConfig(kernel_path=str(path), mem_mib=cfg.mem_mib, boot_args=FLEET_BOOT_ARGS)
+        boot_args = FLEET_BOOT_ARGS + (f" touch={cfg.touch_kib}" if cfg.touch_kib else "")
+        config = VmConfig(kernel_path=str(path), mem_mib=cfg.mem_mib, boot_args=boot_args)
         specs.extend(
             (path.stem, InstanceSpec(config, mode, domain, cfg.pool_root))
             for _ in range(cfg.instances)
@@ -263,6 +265,7 @@ def write_outputs(cfg: FleetBenchConfig, results: list[ModeResult]) -> dict[str,
         "instances_per_image": cfg.instances,
         "mem_mib": cfg.mem_mib,
         "ksm": cfg.knobs.describe(),
+        "touch_kib": cfg.touch_kib,
         "modes": {r.mode: r.summary() for r in results},
     }
     (cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -285,7 +288,11 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
             linewidth=2,
         )
     total = sum(1 for _ in cfg.images) * cfg.instances
-    ax.set_title(f"{total} microVMs ({', '.join(cfg.images)}), KSM {cfg.knobs.describe()}")
+    touched = f", {cfg.touch_kib // 1024} MiB touched each" if cfg.touch_kib else ""
+    ax.set_title(
+        f"{total} microVMs ({', '.join(cfg.images)}{touched}), KSM {cfg.knobs.describe()}",
+        fontsize=10,
+    )
     ax.set_xlabel("seconds since every VM booted")
     ax.set_ylabel("fleet memory (MiB: sum of Pss_Anon + pool)")
     ax.set_ylim(bottom=0)

@@ -92,6 +92,14 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
     )
     parser.add_argument("--mem-mib", type=int, default=16)
     parser.add_argument("--vms-per-process", type=int, default=8, metavar="K")
+    parser.add_argument(
+        "--touch-kib",
+        type=int,
+        default=2048 if demo else 0,
+        metavar="KIB",
+        help="RAM each guest fills with unique pages, as a running app's heap"
+        " (what KSM must scan and can never merge)",
+    )
     parser.add_argument("--ksm-pages-to-scan", type=int, default=None)
     parser.add_argument("--ksm-sleep-ms", type=int, default=None)
     parser.add_argument(
@@ -121,6 +129,7 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         knobs=KsmKnobs(args.ksm_pages_to_scan, args.ksm_sleep_ms, args.ksm_advisor),
         out_dir=Path(args.out),
         vms_per_worker=args.vms_per_process,
+        touch_kib=args.touch_kib,
     )
     results = run_fleet_bench(cfg)
     summary = write_outputs(cfg, results)
