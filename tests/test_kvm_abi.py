@@ -1,4 +1,4 @@
-"""The ctypes ABI matches the kernel's sizes and offsets (numbers from BOOT.md)."""
+"""The ctypes ABI matches the kernel's sizes and offsets (numbers from docs/BOOT.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lower layers never import higher ones (DESIGN.md's layering), checked on the source."""
+"""Lower layers never import higher ones (docs/DESIGN.md's layering), checked on the source."""
 
 from __future__ import annotations
 

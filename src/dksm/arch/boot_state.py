@@ -2,7 +2,7 @@
 
 Page tables and the GDT are written into a guest-RAM buffer; registers, segments,
 CPUID, MSRs and the LAPIC are computed as KVM structs for the VMM to install.
-The values follow BOOT.md ("Initial vCPU state").
+The values follow docs/BOOT.md ("Initial vCPU state").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The numbers are Firecracker's x86-64 layout (``arch/x86_64/layout.rs`` and
 ``regs.rs``), which Unikraft's Firecracker platform and Linux's 64-bit boot protocol
-expect; BOOT.md lists them.  No other module writes a bare guest address.
+expect; docs/BOOT.md lists them.  No other module writes a bare guest address.
 """
 
 PAGE_SIZE = 4096

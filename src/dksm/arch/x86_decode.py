@@ -1,6 +1,6 @@
 """An x86-64 instruction decoder for the instructions dksm executes in user space.
 
-On a PVM host (BOOT.md, last section) the host kernel's instruction emulator runs
+On a PVM host (docs/BOOT.md, last section) the host kernel's instruction emulator runs
 all guest kernel-mode code and rejects SSE, the XSAVE family and a few system
 instructions; the VMM executes those itself (:mod:`dksm.arch.x86_execute`).  This
 module turns the raw bytes at the guest's RIP into an :class:`Instruction`: which

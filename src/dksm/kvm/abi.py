@@ -1,7 +1,7 @@
 """The KVM userspace ABI for x86-64: ioctl numbers, exit reasons and ctypes structs.
 
 Declared once, here, from the kernel's UAPI headers (``linux/kvm.h``,
-``asm/kvm.h``); sizes are asserted in the tests against the numbers in BOOT.md.
+``asm/kvm.h``); sizes are asserted in the tests against the numbers in docs/BOOT.md.
 Nothing in this module has behaviour.
 """
 
@@ -12,7 +12,7 @@ import enum
 
 KVM_API_VERSION = 12
 
-# _IO(0xAE, n) and friends, precomputed (BOOT.md "Ioctl order").
+# _IO(0xAE, n) and friends, precomputed (docs/BOOT.md "Ioctl order").
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_GET_VCPU_MMAP_SIZE = 0xAE04

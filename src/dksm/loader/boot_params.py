@@ -1,6 +1,6 @@
 """The Linux zero page (``struct boot_params``) and the command line.
 
-Only the fields a 64-bit-entry kernel reads are set (BOOT.md, "Zero page fields");
+Only the fields a 64-bit-entry kernel reads are set (docs/BOOT.md, "Zero page fields");
 the rest of the 4 KiB page stays zero, or holds the image's own setup header when
 the image is a bzImage.
 """

@@ -1,4 +1,4 @@
-"""Build a microVM from a :class:`VmConfig`, step by step in BOOT.md's ioctl order.
+"""Build a microVM from a :class:`VmConfig`, step by step in docs/BOOT.md's ioctl order.
 
 Everything that can be wrong with the input (config, image, initrd, command line)
 is checked before ``/dev/kvm`` is opened, so bad input costs nothing and leaves

@@ -1,6 +1,6 @@
 """The emulation-failure fallback: instructions the host's KVM cannot emulate, done here.
 
-On a PVM host (BOOT.md, last section) guest kernel-mode code is run by the host
+On a PVM host (docs/BOOT.md, last section) guest kernel-mode code is run by the host
 kernel's instruction emulator.  It runs plain SSE moves and ``fxsave`` itself,
 but not SSE arithmetic and shuffles, ``ldmxcsr``/``stmxcsr``, ``xgetbv``,
 ``xsaveopt``/``xrstor``: it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation
