@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,37 @@ def test_touch_fills_guest_memory_with_pages_all_different(tmp_path: Path) -> No
                 mem.seek(info["ram_host_address"] + 0x400000 + page * 4096)
                 words.append(mem.read(8))
         assert len(set(words)) == 256 and b"\0" * 8 not in words
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@requires_kvm
+def test_initrd_is_loaded_and_announced_in_the_zero_page(tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(bytes(range(256)) * 64 + b"end of initrd")
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(guest_path("idle")),
+                        "initrd_path": str(initrd)},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+    }))  # fmt: skip
+    info_file = tmp_path / "vm.info.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dksm", "run", "--config-file", str(config),
+         "--dedup", "none", "--info-file", str(info_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"idle: dksm guest kit\n"
+        info = json.loads(info_file.read_text())
+        with open(f"/proc/{info['pid']}/mem", "rb") as mem:
+            mem.seek(info["ram_host_address"] + 0x7000 + 0x218)  # ramdisk_image, ramdisk_size
+            address, size = struct.unpack("<II", mem.read(8))
+            mem.seek(info["ram_host_address"] + address)
+            loaded = mem.read(size)
+        assert loaded == initrd.read_bytes()
+        assert address % 4096 == 0 and address + size <= 32 << 20
     finally:
         proc.kill()
         proc.wait()

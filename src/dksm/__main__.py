@@ -1,3 +1,5 @@
+"""``python -m dksm``: the same command line as the ``dksm`` script."""
+
 import sys
 
 from dksm.cli.main import main
