@@ -203,22 +203,30 @@ def up(
             start_new_session=True,
         )
     handle = FleetHandle(directory)
+    try:
+        return _wait_until_booted(handle, proc, boot_timeout)
+    except BaseException:  # a failed or interrupted start leaves no fleet behind
+        handle.down()
+        raise
+
+
+def _wait_until_booted(
+    handle: FleetHandle, proc: subprocess.Popen[bytes], boot_timeout: float
+) -> FleetHandle:
     deadline = time.monotonic() + boot_timeout + 30
     while True:
         state = handle.state()
         if state.get("error"):
-            handle.down()
-            raise FleetError(f"fleet {fleet_id}: {state['error']}")
+            raise FleetError(f"fleet {handle.id}: {state['error']}")
         if state.get("booted"):
             return handle
         code = proc.poll()
         if code is not None:
-            log_text = (directory / SUPERVISOR_LOG).read_text(errors="replace").strip()
+            log_text = (handle.directory / SUPERVISOR_LOG).read_text(errors="replace").strip()
             last = log_text.splitlines()[-1] if log_text else f"exit status {code}"
-            raise FleetError(f"fleet {fleet_id}: supervisor ended before boot: {last}")
+            raise FleetError(f"fleet {handle.id}: supervisor ended before boot: {last}")
         if time.monotonic() > deadline:
-            handle.down()
-            raise FleetError(f"fleet {fleet_id}: not booted after {boot_timeout:g} s")
+            raise FleetError(f"fleet {handle.id}: not booted after {boot_timeout:g} s")
         time.sleep(0.05)
 
 
