@@ -110,10 +110,11 @@ import lmdb
 import xxhash
 
 from dksm.dedup.index import FORMAT_VERSION, LAYOUT, LeaseRecord, PoolIndex, from_u64
+from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
 from dksm.dedup.owner import ProcessIdentity
 from dksm.dedup.pages_file import PagesFile
 from dksm.error import DksmError
-from dksm.memory.host_mapping import PAGE_SIZE, HostMappingError, map_file_private_fixed, view
+from dksm.memory.host_mapping import PAGE_SIZE, view
 
 DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
 POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"
@@ -138,17 +139,6 @@ _OPEN_ATTEMPTS = 100
 
 class PoolError(DksmError):
     """The page pool cannot be opened or used as asked."""
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What one :meth:`Lease.map_pages` or :meth:`Lease.merge` call did."""
-
-    pages: int  # pages offered
-    pages_merged: int  # pages that matched a page already in the pool
-    pages_new: int  # pages stored in new slots
-    mapped: bool  # False: the run switch is off and nothing was mapped
-    mmaps: int = 0  # mmap calls made (one per run of consecutive slots)
 
 
 @dataclass(frozen=True)
@@ -942,64 +932,6 @@ def _distinct_new_pages(
             twins.append(len(fresh))
             fresh.append(page)
     return fresh
-
-
-def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
-    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
-    mmaps = 0
-    start = 0
-    count = len(slots)
-    while start < count:
-        first = slots[start]
-        stop = start + 1
-        while stop < count and slots[stop] == first + stop - start:
-            stop += 1
-        try:
-            map_file_private_fixed(
-                address + start * PAGE_SIZE, (stop - start) * PAGE_SIZE, pages_fd, first * PAGE_SIZE
-            )
-        except HostMappingError as error:
-            raise PoolError(
-                f"cannot map pool pages at {address + start * PAGE_SIZE:#x}: {error} "
-                "(the lease keeps its references until released)"
-            ) from error
-        mmaps += 1
-        start = stop
-    return mmaps
-
-
-@dataclass(frozen=True)
-class ReferencedPages:
-    """Pages referenced under a lease but not mapped yet: which slot holds each."""
-
-    slots: tuple[int, ...]
-    pages_new: int
-
-
-class SlotMapper:
-    """Maps already-referenced pages for a process that never opens the index.
-
-    Built by a launcher from :meth:`Lease.reference_pages` results keyed by the
-    content they were made from; used (after :meth:`PagePool.hand_over`) as the
-    page sharer of a VM, so a forked child maps pool pages with nothing but
-    ``mmap`` calls: no LMDB, no hashing, no private copy of the pool's code paths.
-    """
-
-    def __init__(self, pages_fd: int, by_content: dict[bytes, ReferencedPages]) -> None:
-        self.pages_fd = pages_fd
-        self.by_content = by_content
-
-    def map_pages(self, address: int, content: bytes | bytearray | memoryview) -> MergeResult:
-        view = memoryview(content)
-        # A read-only memoryview hashes and compares like the bytes it shows, so the
-        # lookup copies nothing (a copy would be private memory in every child).
-        key = view if view.readonly else bytes(view)
-        referenced = self.by_content.get(key)  # type: ignore[arg-type]
-        if referenced is None:  # not referenced for this process: it must copy
-            return MergeResult(len(content) // PAGE_SIZE, 0, 0, False, 0)
-        mmaps = map_slots(self.pages_fd, address, referenced.slots)
-        count = len(referenced.slots)
-        return MergeResult(count, count - referenced.pages_new, referenced.pages_new, True, mmaps)
 
 
 class Lease:

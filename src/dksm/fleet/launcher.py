@@ -39,8 +39,9 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from dksm.dedup.mapping import ReferencedPages, SlotMapper
 from dksm.dedup.owner import ProcessIdentity
-from dksm.dedup.pool import Lease, PagePool, ReferencedPages, SlotMapper
+from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.loader.elf import load_elf, preload_images
