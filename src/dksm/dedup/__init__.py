@@ -2,6 +2,7 @@
 
 ``pool`` shares each distinct read-only page of a domain through one tmpfs file;
 ``index``, ``pages_file``, ``owner`` and ``mapping`` are its parts (LMDB schema, the
-pages file, process identity, mapping already-referenced pages).  ``ksm`` drives the kernel's scanner, the baseline dksm is
-measured against.  Usable by any Python program: nothing here imports the VMM.
+pages file, process identity, mapping already-referenced pages).  ``ksm`` drives the
+kernel's scanner, the baseline dksm is measured against.  Usable by any Python
+program: nothing here imports the VMM.
 """
