@@ -201,3 +201,29 @@ def test_fleet_down_stops_workers_whose_supervisor_was_killed() -> None:
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers))
     wait_for(lambda: leases("fleet-orphans") == 0)  # swept once their owners died
+
+
+def test_fleet_from_a_firecracker_config(tmp_path: Path) -> None:
+    from dksm.guests import guest_path
+
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(guest_path("hello")),
+                        "boot_args": "console=ttyS0 then=idle from=firecracker"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 24},
+        "drives": [], "network-interfaces": [],
+    }))  # fmt: skip
+    up = dksm("fleet", "up", "--config-file", str(config), "--instances", "3",
+              "--domain", "fleet-config")  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        assert [m["label"] for m in members] == ["hello"] * 3
+        log = dksm("fleet", "logs", fleet_id, "2").stdout
+        assert 'hello: cmdline="console=ttyS0 then=idle from=firecracker"' in log
+        assert "e820: 0x0000000000100000-0x00000000017fffff type 1" in log  # 24 MiB
+    finally:
+        dksm("fleet", "down", fleet_id)
+    bad = dksm("fleet", "up", "--instances", "2")
+    assert bad.returncode == 1 and "at least one --image or --config-file" in bad.stderr

@@ -30,9 +30,16 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--image",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME_OR_PATH",
         help="shipped guest name or image path (repeatable)",
+    )
+    up.add_argument(
+        "--config-file",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a Firecracker config file: its kernel, boot args and memory (repeatable)",
     )
     up.add_argument("--instances", type=int, default=1, help="VMs per image")
     up.add_argument("--boot-args", default=None)
@@ -70,24 +77,31 @@ def instance_specs(
     domain: str,
     pool_root: str | None,
     boot_args: str | None = None,
+    config_files: list[str] | None = None,
 ) -> list[tuple[str, Any]]:
     from dksm.error import DksmError
     from dksm.fleet.instance import DedupMode, InstanceSpec
     from dksm.guests import resolve_image
     from dksm.loader.elf import load_elf
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig, from_firecracker_json
 
     if instances < 1:
         raise DksmError(f"--instances must be at least 1, not {instances}")
+    if not images and not config_files:
+        raise DksmError("a fleet needs at least one --image or --config-file")
     mode = DedupMode.parse(dedup)
-    specs: list[tuple[str, InstanceSpec]] = []
-    for image in images:
-        path = resolve_image(image)
-        config = VmConfig(
-            kernel_path=str(path),
+    configs = [
+        VmConfig(
+            kernel_path=str(resolve_image(image)),
             mem_mib=mem_mib,
             boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
         )
+        for image in images
+    ]
+    configs += [from_firecracker_json(path) for path in config_files or []]
+    specs: list[tuple[str, InstanceSpec]] = []
+    for config in configs:
+        path = Path(config.kernel_path)
         config.validate()
         load_elf(config.kernel_path, config.mem_size)  # bad images fail here, not in N VMs
         spec = InstanceSpec(config, mode, domain, None if pool_root is None else Path(pool_root))
@@ -107,6 +121,7 @@ def _up(args: argparse.Namespace) -> int:
         args.domain,
         args.pool_root,
         args.boot_args,
+        args.config_file,
     )
     start = time.monotonic()
     handle = control.up(specs, boot_timeout=args.boot_timeout, vms_per_worker=args.vms_per_process)
