@@ -31,6 +31,20 @@ def leases(domain: str) -> int:
         return pool.stats().leases
 
 
+def logs_when(fleet_id: str, vm: int, line: str) -> str:
+    """``dksm fleet logs`` once the VM has printed ``line`` (booted means only that
+    its first line is out)."""
+    text = ""
+
+    def printed() -> bool:
+        nonlocal text
+        text = dksm("fleet", "logs", fleet_id, str(vm)).stdout
+        return line in text.splitlines()
+
+    wait_for(printed)
+    return text
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -66,8 +80,8 @@ def test_fleet_up_status_logs_down() -> None:
         text = dksm("fleet", "status", fleet_id)
         assert text.returncode == 0 and "running" in text.stdout
         idle_vm = next(m["index"] for m in members if m["label"] == "idle")
-        log = dksm("fleet", "logs", fleet_id, str(idle_vm))
-        assert log.stdout.splitlines()[:2] == ["idle: dksm guest kit", "idle: ready"]
+        log = logs_when(fleet_id, idle_vm, "idle: ready")
+        assert log.splitlines()[:2] == ["idle: dksm guest kit", "idle: ready"]
         assert leases("fleet-cli") == 6
     finally:
         down = dksm("fleet", "down", fleet_id)
@@ -220,7 +234,7 @@ def test_fleet_from_a_firecracker_config(tmp_path: Path) -> None:
     try:
         members = status(fleet_id)["members"]
         assert [m["label"] for m in members] == ["hello"] * 3
-        log = dksm("fleet", "logs", fleet_id, "2").stdout
+        log = logs_when(fleet_id, 2, "hello: bye")
         assert 'hello: cmdline="console=ttyS0 then=idle from=firecracker"' in log
         assert "e820: 0x0000000000100000-0x00000000017fffff type 1" in log  # 24 MiB
     finally:

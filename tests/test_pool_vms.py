@@ -47,6 +47,17 @@ def fleet(
         handle.down()
 
 
+def log_when(handle: control.FleetHandle, index: int, line: str, timeout: float = 10) -> str:
+    """The VM's console log once it holds ``line`` ("booted" is only its first line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = handle.log_path(index).read_text()
+        if line in text.splitlines():
+            return text
+        assert time.monotonic() < deadline, f"vm {index} never printed {line!r}: {text!r}"
+        time.sleep(0.02)
+
+
 def stats(domain: str) -> dict[str, int | bool]:
     with contextlib.closing(PagePool.open(domain)) as pool:
         return pool.stats().to_json()
@@ -124,7 +135,7 @@ def test_cowprobe_write_stays_private() -> None:
     domain = "cow"
     original = readonly_pages(guest_path("cowprobe"))
     with fleet(specs("cowprobe", 3, domain)) as handle:
-        logs = [handle.log_path(m["index"]).read_text() for m in handle.members()]
+        logs = [log_when(handle, m["index"], "cowprobe: ready") for m in handle.members()]
         page = int(logs[0].split("cowprobe: page=")[1].split()[0], 16)
         assert page in original  # the written page is a pool-shared read-only page
         for log in logs:
@@ -138,7 +149,7 @@ def test_cowprobe_write_stays_private() -> None:
             assert seen[8:] == original[page][8:]
         # the pool's copy still holds the original bytes, for the next VM too
         with fleet(specs("cowprobe", 1, domain, "console=ttyS0")) as late:
-            log = late.log_path(0).read_text()
+            log = log_when(late, 0, "cowprobe: ready")
             assert "cowprobe: before=423b342d261f1811" in log
     assert_pool_empty(domain)
 
