@@ -10,6 +10,7 @@ from typing import Any
 
 from dksm.loader.elf import load_elf
 from dksm.loader.segment import shareable_span
+from dksm.memory.accounting import process_mappings
 
 PAGE = 4096
 
@@ -45,22 +46,8 @@ class Mapping:
 
 def mappings_of(pid: int, path_prefix: str) -> list[Mapping]:
     """The mappings of ``pid`` whose backing file starts with ``path_prefix``."""
-    found: list[Mapping] = []
-    current: dict[str, Any] | None = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                if current is not None and current["path"].startswith(path_prefix):
-                    found.append(Mapping(**current))
-                fields = line.split()
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                path = fields[5] if len(fields) > 5 else ""
-                current = {"start": lo, "end": hi, "path": path, "rss_kb": 0, "pss_kb": 0}
-            elif current is not None and first == "Rss:":
-                current["rss_kb"] = int(line.split()[1])
-            elif current is not None and first == "Pss:":
-                current["pss_kb"] = int(line.split()[1])
-    if current is not None and current["path"].startswith(path_prefix):
-        found.append(Mapping(**current))
-    return found
+    return [
+        Mapping(m.start, m.end, m.path, m.rss // 1024, m.pss // 1024)
+        for m in process_mappings(pid)
+        if m.path.startswith(path_prefix)
+    ]

@@ -25,7 +25,7 @@ from dksm.dedup.pool import PagePool, pool_directory
 from dksm.fleet import control
 from dksm.fleet.instance import DedupMode, InstanceSpec
 from dksm.guests import resolve_image
-from dksm.memory.accounting import fleet_memory, tmpfs_bytes
+from dksm.memory.accounting import fleet_memory, process_mappings, tmpfs_bytes
 from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
 
 SETTLE_SECONDS = 1.0
@@ -52,21 +52,6 @@ def _mem_available() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def _guest_pss(pid: int, ram_start: int, ram_size: int) -> int:
-    """Pss (bytes) of the mappings of ``pid`` that lie inside one guest's RAM."""
-    total = 0
-    inside = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo >= ram_start and hi <= ram_start + ram_size
-            elif inside and head == "Pss:":
-                total += int(line.split()[1]) * 1024
-    return total
-
-
 def measure(
     image: str, instances: int, vms_per_process: int, mem_mib: int, domain: str
 ) -> DensityRow:
@@ -88,16 +73,17 @@ def measure(
         pool_dir = pool_directory(domain)
         memory = fleet_memory(handle.process_pids(), [pool_dir])
         after = _mem_available()
+        # Each process's smaps is read once, however many VMs it hosts.
+        pages_file = str(pool_dir / "pages")
+        maps = {pid: process_mappings(pid) for pid in handle.live_pids()}
         guest_total = 0
         for member in handle.members():
             info = handle.info(member["index"])
-            guest_total += _guest_pss(info["pid"], info["ram_host_address"], info["mem_size"])
+            ram, size = info["ram_host_address"], info["mem_size"]
+            guest_total += sum(m.pss for m in maps[info["pid"]] if m.within(ram, size))
         # Pool pages no guest touched are in no Pss; they are still the guests'.
-        pool_bytes = tmpfs_bytes(pool_dir / "pages")
-        touched_pool = sum(
-            _pool_pss(m["pid"], str(pool_dir / "pages")) for m in _one_per_process(handle)
-        )
-        guest_total += max(0, pool_bytes - touched_pool)
+        touched_pool = sum(m.pss for ms in maps.values() for m in ms if m.path == pages_file)
+        guest_total += max(0, tmpfs_bytes(pool_dir / "pages") - touched_pool)
     finally:
         handle.down()
     guest_bytes = guest_total // instances
@@ -113,26 +99,6 @@ def measure(
         mem_available_drop_per_vm_bytes=(before - after) // instances,
         boot_seconds=round(boot_seconds, 2),
     )
-
-
-def _one_per_process(handle: control.FleetHandle) -> list[dict[str, object]]:
-    seen: dict[object, dict[str, object]] = {}
-    for member in handle.members():
-        seen.setdefault(member["pid"], member)
-    return list(seen.values())
-
-
-def _pool_pss(pid: object, pages_file: str) -> int:
-    total = 0
-    inside = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                inside = line.rstrip().endswith(pages_file)
-            elif inside and head == "Pss:":
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def run_density(

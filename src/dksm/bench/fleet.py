@@ -156,11 +156,6 @@ class FleetBenchConfig:
     touch_kib: int = 0  # guest memory each VM fills with unique pages (guests/README.md)
 
 
-def _dksm_cpu_seconds(domain: str, root: Path | None) -> float:
-    with contextlib.closing(PagePool.open(domain, root)) as pool:
-        return pool.stats().merge_cpu_ns / 1e9
-
-
 def _settled(samples: list[Sample], settle: float, needs_scans: bool, scans0: int) -> bool:
     if not samples or samples[-1].t < settle:
         return False
@@ -196,6 +191,8 @@ def _run_mode(
     booted = time.monotonic()
     result = ModeResult(mode.value, len(specs), booted - started)
     pool_dir = pool_directory(domain, cfg.pool_root)
+    # One handle for the whole mode: opening the pool sweeps it, not a per-sample job.
+    pool = PagePool.open(domain, cfg.pool_root) if mode.uses_pool else None
     try:
         scans0 = ksm.read_counters()["full_scans"]
         while True:
@@ -213,7 +210,7 @@ def _run_mode(
                     pages_shared=counters["pages_shared"],
                     full_scans=counters["full_scans"],
                     ksmd_cpu_s=ksm.ksmd_cpu_seconds(),
-                    dksm_cpu_s=_dksm_cpu_seconds(domain, cfg.pool_root) if mode.uses_pool else 0.0,
+                    dksm_cpu_s=pool.stats().merge_cpu_ns / 1e9 if pool else 0.0,
                 )
             )
             tick(mode.value, now)
@@ -222,12 +219,13 @@ def _run_mode(
             ):
                 break
             time.sleep(max(0.0, cfg.interval - (time.monotonic() - booted - now)))
-        if mode.uses_pool:
-            with contextlib.closing(PagePool.open(domain, cfg.pool_root)) as pool:
-                stats = pool.stats()
+        if pool is not None:
+            stats = pool.stats()
             result.pool_pages_saved = stats.pages_saved
             result.pool_hashtable_entries = stats.hashtable_entries
     finally:
+        if pool is not None:
+            pool.close()  # before the check below, which purges the pool
         final = handle.down()
         result.failed_vms = sum(m["state"] == "failed" for m in final.get("members", []))
         _check_nothing_left(handle, domain, cfg.pool_root, mode)

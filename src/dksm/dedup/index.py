@@ -240,6 +240,10 @@ class PoolIndex:
 
     # -- references ------------------------------------------------------------------
 
+    def all_slots_exist(self, txn: lmdb.Transaction[bytes], slots: Iterable[int]) -> bool:
+        keys = [u64(slot) for slot in slots]
+        return len(txn.cursor(db=self.slots).getmulti(keys)) == len(keys)
+
     def add_references(self, txn: lmdb.Transaction[bytes], counts: dict[int, int]) -> None:
         """Raise the reference counts of existing slots."""
         order = sorted(counts)

@@ -1019,6 +1019,40 @@ class Lease:
         self._references += len(admission.slots)
         return ReferencedPages(tuple(admission.slots), admission.pages_new)
 
+    def reference_again(self, held: ReferencedPages) -> ReferencedPages | None:
+        """Reference, under this lease, pages this process already holds under another
+        live lease: a launcher's second VM of an image.  Nothing is hashed, read or
+        compared: a slot's bytes cannot change while any reference to it lives, and
+        the transaction checks that every slot still does.  None when the run switch
+        is off."""
+        self._check_usable()
+        started_ns = time.thread_time_ns()
+        pool = self.pool
+        index = pool._store.index
+        counts = Counter(held.slots)
+        with index.write() as txn:
+            if not index.run(txn):
+                return None
+            lease = index.lease(txn, self.lease_id)
+            if lease is None:
+                raise PoolError(f"lease {self.lease_id} is gone from the pool of {pool.domain!r}")
+            if not index.all_slots_exist(txn, counts):
+                raise PoolError("pages to reference again were released meanwhile")
+            index.add_references(txn, counts)
+            index.add_chunk(txn, lease, held.slots)
+            count = len(held.slots)
+            index.add_to_counters(
+                txn,
+                {
+                    "pages_scanned": count,
+                    "pages_merged": count,
+                    "references": count,
+                    "merge_cpu_ns": time.thread_time_ns() - started_ns,
+                },
+            )
+        self._references += count
+        return ReferencedPages(held.slots, 0)
+
     def merge(self, address: int, length: int) -> MergeResult:
         """Replace the pages of a populated private region with pool mappings.
 

@@ -75,6 +75,26 @@ def _new_fleet_id(root: Path) -> str:
     raise FleetError(f"cannot find a free fleet id under {root}")
 
 
+def _supervisor_pid(state: dict[str, Any]) -> int | None:
+    pid = state.get("supervisor_pid")
+    return int(pid) if pid else None
+
+
+def _is_supervisor(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"supervise" in f.read()
+    except OSError:
+        return False
+
+
+def _live_pids(state: dict[str, Any]) -> list[int]:
+    pids = [m["pid"] for m in state.get("members", []) if m["state"] in ("booting", "running")]
+    return list(dict.fromkeys(pids))
+
+
 class FleetHandle:
     """A fleet seen from outside its supervisor."""
 
@@ -93,18 +113,10 @@ class FleetHandle:
 
     @property
     def supervisor_pid(self) -> int | None:
-        pid = self.state().get("supervisor_pid")
-        return int(pid) if pid else None
+        return _supervisor_pid(self.state())
 
     def supervisor_alive(self) -> bool:
-        pid = self.supervisor_pid
-        if pid is None:
-            return False
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return b"supervise" in f.read()
-        except OSError:
-            return False
+        return _is_supervisor(self.supervisor_pid)
 
     def members(self) -> list[dict[str, Any]]:
         members: list[dict[str, Any]] = self.state().get("members", [])
@@ -112,14 +124,15 @@ class FleetHandle:
 
     def live_pids(self) -> list[int]:
         """Processes hosting live VMs, each once (a worker may host several VMs)."""
-        pids = [m["pid"] for m in self.members() if m["state"] in ("booting", "running")]
-        return list(dict.fromkeys(pids))
+        return _live_pids(self.state())
 
     def process_pids(self) -> list[int]:
-        """The supervisor and its live members: every process the fleet costs."""
-        pids = self.live_pids()
-        sup = self.supervisor_pid
-        return ([sup] if sup and self.supervisor_alive() else []) + pids
+        """The supervisor and its live members: every process the fleet costs (one
+        read of the state file: this runs on every sample of an experiment)."""
+        state = self.state()
+        supervisor = _supervisor_pid(state)
+        alive = supervisor is not None and _is_supervisor(supervisor)
+        return ([supervisor] if alive and supervisor else []) + _live_pids(state)
 
     def log_path(self, index: int) -> Path:
         return self.directory / f"vm-{index}.log"

@@ -238,6 +238,10 @@ class FleetLauncher:
         self._pools: dict[tuple[str, Path | None], PagePool] = {}
         self._pages_fds: dict[tuple[str, Path | None], int] = {}
         self._leases: dict[int, tuple[PagePool, Lease]] = {}  # by VM index
+        # Per image and domain: the pages referenced for its first VM in launch().
+        self._first_of_image: dict[
+            tuple[str, Path | None, str, int], dict[bytes, ReferencedPages]
+        ] = {}
 
     def launch(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
         """Fork workers for every (label, spec), ``vms_per_worker`` VMs each."""
@@ -272,6 +276,9 @@ class FleetLauncher:
             with contextlib.suppress(BrokenPipeError):  # a worker that already died
                 os.write(go_w, b"g")
             os.close(go_w)
+        # The first VMs' leases may be released from now on: nothing may be referenced
+        # again through them.
+        self._first_of_image.clear()
 
     def _pool(self, spec: InstanceSpec) -> PagePool:
         key = (spec.domain, spec.pool_root)
@@ -283,23 +290,36 @@ class FleetLauncher:
 
     def _reference_pages(self, index: int, spec: InstanceSpec) -> PageSharer | None:
         """Reference the VM's read-only pages under a lease of its own, held by the
-        supervisor until the worker exists to own it; the worker only maps them."""
+        supervisor until the worker exists to own it; the worker only maps them.
+
+        The first VM of an image has its pages hashed, compared and stored; the
+        others of that image take references to the same slots, which the first
+        VM's lease keeps alive throughout :meth:`launch`."""
         if not spec.dedup.uses_pool:
             return None
         pool = self._pool(spec)
         lease = pool.lease()
         self._leases[index] = (pool, lease)
+        key = (spec.domain, spec.pool_root, spec.config.kernel_path, spec.config.mem_size)
+        first = self._first_of_image.get(key)
         by_content: dict[bytes, ReferencedPages] = {}
-        image = load_elf(spec.config.kernel_path, spec.config.mem_size)  # preloaded
-        for segment in image.segments:
-            start, end = shareable_span(segment)
-            if end > start:
-                offset = start - segment.guest_addr
-                # A view, not a slice: the key shares the preloaded image's bytes.
-                content = memoryview(segment.data)[offset : offset + end - start]
-                referenced = lease.reference_pages(content)
+        if first is not None:
+            for content, held in first.items():
+                referenced = lease.reference_again(held)
                 if referenced is not None:  # None: the pool's run switch is off
-                    by_content[content] = referenced  # type: ignore[index]
+                    by_content[content] = referenced
+        else:
+            image = load_elf(spec.config.kernel_path, spec.config.mem_size)  # preloaded
+            for segment in image.segments:
+                start, end = shareable_span(segment)
+                if end > start:
+                    offset = start - segment.guest_addr
+                    # A view, not a slice: the key shares the preloaded image's bytes.
+                    view = memoryview(segment.data)[offset : offset + end - start]
+                    referenced = lease.reference_pages(view)
+                    if referenced is not None:
+                        by_content[view] = referenced  # type: ignore[index]
+            self._first_of_image[key] = by_content
         return SlotMapper(self._pages_fds[(spec.domain, spec.pool_root)], by_content)
 
     def _hand_over(self, pid: int, indexes: list[int]) -> None:

@@ -41,14 +41,12 @@ def resolve_image(name_or_path: str) -> Path:
     """A shipped guest's name, or else a path to an image file."""
     from pathlib import Path
 
-    if "/" not in name_or_path and name_or_path in catalog():
-        return guest_path(name_or_path)
-    return Path(name_or_path)
+    return Path(resolve_image_path(name_or_path))
 
 
 def resolve_image_path(name_or_path: str) -> str:
-    """:func:`resolve_image` as a plain string, without listing the catalog: the
-    ``dksm run`` path, where every millisecond of start-up shows."""
+    """:func:`resolve_image` as a plain string, without pathlib or listing the catalog:
+    the ``dksm run`` path, where every millisecond of start-up shows."""
     if "/" not in name_or_path:
         shipped = os.path.join(IMAGES_DIR, name_or_path + IMAGE_SUFFIX)
         if os.path.isfile(shipped):

@@ -70,6 +70,45 @@ def process_memory(pid: int) -> ProcessMemory | None:
     )
 
 
+@dataclass(frozen=True)
+class MappingMemory:
+    """One mapping of a process, from ``/proc/PID/smaps`` (sizes in bytes)."""
+
+    start: int
+    end: int
+    path: str  # the backing file, or "" / "[heap]" and the like
+    rss: int
+    pss: int
+
+    def within(self, start: int, length: int) -> bool:
+        return self.start >= start and self.end <= start + length
+
+
+def process_mappings(pid: int) -> list[MappingMemory]:
+    """Every mapping of ``pid`` with its Rss and Pss ([] if the process is gone)."""
+    found: list[MappingMemory] = []
+    head: list[bytes] | None = None
+    rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return found
+    for line in text.splitlines():
+        first = line.split(maxsplit=1)[0] if line else b""
+        if b"-" in first and not first.endswith(b":"):  # a mapping's header line
+            head = line.split(maxsplit=5)
+            rss = 0
+        elif head is not None and first == b"Rss:":
+            rss = int(line.split()[1]) * KIB
+        elif head is not None and first == b"Pss:":
+            lo, hi = (int(x, 16) for x in head[0].split(b"-"))
+            path = head[5].decode(errors="replace").strip() if len(head) > 5 else ""
+            found.append(MappingMemory(lo, hi, path, rss, int(line.split()[1]) * KIB))
+            head = None
+    return found
+
+
 def tmpfs_bytes(path: Path) -> int:
     """Bytes allocated by every file under ``path`` (0 if it does not exist)."""
     total = 0
