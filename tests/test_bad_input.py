@@ -104,10 +104,12 @@ def test_command_line_too_long(tmp_path: Path) -> None:
     _assert_clean_error(result, "command line is 5000 bytes")
 
 
-def test_more_than_one_vcpu_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("count", ["0", "33"])
+def test_vcpu_count_outside_firecrackers_range_refused(tmp_path: Path, count: str) -> None:
     path = tmp_path / "ok.elf"
     path.write_bytes(make_elf(_good_segments()))
-    _assert_clean_error(dksm("run", "--kernel", str(path), "--vcpus", "2"), "2 vCPUs requested")
+    result = dksm("run", "--kernel", str(path), "--vcpus", count)
+    _assert_clean_error(result, f"vcpu_count must be 1 to 32, not {count}")
 
 
 CONFIGS: dict[str, tuple[str, str]] = {
@@ -131,10 +133,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
         '{"boot-source": {"kernel_image_path": "k"}, "network-interfaces": [{"iface_id": "eth0"}]}',
         "'network-interfaces' is not supported yet",
     ),
-    "two_vcpus": (
+    "too_many_vcpus": (
         '{"boot-source": {"kernel_image_path": "k"}, '
-        '"machine-config": {"vcpu_count": 2, "mem_size_mib": 16}}',
-        "2 vCPUs requested",
+        '"machine-config": {"vcpu_count": 64, "mem_size_mib": 16}}',
+        "vcpu_count must be 1 to 32, not 64",
     ),
 }
 

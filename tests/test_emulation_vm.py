@@ -115,7 +115,7 @@ def _boot(image: Path) -> MicroVm:
 def test_vecprobe_counts_the_instructions_it_needed() -> None:
     with _boot(guest_path("vecprobe")) as vm:
         outcome = vm.run(timeout=60)
-        fallback = vm.emulation
+        fallback = vm.threads[0].emulation
     assert outcome.cause == ExitCause.GUEST_SHUTDOWN, outcome.describe()
     if fallback is None:
         pytest.skip("this host's KVM runs SSE itself (hardware virtualization)")
@@ -170,9 +170,9 @@ def test_long_tail_runs_on_unicorn_when_installed(asm_guest: AsmGuest) -> None:
         shuffled = bytes(0 if c & 0x80 else data[c & 15] for c in control)
         assert _xmm(vm, 0) == shuffled
         assert _xmm(vm, 2) == (control + third)[5:21]  # palignr: (xmm2:xmm1) >> 5 bytes
-        assert vm.emulation is not None
-        assert vm.emulation.counts.get("pshufb") == 1
-        assert vm.emulation.counts.get("palignr") == 1
+        assert vm.threads[0].emulation is not None
+        assert vm.threads[0].emulation.counts.get("pshufb") == 1
+        assert vm.threads[0].emulation.counts.get("palignr") == 1
 
 
 def test_long_tail_without_unicorn_says_what_would_run_it(

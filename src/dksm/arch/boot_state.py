@@ -1,7 +1,8 @@
 """The initial state of a 64-bit Linux-boot-protocol vCPU, as Firecracker sets it.
 
 Page tables and the GDT are written into a guest-RAM buffer; registers, segments,
-CPUID, MSRs and the LAPIC are computed as KVM structs for the VMM to install.
+MSRs and the LAPIC are computed as KVM structs for the VMM to install (CPUID has
+its own module, :mod:`dksm.arch.cpuid`).
 The values follow docs/BOOT.md ("Initial vCPU state").
 """
 
@@ -46,11 +47,6 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_IA32_TSC = 0x10
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 0x1
-
-CPUID_LEAF_FEATURES = 1
-CPUID_ECX_TSC_DEADLINE = 1 << 24
-CPUID_ECX_HYPERVISOR = 1 << 31
-CLFLUSH_LINE_SIZE_QWORDS = 8
 
 
 def write_page_tables(ram: memoryview) -> None:
@@ -133,29 +129,6 @@ def boot_msrs() -> list[tuple[int, int]]:
         MSR_IA32_TSC,
     )
     return [(msr, 0) for msr in zeroed] + [(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING)]
-
-
-def vcpu_cpuid(
-    supported: list[abi.CpuidEntry2], vcpu_index: int, vcpu_count: int
-) -> list[abi.CpuidEntry2]:
-    """Per-vCPU CPUID: the host's supported leaves with leaf 1 made honest.
-
-    Leaf 1 EBX carries the initial APIC id (Unikraft indexes its per-CPU table with
-    it, and the raw value is the host's), the logical CPU count and the CLFLUSH
-    line size; ECX says "hypervisor present" and offers the TSC deadline timer,
-    which the in-kernel LAPIC emulates.
-    """
-    logical = 1
-    while logical < vcpu_count:
-        logical <<= 1
-    entries = [abi.CpuidEntry2.from_buffer_copy(e) for e in supported]
-    for entry in entries:
-        if entry.function == CPUID_LEAF_FEATURES:
-            entry.ebx = ((vcpu_index << 24) | (logical << 16) | (CLFLUSH_LINE_SIZE_QWORDS << 8)) | (
-                entry.ebx & 0xFF
-            )
-            entry.ecx |= CPUID_ECX_HYPERVISOR | CPUID_ECX_TSC_DEADLINE
-    return entries
 
 
 def configure_lapic(lapic: abi.LapicState) -> None:

@@ -27,6 +27,10 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX_SIZE = 2048
 # Start of the EBDA / MP table area: conventional RAM ends here.
 EBDA_START = 0x9FC00
+# The MP table (floating pointer first), where guests scan for it: the EBDA's first KiB.
+MP_TABLE_ADDR = EBDA_START
+# End of conventional memory (640 KiB): the legacy video window starts here.
+EBDA_END = 0xA0000
 # Kernels load at or above 1 MiB ("high memory").
 HIMEM_START = 0x100000
 # Firecracker 1.x's 32-bit MMIO gap: guest RAM never overlaps it.

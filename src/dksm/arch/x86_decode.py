@@ -241,6 +241,11 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     sse(0x0D, NO_PREFIX, "prefetchw", operand=MEMORY_ONLY, group=1)
     sse(0xC3, NO_PREFIX, "movnti", operand=MEMORY_ONLY)
     sse(0xC7, NO_PREFIX, "cmpxchg16b", operand=MEMORY_ONLY, group=1, lockable=True)
+    # Group 9's random-number forms (0F C7 /6, /7; 66 selects 16-bit): KVM may not
+    # execute them where its CPUID list lacks them, yet dksm offers them to guests.
+    for prefix in (NO_PREFIX, P66):
+        add(MAP_0F, 0xC7, prefix, Spec("rdrand", operand=REGISTER_ONLY, group=6))
+        add(MAP_0F, 0xC7, prefix, Spec("rdseed", operand=REGISTER_ONLY, group=7))
     return {key: tuple(specs) for key, specs in table.items()}
 
 

@@ -26,6 +26,7 @@ operation section); no code from elsewhere.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -46,8 +47,13 @@ REGISTER_COUNT = 18
 # x86 encoding number (rax rcx rdx rbx rsp rbp rsi rdi r8-r15) -> kvm_regs index.
 ENCODING_TO_INDEX = (0, 2, 3, 1, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15)
 
+FLAG_CF = 1 << 0
+FLAG_PF = 1 << 2
+FLAG_AF = 1 << 4
 FLAG_ZF = 1 << 6
+FLAG_SF = 1 << 7
 FLAG_TF = 1 << 8
+FLAG_OF = 1 << 11
 
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
@@ -679,7 +685,8 @@ def _clflush(cpu: Cpu, insn: Instruction) -> None:
 
 def _cmpxchg16b(cpu: Cpu, insn: Instruction) -> None:
     """cmpxchg16b m128 (REX.W) / cmpxchg8b m64: the vCPU is stopped while this runs,
-    and the VMM has one vCPU, so the read-compare-write is atomic for the guest."""
+    and the VMM holds every other vCPU of the VM outside the guest while it runs a
+    locked instruction, so the read-compare-write is atomic for the guest."""
     regs = cpu.regs
     if insn.rex_w:
         size, mask = 16, MASK64
@@ -699,6 +706,23 @@ def _cmpxchg16b(cpu: Cpu, insn: Instruction) -> None:
         regs[RAX] = current & mask
         regs[RDX] = (current >> half) & mask
         regs[RFLAGS] &= ~FLAG_ZF & MASK64
+
+
+def _random_number(cpu: Cpu, insn: Instruction) -> None:
+    """rdrand / rdseed r16/r32/r64 from the kernel's random source (getrandom).
+
+    The kernel's pool never runs dry, so the instruction always succeeds: CF = 1
+    and OF, SF, ZF, AF, PF cleared, as the SDM defines a successful return."""
+    size = 8 if insn.rex_w else 2 if insn.operand16 else 4
+    value = int.from_bytes(os.urandom(size), "little")
+    regs = cpu.regs
+    if size == 2:  # a 16-bit write keeps the register's upper bits
+        index = ENCODING_TO_INDEX[insn.rm]
+        regs[index] = (regs[index] & ~0xFFFF & MASK64) | value
+    else:
+        _set_gpr(cpu, insn.rm, value, size)
+    cleared = FLAG_OF | FLAG_SF | FLAG_ZF | FLAG_AF | FLAG_PF
+    regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | FLAG_CF
 
 
 # -- MXCSR, XCR0 and the state-save instructions ---------------------------------------
@@ -935,6 +959,8 @@ HANDLERS: dict[str, Handler] = {
     "prefetchw": _no_operation,
     "clflush": _clflush,
     "cmpxchg16b": _cmpxchg16b,
+    "rdrand": _random_number,
+    "rdseed": _random_number,
     "ldmxcsr": _ldmxcsr,
     "stmxcsr": _stmxcsr,
     "xgetbv": _xgetbv,

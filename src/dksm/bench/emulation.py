@@ -198,7 +198,7 @@ def _run_case(name: str, iterations: int, mem_mib: int) -> tuple[float, int, int
             start = time.perf_counter()
             outcome = vm.run(timeout=600)
             elapsed = time.perf_counter() - start
-            fallback = vm.emulation  # None: no instruction needed it
+            fallback = vm.threads[0].emulation  # None: no instruction needed it
             stats = fallback.stats() if fallback is not None else EmulationStats(0, 0, 0.0)
     finally:
         os.unlink(path)

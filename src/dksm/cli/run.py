@@ -23,7 +23,9 @@ def register(sub: Any) -> None:
     )
     source.add_argument("--config-file", metavar="JSON", help="a Firecracker config file")
     parser.add_argument("--mem-mib", type=int, default=None, help="guest RAM in MiB (default 128)")
-    parser.add_argument("--vcpus", type=int, default=None, help="number of vCPUs (1)")
+    parser.add_argument(
+        "--vcpus", type=int, default=None, help="number of vCPUs, 1 to 32 (default 1)"
+    )
     parser.add_argument("--boot-args", default=None, help="kernel command line")
     parser.add_argument("--initrd", default=None, help="initial ramdisk to load")
     parser.add_argument(
@@ -34,6 +36,11 @@ def register(sub: Any) -> None:
         help="stop the VM after S seconds (exit status 5)",
     )
     parser.add_argument("--serial-out", metavar="FILE", help="write the serial console to FILE")
+    parser.add_argument(
+        "--no-tsc-leaf",
+        action="store_true",
+        help="do not announce the TSC frequency in CPUID 0x40000010 (guests calibrate it)",
+    )
     parser.add_argument(
         "--dedup", default="dksm", metavar="MODE", help="none, ksm, dksm (default) or dksm+ksm"
     )
@@ -66,6 +73,8 @@ def _config(args: argparse.Namespace) -> Any:
             )
             if v is not None
         }
+        if args.no_tsc_leaf:
+            overrides["tsc_frequency_leaf"] = False
         if overrides:
             from dataclasses import replace
 
@@ -77,6 +86,7 @@ def _config(args: argparse.Namespace) -> Any:
             mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
             vcpu_count=1 if args.vcpus is None else args.vcpus,
             initrd_path=args.initrd,
+            tsc_frequency_leaf=not args.no_tsc_leaf,
         )
     config.validate()
     return config
@@ -100,6 +110,7 @@ def _path(text: str) -> Any:
 
 def handle(args: argparse.Namespace) -> int:
     from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+    from dksm.vmm.console_input import ConsoleInput
 
     if args.timeout is not None and args.timeout <= 0:
         raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
@@ -114,7 +125,9 @@ def handle(args: argparse.Namespace) -> int:
     with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
         if args.info_file:
             instance.write_info(args.info_file)
-        outcome = instance.run(timeout=args.timeout)
+        # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin.
+        with ConsoleInput(sys.stdin.fileno(), instance.vm.serial):
+            outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:
         print(f"dksm: {outcome.describe()}", file=sys.stderr)

@@ -1,6 +1,11 @@
 """The port-IO bus: devices keyed by address range, so the vCPU loop never changes
-when a device is added.  Unclaimed ports read as all ones and ignore writes, as on
-real hardware with nothing behind the port."""
+when a device is added.
+
+Unclaimed ports read as zeros and ignore writes, as Firecracker answers them.  Real
+hardware with nothing behind a port floats to all ones, but guests built for
+Firecracker poll ports it does not emulate and wait for a bit to clear (Unikraft's
+clock waits on the RTC's update-in-progress bit; Linux probes for a second serial
+port): with all ones they would spin forever."""
 
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ class PortBus:
         found = self._find(port)
         if found is None:
             self.unclaimed_accesses += 1
-            return (1 << (8 * size)) - 1
+            return 0
         base, device = found
         return device.read(port - base, size)
 

@@ -61,10 +61,13 @@ class Kvm:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise KvmError(f"cannot open {path}: {exc.strerror}") from exc
-        version = _ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-        if version != abi.KVM_API_VERSION:
+        try:
+            version = _ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            if version != abi.KVM_API_VERSION:
+                raise KvmError(f"KVM API version {version}, expected {abi.KVM_API_VERSION}")
+        except BaseException:
             os.close(self.fd)
-            raise KvmError(f"KVM API version {version}, expected {abi.KVM_API_VERSION}")
+            raise
 
     def check_extension(self, capability: int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 if unsupported, else a capability-specific value."""
@@ -227,6 +230,10 @@ class Vcpu:
         for i, entry in enumerate(entries):
             cpuid.entries[i] = entry
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    def tsc_khz(self) -> int:
+        """The guest TSC's frequency in kHz (``KVM_GET_TSC_KHZ``)."""
+        return _ioctl(self.fd, abi.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
     def get_lapic(self) -> abi.LapicState:
         lapic = abi.LapicState()

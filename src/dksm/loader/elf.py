@@ -13,6 +13,7 @@ import os
 import struct
 
 from dksm.arch import layout
+from dksm.loader.image_format import describe_unbootable
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
 ELF_MAGIC = b"\x7fELF"
@@ -75,7 +76,7 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
 
 def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise LoaderError(f"{path}: not an ELF file (bad magic)")
+        raise LoaderError(f"{path}: {describe_unbootable(data)}")
     if len(data) < EHDR.size:
         raise LoaderError(f"{path}: truncated ELF header ({len(data)} bytes, need {EHDR.size})")
     (
@@ -95,7 +96,7 @@ def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
         _shstrndx,
     ) = EHDR.unpack_from(data)
     if ident[4] != ELFCLASS64:
-        raise LoaderError(f"{path}: a 32-bit ELF; dksm boots 64-bit images only")
+        raise LoaderError(f"{path}: {describe_unbootable(data, ident[4])}")
     if ident[5] != ELFDATA2LSB:
         raise LoaderError(f"{path}: a big-endian ELF; x86-64 images are little-endian")
     if e_machine != EM_X86_64:

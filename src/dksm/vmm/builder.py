@@ -2,16 +2,20 @@
 
 Everything that can be wrong with the input (config, image, initrd, command line)
 is checked before ``/dev/kvm`` is opened, so bad input costs nothing and leaves
-nothing behind.
+nothing behind.  What the build acquires (the KVM handles, RAM, vCPUs and their
+``kvm_run`` mappings) is entered on one exit stack: a failure at any step releases
+all of it, in reverse order.
 """
 
 from __future__ import annotations
 
-from dksm.arch import boot_state, layout
-from dksm.devices import i8042, serial
+import contextlib
+
+from dksm.arch import boot_state, cpuid, layout, mptable
+from dksm.devices import i8042, rtc, serial
 from dksm.devices.bus import PortBus
 from dksm.kvm import abi
-from dksm.kvm.system import Kvm, Vcpu
+from dksm.kvm.system import Kvm, KvmError, Vcpu
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf, page_ceil, page_floor
 from dksm.loader.segment import KernelImage, LoaderError
@@ -65,28 +69,36 @@ def build(
     if config.initrd_path:
         initrd = _place_initrd(config.initrd_path, config.mem_size, image)
 
-    kvm = Kvm()
-    memory: GuestMemory | None = None
-    try:
+    with contextlib.ExitStack() as acquired:
+        kvm = acquired.enter_context(Kvm())
         # 2. The VM, its RAM as one slot, TSS, in-kernel irqchip and PIT.
         vm = kvm.create_vm()
+        acquired.callback(vm.close)
         memory = GuestMemory(config.mem_size)
+        acquired.callback(memory.close)
         vm.set_user_memory_region(0, 0, config.mem_size, memory.host_address)
         vm.set_tss_addr(layout.TSS_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
         # 3. vCPUs after the irqchip.
-        vcpu = vm.create_vcpu(0)
+        vcpus: list[Vcpu] = []
+        for index in range(config.vcpu_count):
+            vcpu = vm.create_vcpu(index)
+            acquired.callback(vcpu.close)
+            vcpus.append(vcpu)
         # 4. The kernel, read-only pages through the sharer.
         memory.load_image(image, sharer)
         if initrd is not None:
             memory.write(initrd[0], initrd[1])
         # 5. Per-vCPU state.
-        _configure_vcpu(kvm, vcpu, config.vcpu_count, image.entry)
-        # 6. Boot structures: page tables, GDT, command line, zero page.
+        policy = _cpuid_policy(kvm, vcpus[0], config)
+        for vcpu in vcpus:
+            _configure_vcpu(kvm, vcpu, policy, image.entry)
+        # 6. Boot structures: page tables, GDT, MP table, command line, zero page.
         ram = memory.view()
         boot_state.write_page_tables(ram)
         boot_state.write_gdt_and_idt(ram)
+        memory.write(layout.MP_TABLE_ADDR, mptable.mp_table(config.vcpu_count))
         memory.write(layout.CMDLINE_ADDR, cmdline + b"\0")
         params = BootParams(
             mem_size=config.mem_size,
@@ -95,11 +107,8 @@ def build(
             initrd_size=len(initrd[1]) if initrd else 0,
         )
         memory.write(layout.ZERO_PAGE_ADDR, params.encode())
-    except BaseException:
-        if memory is not None:
-            memory.close()
-        kvm.close()
-        raise
+        acquired.pop_all()  # the machine owns all of it from here
+
     # 7. Devices on the port bus.
     bus = PortBus()
 
@@ -108,32 +117,52 @@ def build(
         vm.irq_line(serial.COM1_IRQ, 0)
 
     console = serial.Serial(serial_sink, raise_serial_irq)
-    machine = MicroVm(kvm, vm, memory, vcpu, bus, console)
+    machine = MicroVm(kvm, vm, memory, vcpus, bus, console)
     bus.register(serial.COM1_PORT, serial.PORT_COUNT, console)
     bus.register(
         i8042.DATA_PORT,
         i8042.PORT_COUNT,
         i8042.I8042(lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset")),
     )
+    bus.register(rtc.INDEX_PORT, rtc.PORT_COUNT, rtc.CmosRtc())
     bus.register(ACPI_SHUTDOWN_PORT, 2, _PortSink(machine))
     return machine
 
 
 _host_cpuid: list[abi.CpuidEntry2] | None = None
+_host_flags: frozenset[str] | None = None
 
 
 def preload_host_cpuid() -> None:
-    """Ask KVM for the supported CPUID once, for every VM this process (and the
-    processes it forks) will build."""
-    global _host_cpuid
+    """Ask KVM for the supported CPUID (and the kernel for the host CPU's flags) once,
+    for every VM this process (and the processes it forks) will build."""
+    global _host_cpuid, _host_flags
     if _host_cpuid is None:
         with Kvm() as kvm:
             _host_cpuid = kvm.supported_cpuid()
+    if _host_flags is None:
+        _host_flags = cpuid.host_cpu_flags()
 
 
-def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, vcpu_count: int, entry: int) -> None:
+def _cpuid_policy(kvm: Kvm, bsp: Vcpu, config: VmConfig) -> cpuid.CpuidPolicy:
+    flags = _host_flags if _host_flags is not None else cpuid.host_cpu_flags()
+    tsc_khz: int | None = None
+    if config.tsc_frequency_leaf:
+        try:
+            tsc_khz = bsp.tsc_khz() or None
+        except KvmError:
+            tsc_khz = None  # KVM cannot say: the guest calibrates its TSC itself
+    return cpuid.CpuidPolicy(
+        vcpu_count=config.vcpu_count,
+        rdrand="rdrand" in flags,
+        rdseed="rdseed" in flags,
+        tsc_khz=tsc_khz,
+    )
+
+
+def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, policy: cpuid.CpuidPolicy, entry: int) -> None:
     supported = _host_cpuid if _host_cpuid is not None else kvm.supported_cpuid()
-    vcpu.set_cpuid(boot_state.vcpu_cpuid(supported, vcpu.index, vcpu_count))
+    vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, vcpu.index, policy))
     vcpu.set_msrs(boot_state.boot_msrs())
     vcpu.set_regs(boot_state.boot_regs(entry))
     fpu = vcpu.get_fpu()

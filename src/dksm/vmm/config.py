@@ -16,7 +16,7 @@ from dksm.error import DksmError
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 DEFAULT_MEM_MIB = 128  # Firecracker's default machine-config
-MAX_VCPUS = 1
+MAX_VCPUS = 32  # Firecracker's limit, and what the MP table below 640 KiB holds
 
 
 class ConfigError(DksmError):
@@ -30,6 +30,8 @@ class VmConfig:
     mem_mib: int = DEFAULT_MEM_MIB
     vcpu_count: int = 1
     initrd_path: str | None = None
+    # Announce the TSC frequency in CPUID 0x40000010 (guests then skip calibration).
+    tsc_frequency_leaf: bool = True
 
     @property
     def mem_size(self) -> int:
@@ -46,12 +48,8 @@ class VmConfig:
                 f"memory size {self.mem_mib} MiB is too large: at most "
                 f"{layout.MAX_MEM_SIZE // layout.MIB} MiB (RAM must end below the MMIO gap)"
             )
-        if self.vcpu_count < 1:
-            raise ConfigError(f"vcpu_count must be at least 1, not {self.vcpu_count}")
-        if self.vcpu_count > MAX_VCPUS:
-            raise ConfigError(
-                f"{self.vcpu_count} vCPUs requested; dksm runs {MAX_VCPUS} vCPU per VM for now"
-            )
+        if not 1 <= self.vcpu_count <= MAX_VCPUS:
+            raise ConfigError(f"vcpu_count must be 1 to {MAX_VCPUS}, not {self.vcpu_count}")
 
 
 def _field(section: dict[str, Any], name: str, where: str, kind: type) -> Any:

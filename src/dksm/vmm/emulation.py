@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -419,8 +421,17 @@ class EmulationFallback:
     """
 
     def __init__(
-        self, kvm: Kvm, vcpu: Vcpu, ram: memoryview, ram_address: int, long_tail: bool = True
+        self,
+        kvm: Kvm,
+        vcpu: Vcpu,
+        ram: memoryview,
+        ram_address: int,
+        long_tail: bool = True,
+        exclusive: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
+        # ``exclusive`` holds the VM's other vCPUs outside the guest: a locked
+        # instruction (lock cmpxchg16b) done here must be atomic for all of them.
+        self._exclusive = exclusive
         self._vcpu = vcpu
         self._cpu = VcpuCpu(kvm, vcpu, ram)
         self._ram_address = ram_address
@@ -484,7 +495,11 @@ class EmulationFallback:
                     raise EmulationError(self._message(code, decoded))
                 insn, handler, name = decoded
             try:
-                x86_execute.execute(cpu, insn, handler)
+                if insn.lock and self._exclusive is not None:
+                    with self._exclusive():
+                        x86_execute.execute(cpu, insn, handler)
+                else:
+                    x86_execute.execute(cpu, insn, handler)
             except ExecutionError as exc:
                 raise EmulationError(self._message(insn.code, str(exc))) from exc
             self._count(name)
@@ -510,8 +525,8 @@ class EmulationFallback:
                 self._batch_ends.add(rip)
                 return
             insn, handler, name = decoded
-            if insn.length > len(code):
-                return
+            if insn.length > len(code) or (insn.lock and self._exclusive is not None):
+                return  # incomplete, or needs the other vCPUs held: an exit of its own
             try:
                 x86_execute.execute(cpu, insn, handler)
             except ExecutionError:

@@ -1,19 +1,43 @@
-"""A built microVM and its vCPU loop.
+"""A built microVM and its vCPU loops.
 
-The vCPU runs ``KVM_RUN`` on its own thread and dispatches exits to the port bus;
-the calling thread waits for it and is the one that stops it.  That split makes
-stopping race-free: a guest that halted with interrupts on never exits by itself,
-so :meth:`MicroVm.stop` sets ``immediate_exit`` (honoured if the vCPU is about to
-enter the guest) and signals the vCPU thread (which interrupts it if it is inside),
-repeating until the loop has noticed.
+Each vCPU runs ``KVM_RUN`` on a thread of its own and dispatches its exits to the
+port bus; the thread that calls :meth:`MicroVm.run` (or the fleet's worker) waits for
+them and is the one that stops them.  The application processors start blocked
+inside ``KVM_RUN``: the in-kernel LAPIC holds them until the guest's bootstrap
+processor sends INIT and SIPI, as on a PC.
+
+Stopping.  A guest that halted with interrupts on, or an application processor never
+started, never exits by itself, so :meth:`MicroVm.finish` sets ``immediate_exit`` on
+every vCPU (honoured by one about to enter the guest) and kicks every vCPU thread
+with a signal (which interrupts one inside).  Whatever ends the VM -- the guest's
+own shutdown on any vCPU, a fault, a timeout, a signal to the VMM -- ends all its
+vCPUs together.
+
+Waiting for a vCPU uses an event each vCPU thread sets when its loop has returned,
+never ``Thread.join``.  SIGTERM reaches the VMM as an exception raised in the waiting
+thread, and in Python 3.11 an exception that interrupts ``join`` marks the thread
+finished although it still runs (the interrupted wait releases the lock the living
+thread holds): the VMM then unmapped ``kvm_run`` and guest RAM under a running vCPU
+and died of SIGSEGV.  An interrupted ``Event.wait`` leaves nothing behind.
+
+A kick is sent only to a thread that has not exited: a thread announces its exit
+under its kick lock, and the kicker signals under the same lock, so ``pthread_kill``
+never names a thread whose identity the C library may already have freed.
+
+Exclusive sections.  An instruction the VMM executes for the guest (the emulation
+fallback) is not atomic for the other vCPUs.  For a locked one the VMM first holds
+them outside the guest (:meth:`MicroVm.exclusive`): each vCPU checks before entering
+the guest whether another holds the VM, and parks until it is released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -73,7 +97,7 @@ def format_registers(vcpu: Vcpu) -> str:
     except KvmError as exc:
         return f"(registers unavailable: {exc})"
     names = abi.REGS_NAMES.split()
-    lines = []
+    lines = [f"vcpu {vcpu.index}:"]
     for i in range(0, len(names), 4):
         lines.append("  ".join(f"{n:>6}={getattr(regs, n):016x}" for n in names[i : i + 4]))
     lines.append(
@@ -84,102 +108,86 @@ def format_registers(vcpu: Vcpu) -> str:
     return "\n".join(lines)
 
 
-class MicroVm:
-    """One VM: its KVM handles, RAM, devices, and one vCPU.  Close it when done."""
+def _exit_name(reason: int) -> str:
+    return (
+        abi.ExitReason(reason).name if reason in abi.ExitReason._value2member_map_ else str(reason)
+    )
 
-    def __init__(
-        self, kvm: Kvm, vm: Vm, memory: GuestMemory, vcpu: Vcpu, bus: PortBus, serial: Serial
-    ) -> None:
-        self.kvm = kvm
-        self.vm = vm
-        self.memory = memory
+
+class VcpuThread:
+    """One vCPU's loop: ``KVM_RUN``, its exits, and the emulation fallback for it."""
+
+    def __init__(self, machine: MicroVm, vcpu: Vcpu) -> None:
+        self.machine = machine
         self.vcpu = vcpu
-        self.bus = bus
-        self.serial = serial
-        self._outcome: Outcome | None = None
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self.exit_counts: dict[str, int] = {}
         # Executes what the host's KVM cannot emulate (SSE on PVM hosts).  Made at
         # the first emulation failure, so VMs that never need it (hardware KVM,
         # guests without SSE) do not even import it.
         self.emulation: EmulationFallback | None = None
+        self._thread: threading.Thread | None = None
+        self._kick_lock = threading.Lock()
+        self._exited = False
+        self._loop_returned = threading.Event()  # set once the vCPU is outside for good
 
-    # -- stopping ---------------------------------------------------------------
-
-    def finish(self, cause: ExitCause, detail: str = "", registers: str = "") -> None:
-        """Record why the VM ends (the first reason wins) and make the vCPU stop."""
-        with self._lock:
-            if self._outcome is None:
-                emulated = dict(self.emulation.counts) if self.emulation is not None else {}
-                self._outcome = Outcome(cause, detail, registers, dict(self.exit_counts), emulated)
-        self.vcpu.run_state.immediate_exit = 1
-
-    def stop(self, cause: ExitCause, detail: str = "") -> None:
-        """Stop from another thread: record the cause and kick until the vCPU yields."""
-        self.finish(cause, detail)
-        thread = self._thread
-        while thread is not None and thread.is_alive():
-            if thread.ident is not None and thread is not threading.current_thread():
-                signal.pthread_kill(thread.ident, KICK_SIGNAL)
-            thread.join(KICK_INTERVAL_S)
-
-    @property
-    def finished(self) -> bool:
-        return self._outcome is not None
-
-    # -- running ----------------------------------------------------------------
+    # -- the thread -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the vCPU thread; the guest runs until :meth:`stop` or its own end."""
-        _install_kick_handler()
-        self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, name=f"vcpu{self.vcpu.index}", daemon=True
+        )
         self._thread.start()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for the VM to end; True if it has."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+    def alive(self) -> bool:
+        """The loop may still touch the vCPU (started and not yet returned)."""
+        return self._thread is not None and not self._loop_returned.is_set()
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds; True once the loop has returned."""
+        if self._thread is None:
+            return True
+        return self._loop_returned.wait(timeout)
 
     @property
-    def outcome(self) -> Outcome | None:
-        """Why the VM ended, once its vCPU has stopped."""
-        if self._thread is not None and self._thread.is_alive():
-            return None
-        return self._outcome
+    def done(self) -> bool:
+        """The loop has returned (or never started); the vCPU is outside the guest."""
+        return self._exited or self._thread is None
 
-    def run(self, timeout: float | None = None) -> Outcome:
-        """Run until the guest stops, ``timeout`` seconds pass, or :meth:`stop`."""
-        self.start()
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def kick(self) -> None:
+        """Interrupt ``KVM_RUN`` if the thread is inside it; safe at any moment."""
+        with self._kick_lock:
+            thread = self._thread
+            if (
+                not self._exited
+                and thread is not None
+                and thread.ident is not None
+                and thread is not threading.current_thread()
+            ):
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def _main(self) -> None:
         try:
-            while True:
-                wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-                if self.wait(min(wait, 0.5)):
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
-        except KeyboardInterrupt:
-            self.stop(ExitCause.INTERRUPTED, "SIGINT or SIGTERM")
-        assert self._outcome is not None
-        return self._outcome
+            self._dispatch_exits()
+        except Exception as exc:  # a VMM bug must still end the VM with a reason
+            self.machine.finish(ExitCause.VMM_ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._kick_lock:
+                self._exited = True
+            self._loop_returned.set()
+            self.machine.vcpu_exited()
+
+    # -- exits ----------------------------------------------------------------
 
     def _count(self, name: str) -> None:
         self.exit_counts[name] = self.exit_counts.get(name, 0) + 1
 
-    def _vcpu_loop(self) -> None:
-        try:
-            self._dispatch_exits()
-        except Exception as exc:  # a VMM bug must still end the VM with a reason
-            self.finish(ExitCause.VMM_ERROR, f"{type(exc).__name__}: {exc}")
-
     def _dispatch_exits(self) -> None:
+        machine = self.machine
         vcpu = self.vcpu
         run = vcpu.run_state
-        bus = self.bus
-        while self._outcome is None:
+        bus = machine.bus
+        while not machine.finished:
+            machine.checkpoint(self)
             if not vcpu.run():
                 continue  # interrupted: the loop condition decides
             reason = run.exit_reason
@@ -194,34 +202,32 @@ class MicroVm:
                     else:
                         chunk[:] = bus.read(io.port, size).to_bytes(size, "little")
                 continue
-            self._count(
-                abi.ExitReason(reason).name
-                if reason in abi.ExitReason._value2member_map_
-                else str(reason)
-            )
+            self._count(_exit_name(reason))
             if reason == abi.ExitReason.MMIO:
                 mmio = run.exit.mmio
                 if not mmio.is_write:
                     for i in range(mmio.len):
-                        mmio.data[i] = 0xFF
+                        mmio.data[i] = 0  # nothing claims MMIO: reads as zeros, like ports
                 continue
             if reason == abi.ExitReason.SHUTDOWN:
-                self.finish(ExitCause.TRIPLE_FAULT, self._rip_detail(), format_registers(vcpu))
+                machine.finish(ExitCause.TRIPLE_FAULT, self._rip_detail(), format_registers(vcpu))
             elif reason == abi.ExitReason.SYSTEM_EVENT:
-                self.finish(ExitCause.GUEST_SHUTDOWN, f"system event {run.exit.system_event.type}")
+                machine.finish(
+                    ExitCause.GUEST_SHUTDOWN, f"system event {run.exit.system_event.type}"
+                )
             elif reason == abi.ExitReason.INTERNAL_ERROR:
                 self._internal_error()
             elif reason == abi.ExitReason.FAIL_ENTRY:
                 code = run.exit.fail_entry.hardware_entry_failure_reason
-                self.finish(
+                machine.finish(
                     ExitCause.FAIL_ENTRY, f"hardware reason {code:#x}", format_registers(vcpu)
                 )
             elif reason == abi.ExitReason.HLT:
-                self.finish(ExitCause.HALTED, self._rip_detail())
+                machine.finish(ExitCause.HALTED, self._rip_detail())
             elif reason == abi.ExitReason.INTR:
                 continue
             else:
-                self.finish(
+                machine.finish(
                     ExitCause.INTERNAL_ERROR,
                     f"unexpected exit reason {reason}",
                     format_registers(vcpu),
@@ -229,36 +235,216 @@ class MicroVm:
 
     def _rip_detail(self) -> str:
         try:
-            return f"at rip {self.vcpu.get_regs().rip:#x}"
+            return f"at rip {self.vcpu.get_regs().rip:#x} (vcpu {self.vcpu.index})"
         except KvmError:
             return ""
 
     def _internal_error(self) -> None:
+        machine = self.machine
         internal = self.vcpu.run_state.exit.internal
         if internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
             from dksm.vmm.emulation import EmulationError, EmulationFallback
 
             if self.emulation is None:
                 self.emulation = EmulationFallback(
-                    self.kvm, self.vcpu, self.memory.view(), self.memory.host_address
+                    machine.kvm,
+                    self.vcpu,
+                    machine.memory.view(),
+                    machine.memory.host_address,
+                    exclusive=(lambda: machine.exclusive(self)) if machine.smp else None,
                 )
             try:
                 self.emulation.handle()
                 return  # done: the loop re-enters the guest past the instruction
             except EmulationError as exc:
                 detail = str(exc)
-            self.finish(ExitCause.EMULATION_FAILURE, detail, format_registers(self.vcpu))
+            machine.finish(ExitCause.EMULATION_FAILURE, detail, format_registers(self.vcpu))
         else:
-            self.finish(
+            machine.finish(
                 ExitCause.INTERNAL_ERROR,
                 f"suberror {internal.suberror} {self._rip_detail()}",
                 format_registers(self.vcpu),
             )
 
+
+class MicroVm:
+    """One VM: its KVM handles, RAM, devices and vCPUs.  Close it when done."""
+
+    def __init__(
+        self,
+        kvm: Kvm,
+        vm: Vm,
+        memory: GuestMemory,
+        vcpus: list[Vcpu],
+        bus: PortBus,
+        serial: Serial,
+    ) -> None:
+        if not vcpus:
+            raise ValueError("a VM needs at least one vCPU")
+        self.kvm = kvm
+        self.vm = vm
+        self.memory = memory
+        self.vcpus = vcpus
+        self.bus = bus
+        self.serial = serial
+        self.threads = [VcpuThread(self, vcpu) for vcpu in vcpus]
+        self._outcome: Outcome | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        # Exclusive sections: who holds the VM, and who is parked for it.
+        self._hold = threading.Condition()
+        self._holder: VcpuThread | None = None
+        self._parked: set[VcpuThread] = set()
+
+    @property
+    def vcpu(self) -> Vcpu:
+        """The bootstrap processor."""
+        return self.vcpus[0]
+
+    @property
+    def smp(self) -> bool:
+        return len(self.vcpus) > 1
+
+    # -- stopping ---------------------------------------------------------------
+
+    def finish(self, cause: ExitCause, detail: str = "", registers: str = "") -> None:
+        """Record why the VM ends (the first reason wins) and make every vCPU stop."""
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = Outcome(
+                    cause, detail, registers, self._exit_counts(), self._emulated_counts()
+                )
+        for vcpu in self.vcpus:
+            vcpu.run_state.immediate_exit = 1
+        for thread in self.threads:
+            thread.kick()
+        with self._hold:
+            self._hold.notify_all()  # parked vCPUs see the end
+
+    def stop(self, cause: ExitCause, detail: str = "") -> None:
+        """Stop from another thread: record the cause and kick until every vCPU yields."""
+        self.finish(cause, detail)
+        while not all(thread.join(KICK_INTERVAL_S) for thread in self.threads):
+            for thread in self.threads:
+                thread.kick()
+
+    def vcpu_exited(self) -> None:
+        with self._hold:
+            self._hold.notify_all()  # a holder may be waiting for this vCPU
+
+    @property
+    def finished(self) -> bool:
+        return self._outcome is not None
+
+    def _exit_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for thread in self.threads:
+            for name, n in thread.exit_counts.items():
+                counts[name] = counts.get(name, 0) + n
+        return counts
+
+    def _emulated_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for thread in self.threads:
+            if thread.emulation is not None:
+                for name, n in thread.emulation.counts.items():
+                    counts[name] = counts.get(name, 0) + n
+        return counts
+
+    # -- exclusive sections -------------------------------------------------------
+
+    def checkpoint(self, thread: VcpuThread) -> None:
+        """Called by each vCPU before it enters the guest: park while another holds
+        the VM (the read outside the lock is a shortcut; the loop rechecks)."""
+        if self._holder is None or self._holder is thread:
+            return
+        with self._hold:
+            while self._holder is not None and self._holder is not thread and not self.finished:
+                self._parked.add(thread)
+                self._hold.notify_all()
+                self._hold.wait()
+            self._parked.discard(thread)
+
+    @contextlib.contextmanager
+    def exclusive(self, thread: VcpuThread) -> Iterator[None]:
+        """Hold every other vCPU of this VM outside the guest for the block."""
+        others = [t for t in self.threads if t is not thread]
+        with self._hold:
+            while self._holder is not None and not self.finished:
+                self._parked.add(thread)  # another holder waits for us: count as parked
+                self._hold.notify_all()
+                self._hold.wait()
+            self._parked.discard(thread)
+            self._holder = thread
+        try:
+            for other in others:
+                other.vcpu.run_state.immediate_exit = 1
+                other.kick()
+            with self._hold:
+                self._hold.wait_for(
+                    lambda: self.finished or all(t in self._parked or t.done for t in others)
+                )
+            yield
+        finally:
+            with self._hold:
+                self._holder = None
+                for other in others:
+                    other.vcpu.run_state.immediate_exit = 0
+                self._hold.notify_all()
+            if self.finished:  # ended meanwhile: finish() may have set the flags first
+                for other in others:
+                    other.vcpu.run_state.immediate_exit = 1
+                    other.kick()
+
+    # -- running ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the vCPU threads; the guest runs until :meth:`stop` or its own end."""
+        _install_kick_handler()
+        self._started = True
+        for thread in self.threads:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the VM to end; True if it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self.threads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not thread.join(left):
+                return False
+        return True
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """Why the VM ended, once all its vCPUs have stopped."""
+        if any(thread.alive() for thread in self.threads):
+            return None
+        return self._outcome
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run until the guest stops, ``timeout`` seconds pass, or :meth:`stop`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self.start()
+            while True:
+                wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+                if self.wait(min(wait, 0.5)):
+                    break
+                if self.finished:  # ended from inside: make sure every vCPU heard it
+                    for thread in self.threads:
+                        thread.kick()
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
+        except KeyboardInterrupt:
+            self.stop(ExitCause.INTERRUPTED, "SIGINT or SIGTERM")
+        assert self._outcome is not None
+        return self._outcome
+
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if any(thread.alive() for thread in self.threads):
             self.stop(ExitCause.VMM_ERROR, "closed while running")
-        self.vcpu.close()
+        for vcpu in self.vcpus:
+            vcpu.close()
         self.vm.close()
         self.memory.close()
         self.kvm.close()
