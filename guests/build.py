@@ -38,7 +38,9 @@ sys.path.insert(0, str(GUESTS))
 import gen_bank  # noqa: E402
 
 PAGE = 4096
-APPS = ("hello", "idle", "compute", "cowprobe", "sseprobe", "vecprobe")
+APPS = (
+    "hello", "idle", "compute", "cowprobe", "sseprobe", "vecprobe", "smpprobe", "platprobe", "echo",
+)
 #: Apps whose own C file is allowed to use SSE (the library part never is).
 SSE_APPS = frozenset({"sseprobe", "vecprobe"})
 LIB_SOURCES = (

@@ -21,6 +21,16 @@ HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 IS_ROOT = os.geteuid() == 0
 
 requires_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm")
+
+# Real Unikraft 0.17 images, built from the public tree (their README says how and what
+# each prints).  They are not part of dksm: CI keeps them beside the clone.
+UNIKRAFT_IMAGES = Path(
+    os.environ.get("DKSM_UNIKRAFT_IMAGES") or TESTS_DIR.parent.parent / "shared/unikraft/images"
+)
+requires_unikraft = pytest.mark.skipif(
+    not UNIKRAFT_IMAGES.is_dir(),
+    reason=f"needs the real Unikraft images in {UNIKRAFT_IMAGES} (set DKSM_UNIKRAFT_IMAGES)",
+)
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
 

@@ -286,3 +286,33 @@ def test_sync_regs_and_xcrs_match_the_kernel_abi() -> None:
     assert abi.Run.s.offset == 304
     assert ctypes.sizeof(abi.Xcrs) == 392
     assert ctypes.sizeof(abi.Xcrs) == (abi.KVM_GET_XCRS >> 16) & 0x3FFF
+
+
+@pytest.mark.parametrize(
+    ("code", "size"),
+    [("0fc7f0", 4), ("480fc7f0", 8), ("660fc7f0", 2), ("0fc7f8", 4), ("490fc7f8", 8)],
+)
+def test_rdrand_and_rdseed_give_random_bits_and_report_success(code: str, size: int) -> None:
+    """rdrand/rdseed eax|rax|ax|r8: new bits of the given width, CF = 1, OF SF ZF AF PF
+    cleared; a 32-bit write clears the upper half, a 16-bit one keeps it."""
+    results = set()
+    for _ in range(4):
+        cpu = _cpu()
+        register = 8 if code.startswith("49") else RAX
+        cpu.regs[register] = 0xFFFF_FFFF_FFFF_FFFF
+        cpu.regs[17] = 0x2 | 0x8D4  # OF SF ZF AF PF set, CF clear
+        execute(cpu, decode(bytes.fromhex(code)))
+        value = cpu.regs[register]
+        if size == 2:
+            assert value >> 16 == 0xFFFF_FFFF_FFFF
+        else:
+            assert value < 1 << (8 * size)
+        assert cpu.regs[17] == 0x2 | 0x1
+        assert cpu.regs[RIP] == 0x100000 + len(code) // 2
+        results.add(value)
+    assert len(results) > 1
+
+
+def test_rdrand_with_a_memory_operand_is_not_an_instruction() -> None:
+    with pytest.raises(DecodeError):
+        decode(bytes.fromhex("0fc730"))
