@@ -7,14 +7,18 @@
  * (vector 6) through its x2APIC.  The trampoline goes from real mode to protected
  * mode to long mode on the VMM's page tables (CR3 0x9000) and calls ap_main on a
  * stack of its own.  Every CPU then adds 1 to a shared counter ROUNDS times with
- * locked instructions and reports its APIC id three ways (x2APIC id register,
+ * locked instructions, adds 1 to a shared 128-bit counter WIDE_ROUNDS times (even
+ * CPUs with lock cmpxchg16b, which a PVM host's KVM leaves to the VMM; odd CPUs with
+ * lock incq on its low half, which KVM runs itself: the VMM's compare-exchange must be
+ * atomic against them), and reports its APIC id three ways (x2APIC id register,
  * CPUID leaf 1 EBX[31:24], CPUID leaf 0xB EDX).
  *
  * Output (parsed by tests):
  *   smpprobe: dksm guest kit
  *   smpprobe: mp table lists <N> cpus
  *   smpprobe: cpu <i> apic <id> cpuid <id> x2apic <id> online      (N lines, any order)
- *   smpprobe: <N> cpus online, counter <N*ROUNDS> ok              (or "MISMATCH")
+ *   smpprobe: <N> cpus online, counter <N*ROUNDS> ok, wide <N*WIDE_ROUNDS> ok
+ *   (MISMATCH instead of ok where a counter is wrong)
  * or "smpprobe: cpu <i> did not start" / "smpprobe: no MP table" on failure.
  */
 #include <dksm/kit.h>
@@ -26,6 +30,8 @@
 #define MAX_CPUS 32
 #define AP_STACK_SIZE 8192
 #define ROUNDS 1000
+#define WIDE_ROUNDS 50
+#define INC_ROUNDS 20000 /* odd CPUs hammer the low half while even ones compare-exchange */
 #define START_SPINS 2000000UL
 
 #define MSR_APIC_BASE 0x1b
@@ -42,9 +48,11 @@ extern const u8 dksm_idtr[];
 
 static u8 ap_stacks[MAX_CPUS][AP_STACK_SIZE] __aligned(16);
 static volatile u64 counter;
+static volatile u64 wide[2] __aligned(16); /* low, high */
 static volatile u32 started;
 static volatile u32 arrived;
 static volatile u32 print_lock;
+static volatile u32 go; /* set once every CPU is up: they then count at the same time */
 
 static inline u64 rdmsr(u32 msr)
 {
@@ -79,6 +87,20 @@ static u32 x2apic_enable(void)
     return (u32)rdmsr(MSR_X2APIC_ID);
 }
 
+/* wide += 1 as one 128-bit compare-exchange, retried until no other CPU intervened. */
+static void add_wide(void)
+{
+    u64 lo = wide[0], hi = wide[1];
+    u8 swapped;
+    do {
+        u64 new_lo = lo + 1, new_hi = hi + (new_lo == 0);
+        __asm__ volatile("lock cmpxchg16b %[mem]; setz %[ok]"
+                         : [mem] "+m"(*(volatile u64(*)[2])wide), "+a"(lo), "+d"(hi), [ok] "=q"(swapped)
+                         : "b"(new_lo), "c"(new_hi)
+                         : "cc", "memory");
+    } while (!swapped);
+}
+
 static void count_and_report(unsigned index)
 {
     u32 r[4];
@@ -89,6 +111,12 @@ static void count_and_report(unsigned index)
     u32 topology = r[3];
     for (int i = 0; i < ROUNDS; i++)
         __atomic_fetch_add(&counter, 1, __ATOMIC_SEQ_CST);
+    if (index % 2 == 0)
+        for (int i = 0; i < WIDE_ROUNDS; i++)
+            add_wide();
+    else
+        for (int i = 0; i < INC_ROUNDS; i++)
+            __asm__ volatile("lock incq %0" : "+m"(wide[0]) : : "cc", "memory");
     locked_print_begin();
     kprintf("smpprobe: cpu %u apic %u cpuid %u x2apic %u online\n", index, apic, leaf1, topology);
     locked_print_end();
@@ -100,6 +128,8 @@ void ap_main(void)
 {
     __asm__ volatile("lidt (%0)" : : "r"(dksm_idtr) : "memory"); /* the kit's IDT */
     unsigned index = __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    while (!go)
+        cpu_relax();
     count_and_report(index);
     __atomic_fetch_add(&arrived, 1, __ATOMIC_SEQ_CST);
     for (;;)
@@ -190,12 +220,15 @@ DKSM_APP_MAIN
             return;
         }
     }
+    __atomic_store_n(&go, 1, __ATOMIC_SEQ_CST);
     count_and_report(0);
     while (arrived != n - 1)
         cpu_relax();
     u64 expected = (u64)n * ROUNDS;
-    kprintf("smpprobe: %u cpus online, counter %lu %s\n", n, counter,
-            counter == expected ? "ok" : "MISMATCH");
+    u64 wide_expected = (u64)((n + 1) / 2) * WIDE_ROUNDS + (u64)(n / 2) * INC_ROUNDS;
+    kprintf("smpprobe: %u cpus online, counter %lu %s, wide %lu %s\n", n, counter,
+            counter == expected ? "ok" : "MISMATCH", wide[0],
+            wide[0] == wide_expected && wide[1] == 0 ? "ok" : "MISMATCH");
 }
 
 /* The application processors' way from real mode to ap_main, copied to TRAMPOLINE

@@ -3,6 +3,10 @@ byte, and to the process's exit.
 
 Each run is a fresh interpreter, as a user's ``dksm run`` is, so interpreter
 start-up and imports count: they are part of what a microVM costs to start.
+
+Variants (the same guest with different ``dksm run`` flags, e.g. with and without
+the TSC-frequency CPUID leaf) are measured interleaved, one run of each in turn, so
+that the machine's drift over the measurement falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dksm.error import DksmError
@@ -28,6 +33,8 @@ class BootResult:
     dedup: str
     first_byte_ms: tuple[float, ...]
     exit_ms: tuple[float, ...]
+    variant: str = "default"
+    flags: tuple[str, ...] = ()  # the variant's extra ``dksm run`` flags
 
     @staticmethod
     def _summary(values: tuple[float, ...]) -> dict[str, float]:
@@ -43,6 +50,8 @@ class BootResult:
         done = self._summary(self.exit_ms)
         return {
             "guest": self.guest,
+            "variant": self.variant,
+            "flags": list(self.flags),
             "runs": self.runs,
             "dedup": self.dedup,
             "first_byte_ms_median": first["median"],
@@ -52,8 +61,9 @@ class BootResult:
         }
 
     def table(self) -> str:
+        variant = "" if self.variant == "default" else f", {self.variant}"
         rows = [
-            f"boot of '{self.guest}' (dedup {self.dedup}), {self.runs} runs (ms)",
+            f"boot of '{self.guest}' (dedup {self.dedup}{variant}), {self.runs} runs (ms)",
             "            median    min    max  stdev",
         ]
         for name, values in (("first byte", self.first_byte_ms), ("exit", self.exit_ms)):
@@ -83,11 +93,15 @@ def _dksm_command() -> list[str]:
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "dksm"]
 
 
-def _one_run(guest: str, mem_mib: int, dedup: str, env: dict[str, str]) -> tuple[float, float]:
+def _one_run(
+    guest: str, mem_mib: int, dedup: str, env: dict[str, str], flags: Sequence[str]
+) -> tuple[float, float]:
     cmd = [*_dksm_command(), "run", "--kernel", guest, "--mem-mib", str(mem_mib),
-           "--dedup", dedup, "--timeout", "30"]  # fmt: skip
+           "--dedup", dedup, "--timeout", "30", *flags]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     first_at = time.perf_counter()
@@ -100,16 +114,35 @@ def _one_run(guest: str, mem_mib: int, dedup: str, env: dict[str, str]) -> tuple
     return (first_at - start) * 1000, (done_at - start) * 1000
 
 
-def measure_boot(guest: str, runs: int, mem_mib: int = 16, dedup: str = "dksm") -> BootResult:
+def measure_boot(
+    guest: str,
+    runs: int,
+    mem_mib: int = 16,
+    dedup: str = "dksm",
+    flags: Sequence[str] = (),
+    variants: Mapping[str, Sequence[str]] | None = None,
+) -> list[BootResult]:
+    """Boot ``guest`` ``runs`` times per variant (name -> extra flags), interleaved;
+    ``flags`` go to every run (boot arguments, initrd)."""
     if runs < 1:
         raise BootBenchError(f"--runs must be at least 1, not {runs}")
+    chosen = dict(variants) if variants else {"default": ()}
     env = _installed_environment()
-    _one_run(guest, mem_mib, dedup, env)  # warm the page cache
-    samples = [_one_run(guest, mem_mib, dedup, env) for _ in range(runs)]
-    return BootResult(
-        guest=guest,
-        runs=runs,
-        dedup=dedup,
-        first_byte_ms=tuple(s[0] for s in samples),
-        exit_ms=tuple(s[1] for s in samples),
-    )
+    for extra in chosen.values():
+        _one_run(guest, mem_mib, dedup, env, [*flags, *extra])  # warm the page cache
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
+    for _ in range(runs):
+        for name, extra in chosen.items():
+            samples[name].append(_one_run(guest, mem_mib, dedup, env, [*flags, *extra]))
+    return [
+        BootResult(
+            guest=guest,
+            runs=runs,
+            dedup=dedup,
+            first_byte_ms=tuple(s[0] for s in samples[name]),
+            exit_ms=tuple(s[1] for s in samples[name]),
+            variant=name,
+            flags=tuple(chosen[name]),
+        )
+        for name in chosen
+    ]

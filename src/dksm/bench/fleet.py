@@ -11,6 +11,11 @@ an empty pool).  Each mode gets its own pool domain, so no mode starts warm.
 
 Convergence is the time from the moment every VM has booted until memory stays
 within 1% of its final value.
+
+The fleet is started holding its VMs: a guest that shuts down (a run-to-completion
+unikernel, such as the real Unikraft apps) stays mapped as it was at its end until
+the mode is over, so every mode measures the same standing fleet.  The kit's own
+guests never shut down here (they are told ``then=idle``).
 """
 
 from __future__ import annotations
@@ -142,7 +147,7 @@ class ModeResult:
 
 @dataclass(frozen=True)
 class FleetBenchConfig:
-    images: Sequence[str]
+    images: Sequence[str]  # shipped guest names or image paths
     instances: int
     modes: Sequence[DedupMode]
     duration: float = 60.0
@@ -154,6 +159,30 @@ class FleetBenchConfig:
     pool_root: Path | None = None
     vms_per_worker: int = DEFAULT_VMS_PER_WORKER
     touch_kib: int = 0  # guest memory each VM fills with unique pages (guests/README.md)
+    configs: Sequence[str] = ()  # Firecracker config files, each one more kind of VM
+    boot_args: str | None = None  # for images that are not shipped guests
+
+    def vm_configs(self) -> list[tuple[str, VmConfig]]:
+        """(label, config) of each kind of VM in the fleet."""
+        from dksm.guests import IMAGES_DIR, resolve_image
+        from dksm.vmm.config import from_firecracker_json
+
+        kinds: list[tuple[str, VmConfig]] = []
+        for image in self.images:
+            path = resolve_image(image)
+            if path.parent == Path(IMAGES_DIR):  # a kit guest: it idles and can touch RAM
+                args = FLEET_BOOT_ARGS + (f" touch={self.touch_kib}" if self.touch_kib else "")
+            else:
+                args = DEFAULT_BOOT_ARGS if self.boot_args is None else self.boot_args
+            kinds.append((path.stem, VmConfig(str(path), boot_args=args, mem_mib=self.mem_mib)))
+        for config_file in self.configs:
+            config = from_firecracker_json(config_file)
+            kinds.append((Path(config.kernel_path).stem, config))
+        return kinds
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for label, _ in self.vm_configs()]
 
 
 def _settled(samples: list[Sample], settle: float, needs_scans: bool, scans0: int) -> bool:
@@ -173,20 +202,17 @@ def _run_mode(
 ) -> ModeResult:
     domain = f"bench-{mode.value.replace('+', '-')}-{os.getpid()}"
     session.apply(**cfg.knobs.settings()) if mode.uses_ksm else session.apply(run=ksm.RUN_STOP)
-    specs: list[tuple[str, InstanceSpec]] = []
-    for image in cfg.images:
-        from dksm.guests import resolve_image
-
-        path = resolve_image(image)
-        boot_args = FLEET_BOOT_ARGS + (f" touch={cfg.touch_kib}" if cfg.touch_kib else "")
-        config = VmConfig(kernel_path=str(path), mem_mib=cfg.mem_mib, boot_args=boot_args)
-        specs.extend(
-            (path.stem, InstanceSpec(config, mode, domain, cfg.pool_root))
-            for _ in range(cfg.instances)
-        )
+    specs = [
+        (label, InstanceSpec(config, mode, domain, cfg.pool_root))
+        for label, config in cfg.vm_configs()
+        for _ in range(cfg.instances)
+    ]
     started = time.monotonic()
     handle = control.up(
-        specs, boot_timeout=max(120.0, 2.0 * len(specs)), vms_per_worker=cfg.vms_per_worker
+        specs,
+        boot_timeout=max(120.0, 2.0 * len(specs)),
+        vms_per_worker=cfg.vms_per_worker,
+        hold=True,
     )
     booted = time.monotonic()
     result = ModeResult(mode.value, len(specs), booted - started)
@@ -259,7 +285,7 @@ def write_outputs(cfg: FleetBenchConfig, results: list[ModeResult]) -> dict[str,
             writer.writeheader()
             writer.writerows(asdict(s) for s in result.samples)
     summary: dict[str, object] = {
-        "images": list(cfg.images),
+        "images": cfg.labels,
         "instances_per_image": cfg.instances,
         "mem_mib": cfg.mem_mib,
         "ksm": cfg.knobs.describe(),
@@ -285,10 +311,11 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
             label=r.mode,
             linewidth=2,
         )
-    total = sum(1 for _ in cfg.images) * cfg.instances
+    labels = cfg.labels
+    total = len(labels) * cfg.instances
     touched = f", {cfg.touch_kib // 1024} MiB touched each" if cfg.touch_kib else ""
     ax.set_title(
-        f"{total} microVMs ({', '.join(cfg.images)}{touched}), KSM {cfg.knobs.describe()}",
+        f"{total} microVMs ({', '.join(labels)}{touched}), KSM {cfg.knobs.describe()}",
         fontsize=10,
     )
     ax.set_xlabel("seconds since every VM booted")

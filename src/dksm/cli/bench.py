@@ -18,6 +18,14 @@ def register(sub: Any) -> None:
     boot.add_argument("--guest", default="hello", help="shipped guest name or image path")
     boot.add_argument("--runs", type=int, default=20)
     boot.add_argument("--dedup", default="dksm", help="dedup mode of the runs (dksm)")
+    boot.add_argument("--boot-args", default=None, help="the guest's command line")
+    boot.add_argument("--initrd", default=None, help="an initial ramdisk to load")
+    boot.add_argument(
+        "--tsc-leaf",
+        choices=("on", "off", "both"),
+        default="on",
+        help="announce the TSC frequency in CPUID (on), hide it (off), or compare both",
+    )
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
@@ -81,6 +89,19 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
         metavar="NAME_OR_PATH",
         help="shipped guest or image path (repeatable; default: the idle-style shipped apps)",
     )
+    parser.add_argument(
+        "--config-file",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a Firecracker config file: one more kind of VM, with its kernel, boot args, "
+        "initrd and memory (repeatable)",
+    )
+    parser.add_argument(
+        "--boot-args",
+        default=None,
+        help="command line of --image paths that are not shipped guests",
+    )
     parser.add_argument("--instances", type=int, default=16 if demo else 10, help="VMs per image")
     parser.add_argument("--modes", default="none,ksm,dksm,dksm+ksm")
     parser.add_argument(
@@ -120,8 +141,9 @@ def run_fleet_command(args: argparse.Namespace) -> int:
     from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench, table, write_outputs
     from dksm.fleet.instance import DedupMode
 
+    images = args.image or ([] if args.config_file else list(DEFAULT_FLEET_IMAGES))
     cfg = FleetBenchConfig(
-        images=args.image or list(DEFAULT_FLEET_IMAGES),
+        images=images,
         instances=args.instances,
         modes=[DedupMode.parse(m.strip()) for m in args.modes.split(",") if m.strip()],
         duration=args.duration,
@@ -130,6 +152,8 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         vms_per_worker=args.vms_per_process,
         touch_kib=args.touch_kib,
+        configs=args.config_file,
+        boot_args=args.boot_args,
     )
     results = run_fleet_bench(cfg)
     summary = write_outputs(cfg, results)
@@ -220,11 +244,24 @@ def _fleet(args: argparse.Namespace) -> int:
 def _boot(args: argparse.Namespace) -> int:
     from dksm.bench.boot import measure_boot
 
-    result = measure_boot(args.guest, args.runs, dedup=args.dedup)
+    flags = []
+    if args.boot_args is not None:
+        flags += ["--boot-args", args.boot_args]
+    if args.initrd is not None:
+        flags += ["--initrd", args.initrd]
+    with_leaf: list[str] = []
+    without_leaf = ["--no-tsc-leaf"]
+    variants = {
+        "on": {"tsc leaf": with_leaf},
+        "off": {"no tsc leaf": without_leaf},
+        "both": {"tsc leaf": with_leaf, "no tsc leaf": without_leaf},
+    }[args.tsc_leaf]
+    results = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        docs = [r.to_json() for r in results]
+        print(json.dumps(docs[0] if len(docs) == 1 else {"variants": docs}, indent=2))
     else:
-        print(result.table())
+        print("\n\n".join(r.table() for r in results))
     return ExitStatus.OK
 
 

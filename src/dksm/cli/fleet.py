@@ -16,6 +16,7 @@ MIB = 1 << 20
 
 def add_instance_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
+    parser.add_argument("--vcpus", type=int, default=1, help="vCPUs per VM, 1 to 32 (1)")
     parser.add_argument("--dedup", default="dksm", help="none, ksm, dksm or dksm+ksm (dksm)")
     parser.add_argument("--domain", default="default", help="page-pool sharing domain")
     parser.add_argument("--pool-root", default=None, help="page-pool directory (tmpfs)")
@@ -51,6 +52,12 @@ def register(sub: Any) -> None:
         metavar="K",
         help="VMs hosted per worker process (8); 1 gives each VM a process of its own",
     )
+    up.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep each VM whose guest shuts down in memory, as it ended, until 'fleet down'"
+        " (to measure run-to-completion guests as a standing fleet)",
+    )
     add_instance_options(up)
     up.set_defaults(handler=_up)
     status = fsub.add_parser("status", help="list a fleet's VMs")
@@ -78,6 +85,7 @@ def instance_specs(
     pool_root: str | None,
     boot_args: str | None = None,
     config_files: list[str] | None = None,
+    vcpus: int = 1,
 ) -> list[tuple[str, Any]]:
     from dksm.error import DksmError
     from dksm.fleet.instance import DedupMode, InstanceSpec
@@ -94,6 +102,7 @@ def instance_specs(
         VmConfig(
             kernel_path=str(resolve_image(image)),
             mem_mib=mem_mib,
+            vcpu_count=vcpus,
             boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
         )
         for image in images
@@ -122,9 +131,15 @@ def _up(args: argparse.Namespace) -> int:
         args.pool_root,
         args.boot_args,
         args.config_file,
+        args.vcpus,
     )
     start = time.monotonic()
-    handle = control.up(specs, boot_timeout=args.boot_timeout, vms_per_worker=args.vms_per_process)
+    handle = control.up(
+        specs,
+        boot_timeout=args.boot_timeout,
+        vms_per_worker=args.vms_per_process,
+        hold=args.hold,
+    )
     members = handle.members()
     failed = [m for m in members if m["state"] == "failed"]
     print(handle.id)
@@ -143,11 +158,12 @@ def _status(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from dksm.fleet import control
+    from dksm.fleet.launcher import LIVE_STATES
     from dksm.memory.accounting import process_memory
 
     handle = control.find(args.id)
     now = time.time()
-    live = [m for m in handle.members() if m["state"] in ("booting", "running")]
+    live = [m for m in handle.members() if m["state"] in LIVE_STATES]
     # A worker hosting K VMs is shared by them: each is charged a K-th of its Pss.
     hosted = Counter(m["pid"] for m in live)
     memory = {pid: process_memory(pid) for pid in hosted}

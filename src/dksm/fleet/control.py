@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dksm.fleet.instance import DedupMode, InstanceSpec
-from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError
+from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
 from dksm.vmm.config import VmConfig
 
 SPEC_FILE = "spec.json"
@@ -91,7 +91,7 @@ def _is_supervisor(pid: int | None) -> bool:
 
 
 def _live_pids(state: dict[str, Any]) -> list[int]:
-    pids = [m["pid"] for m in state.get("members", []) if m["state"] in ("booting", "running")]
+    pids = [m["pid"] for m in state.get("members", []) if m["state"] in LIVE_STATES]
     return list(dict.fromkeys(pids))
 
 
@@ -190,8 +190,12 @@ def up(
     boot_timeout: float = 120.0,
     vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
     root: Path | None = None,
+    hold: bool = False,
 ) -> FleetHandle:
-    """Start a supervisor for ``specs`` and return once every VM has booted."""
+    """Start a supervisor for ``specs`` and return once every VM has booted.
+
+    ``hold`` keeps each VM whose guest shuts down mapped, as it was at its end,
+    until the fleet is stopped (state ``held``)."""
     if not specs:
         raise FleetError("a fleet needs at least one instance")
     root = root or runtime_root()
@@ -204,6 +208,7 @@ def up(
         {
             "boot_timeout": boot_timeout,
             "vms_per_worker": vms_per_worker,
+            "hold": hold,
             "members": [spec_to_json(label, s) for label, s in specs],
         },
     )

@@ -54,6 +54,9 @@ DEFAULT_VMS_PER_WORKER = 8
 EVENT_RECORD = struct.Struct("<II")  # VM index, event
 EVENT_BOOTED = 0
 EVENT_ENDED = 1
+EVENT_HELD = 2  # the guest shut down; its memory is kept until the fleet stops
+# Member states in which the VM still holds memory (and its worker is alive).
+LIVE_STATES = ("booting", "running", "held")
 
 
 class FleetError(DksmError):
@@ -67,7 +70,7 @@ class Member:
     index: int
     label: str
     pid: int
-    state: str  # booting, running, exited, failed, stopped
+    state: str  # booting, running, held, exited, failed, stopped
     started_at: float
     booted_at: float | None = None
     ended_at: float | None = None
@@ -119,10 +122,13 @@ class _HostedVm:
         state_dir: Path,
         event_fd: int,
         sharer: PageSharer | None,
+        hold: bool = False,
     ) -> None:
         self.index = index
         self.state_dir = state_dir
         self.event_fd = event_fd
+        self.hold = hold
+        self.held = False
         self.instance: Instance | None = None
         self.log_fd = os.open(
             state_dir / f"vm-{index}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
@@ -144,13 +150,33 @@ class _HostedVm:
     def running(self) -> bool:
         return self.instance is not None
 
-    def poll(self) -> None:
-        """If the VM has ended, close it (releasing its lease) and report."""
+    def poll(self, stopping: bool = False) -> None:
+        """If the VM has ended, close it (releasing its lease) and report.
+
+        A fleet that holds its VMs keeps a guest that shut down mapped as it was at
+        its end (reported as held) until the fleet stops: run-to-completion guests
+        can then be measured as a fleet, as if they went on serving."""
         if self.instance is None:
             return
         outcome = self.instance.vm.outcome
-        if outcome is not None:
-            self.finish(CAUSE_STATUS[outcome.cause], outcome.cause.value, outcome.detail)
+        if outcome is None:
+            return
+        status = CAUSE_STATUS[outcome.cause]
+        if self.hold and status == ExitStatus.OK and not stopping:
+            if not self.held:
+                self.held = True
+                self._write_outcome(status, outcome.cause.value, outcome.detail)
+                os.write(self.event_fd, EVENT_RECORD.pack(self.index, EVENT_HELD))
+            return
+        if self.held:  # the fleet stops: end as the guest itself ended
+            self.finish(ExitStatus.OK, outcome.cause.value, outcome.detail)
+        else:
+            self.finish(status, outcome.cause.value, outcome.detail)
+
+    def _write_outcome(self, status: ExitStatus, cause: str, detail: str) -> None:
+        outcome = {"cause": cause, "detail": detail, "status": int(status)}
+        path = self.state_dir / f"vm-{self.index}.outcome.json"
+        path.write_text(json.dumps(outcome))
 
     def finish(self, status: ExitStatus, cause: str, detail: str) -> None:
         self.status = status
@@ -158,9 +184,7 @@ class _HostedVm:
             instance, self.instance = self.instance, None
             instance.close()
         with contextlib.suppress(OSError):
-            outcome = {"cause": cause, "detail": detail, "status": int(status)}
-            path = self.state_dir / f"vm-{self.index}.outcome.json"
-            path.write_text(json.dumps(outcome))
+            self._write_outcome(status, cause, detail)
             os.write(self.event_fd, EVENT_RECORD.pack(self.index, EVENT_ENDED))
             os.close(self.log_fd)
 
@@ -170,6 +194,7 @@ def _worker_main(
     state_dir: Path,
     event_fd: int,
     go_fd: int,
+    hold: bool,
 ) -> NoReturn:
     """The body of a forked worker: host ``group``'s VMs until they end; never returns."""
     status = ExitStatus.VMM_ERROR
@@ -182,18 +207,23 @@ def _worker_main(
         if os.read(go_fd, 1) != b"g":
             os._exit(int(ExitStatus.ERROR))
         os.close(go_fd)
-        vms = [_HostedVm(index, spec, state_dir, event_fd, sharer) for index, spec, sharer in group]
+        vms = [
+            _HostedVm(index, spec, state_dir, event_fd, sharer, hold)
+            for index, spec, sharer in group
+        ]
         try:
             while any(vm.running for vm in vms):
+                if all(vm.held or not vm.running for vm in vms):
+                    time.sleep(0.5)  # only held VMs: nothing runs until SIGTERM
                 for vm in vms:
-                    if vm.instance is not None:
+                    if vm.instance is not None and not vm.held:
                         vm.instance.vm.wait(0.05 if len(vms) > 1 else 0.5)
                         vm.poll()
         except KeyboardInterrupt:
             for vm in vms:
                 if vm.instance is not None:
                     vm.instance.vm.stop(ExitCause.INTERRUPTED, "fleet stopped (SIGTERM)")
-                    vm.poll()
+                    vm.poll(stopping=True)
         status = max((vm.status for vm in vms), default=ExitStatus.OK)
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -226,11 +256,18 @@ def _describe_wait_status(status: int) -> str:
 class FleetLauncher:
     """Forks and supervises fleet workers; lives in the supervisor process."""
 
-    def __init__(self, state_dir: Path, vms_per_worker: int = DEFAULT_VMS_PER_WORKER) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
+        hold: bool = False,
+    ) -> None:
+        """``hold``: keep each VM whose guest shuts down mapped until the fleet stops."""
         if vms_per_worker < 1:
             raise FleetError(f"VMs per worker must be at least 1, not {vms_per_worker}")
         self.state_dir = state_dir
         self.vms_per_worker = vms_per_worker
+        self.hold = hold
         self.members: list[Member] = []  # by VM index
         self.workers: dict[int, list[Member]] = {}  # live worker pid -> its VMs
         self._events_r, self._events_w = os.pipe()
@@ -263,7 +300,7 @@ class FleetLauncher:
             if pid == 0:
                 os.close(self._events_r)
                 os.close(go_w)
-                _worker_main(hosted, self.state_dir, self._events_w, go_r)
+                _worker_main(hosted, self.state_dir, self._events_w, go_r, self.hold)
             os.close(go_r)
             now = time.time()
             members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
@@ -359,13 +396,18 @@ class FleetLauncher:
             if event == EVENT_BOOTED and member.state == "booting":
                 member.state = "running"
                 member.booted_at = now
+            elif event == EVENT_HELD and member.state in ("booting", "running"):
+                result = _read_outcome(self.state_dir, index)
+                member.state = "held"
+                member.reason = result[1] if result else ""
+                member.ended_at = now
             elif event == EVENT_ENDED:
                 self._ended(member, _read_outcome(self.state_dir, index))
         self._events_buffer = self._events_buffer[usable:]
 
     def _ended(self, member: Member, result: tuple[str, str] | None) -> None:
         self._release(member.index)  # its worker reports the end after unmapping
-        if member.state not in ("booting", "running"):
+        if member.state not in LIVE_STATES:
             return
         member.state, member.reason = result or ("failed", "ended without a report")
         member.ended_at = time.time()
@@ -382,7 +424,7 @@ class FleetLauncher:
                 break
             self._collect_events(0)
             for member in self.workers.pop(pid, []):
-                if member.state in ("booting", "running"):
+                if member.state in LIVE_STATES:
                     result = _read_outcome(self.state_dir, member.index)
                     self._ended(member, result or ("failed", _describe_wait_status(status)))
                     ended.append(member)
@@ -421,7 +463,7 @@ class FleetLauncher:
         self.reap()
 
     def alive(self) -> list[Member]:
-        return [m for m in self.members if m.state in ("booting", "running")]
+        return [m for m in self.members if m.state in LIVE_STATES]
 
     def stop_all(self, grace: float = 10.0) -> None:
         """SIGTERM every worker, SIGKILL the ones still there after ``grace``."""

@@ -28,7 +28,11 @@ def supervise(directory: Path) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    launcher = FleetLauncher(directory, int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)))
+    launcher = FleetLauncher(
+        directory,
+        int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
+        hold=bool(doc.get("hold", False)),
+    )
     state: dict[str, object] = {
         "id": directory.name,
         "supervisor_pid": os.getpid(),

@@ -138,20 +138,26 @@ class VcpuThread:
         )
         self._thread.start()
 
+    def _launched(self) -> bool:
+        # A thread whose start() was interrupted before the OS thread existed never
+        # runs: it has no ident.  One that has an ident runs until its loop returns
+        # (a thread too young to have one finds the VM finished and touches nothing).
+        return self._thread is not None and self._thread.ident is not None
+
     def alive(self) -> bool:
-        """The loop may still touch the vCPU (started and not yet returned)."""
-        return self._thread is not None and not self._loop_returned.is_set()
+        """The loop may still touch the vCPU (launched and not yet returned)."""
+        return self._launched() and not self._loop_returned.is_set()
 
     def join(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds; True once the loop has returned."""
-        if self._thread is None:
+        if not self._launched():
             return True
         return self._loop_returned.wait(timeout)
 
     @property
     def done(self) -> bool:
         """The loop has returned (or never started); the vCPU is outside the guest."""
-        return self._exited or self._thread is None
+        return self._exited or not self._launched()
 
     def kick(self) -> None:
         """Interrupt ``KVM_RUN`` if the thread is inside it; safe at any moment."""
