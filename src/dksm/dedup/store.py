@@ -374,30 +374,35 @@ def _open_index(place: _Place, *, create: bool) -> PoolIndex:
 
 
 def _open_pool_files(place: _Place) -> tuple[PoolIndex, PagesFile]:
-    """The index and pages file of a ready pool, checked before anything is mapped."""
-    index = _open_index(place, create=False)
+    """The index and pages file of a ready pool, checked before anything is mapped
+    (the pages file first: nothing of the pool is touched if it is not trusted)."""
+    try:
+        fd = trust.open_file(place.dir_fd, PAGES, os.O_RDWR, place.path(PAGES), place.fix)
+    except FileNotFoundError:
+        raise PoolDamagedError(
+            f"the pool at {place.directory} has no pages file: it is damaged; "
+            f"{_repair_hint(place.domain, place.root)}"
+        ) from None
+    pages = PagesFile(fd)
+    try:
+        index = _open_index(place, create=False)
+    except BaseException:
+        pages.close()
+        raise
     try:
         problem = _format_problem(index, place.directory)
         if problem is not None:
             raise _refusal(problem, place.directory)
-        try:
-            fd = trust.open_file(place.dir_fd, PAGES, os.O_RDWR, place.path(PAGES), place.fix)
-        except FileNotFoundError:
-            raise index.damaged("the pool has no pages file") from None
-        pages = PagesFile(fd)
-        try:
-            with index.read() as txn:
-                end = index.end(txn)
-            if pages.size() < end * PAGE_SIZE:
-                # Mapping a slot beyond the end of the file would kill its user (SIGBUS).
-                raise index.damaged(
-                    f"its pages file holds {pages.size()} bytes, less than its {end} slots"
-                )
-        except BaseException:
-            pages.close()
-            raise
+        with index.read() as txn:
+            end = index.end(txn)
+        if pages.size() < end * PAGE_SIZE:
+            # Mapping a slot beyond the end of the file would kill its user (SIGBUS).
+            raise index.damaged(
+                f"its pages file holds {pages.size()} bytes, less than its {end} slots"
+            )
     except BaseException:
         index.close()
+        pages.close()
         raise
     return index, pages
 
