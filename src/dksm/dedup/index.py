@@ -188,7 +188,8 @@ def _open_environment(
                 problem = "it is empty" if empty else data_file_problem(fd)
                 if problem is not None:
                     raise PoolDamagedError(
-                        f"the pool index file {path / name} cannot be opened: {problem}; {hint}"
+                        f"the pool is damaged: its index file {path / name} cannot be opened "
+                        f"because {problem}; {hint}"
                     )
         finally:
             os.close(fd)
