@@ -156,6 +156,7 @@ class Store:
     def __init__(self, place: _Place, lock_fd: int, index: PoolIndex, pages: PagesFile) -> None:
         self.place = place
         self.directory = place.directory
+        self.key = place.directory  # set by acquire_store: see _store_key
         self.lock_fd = lock_fd
         self.index = index
         self.pages = pages
@@ -203,18 +204,26 @@ def acquire_store(domain: str, root: str | os.PathLike[str] | None, *, create: b
     """This process's store of the domain's pool, opened (and created, if asked) on
     first use.  PoolMissingError when there is none and ``create`` is False."""
     root_path = pool_root(root)
-    directory = root_path / validate_domain(domain)
+    key = _store_key(root_path, validate_domain(domain))
     with _stores_lock:
-        store = _stores.get(directory)
+        store = _stores.get(key)
         if store is None:
             for inherited in _inherited_stores:  # LMDB opens a path once per process
-                stale = inherited.pop(directory, None)
+                stale = inherited.pop(key, None)
                 if stale is not None:
                     stale.close()
             store = _open_store(domain, root_path, create=create)
-            _stores[directory] = store
+            store.key = key
+            _stores[key] = store
         store.users += 1
         return store
+
+
+def _store_key(root: Path, domain: str) -> Path:
+    """One key per pool, however its root was spelled: LMDB must never have one
+    environment open twice in a process (its fcntl locks are per process), and the
+    checks of a second opening would close descriptors of its lock file."""
+    return Path(os.path.realpath(root.parent)) / root.name / domain
 
 
 def add_user(store: Store) -> None:
@@ -229,7 +238,7 @@ def release_store(store: Store) -> None:
             return
         store.users -= 1
         if store.users == 0:
-            _stores.pop(store.directory, None)
+            _stores.pop(store.key, None)
             store.close()
 
 
@@ -546,7 +555,7 @@ def remove_store(store: Store, domain: str) -> list[str]:
         store.index.close()
         store.pages.close()
         store.closed = True
-        _stores.pop(store.directory, None)
+        _stores.pop(store.key, None)
         try:
             left = remove_pool_files(place)
             trust.remove_name(place.dir_fd, LOCK, place.path(LOCK))
@@ -564,9 +573,8 @@ def force_remove(domain: str, root: str | os.PathLike[str] | None) -> list[str]:
     open), if no process has it open.  Returns the names left because they are not
     dksm's.  Only the trust rules apply: nothing is followed, only ours is removed."""
     root_path = pool_root(root)
-    directory = root_path / validate_domain(domain)
     with _stores_lock:
-        if directory in _stores:
+        if _store_key(root_path, validate_domain(domain)) in _stores:
             raise PoolError(
                 f"the pool of domain {domain!r} is open in this process; close it before purging"
             )
