@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 TESTS_DIR = Path(__file__).parent
 SHM = "/dev/shm"
@@ -32,6 +33,26 @@ requires_unikraft = pytest.mark.skipif(
     reason=f"needs the real Unikraft images in {UNIKRAFT_IMAGES} (set DKSM_UNIKRAFT_IMAGES)",
 )
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+# Property-based tests run briefly by default; DKSM_HYPOTHESIS_PROFILE=long runs
+# them for minutes.  No example database: nothing is written into the checkout.
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    stateful_step_count=10,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=1000,
+    stateful_step_count=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("DKSM_HYPOTHESIS_PROFILE", "ci"))
 
 
 def dksm(

@@ -211,10 +211,15 @@ def test_fleet_down_stops_workers_whose_supervisor_was_killed() -> None:
     wait_for(lambda: not status(fleet_id)["supervisor_alive"])
     for pid in workers:
         os.kill(pid, 0)  # the VMs outlive their supervisor
+    # Its state file still says "running": status must not believe a dead writer.
+    assert {m["state"] for m in status(fleet_id)["members"]} == {"orphaned"}
+    text = dksm("fleet", "status", fleet_id).stdout
+    assert " running " not in text and text.count("orphaned") == 4
     down = dksm("fleet", "down", fleet_id)
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers))
     wait_for(lambda: leases("fleet-orphans") == 0)  # swept once their owners died
+    assert {m["state"] for m in status(fleet_id)["members"]} == {"lost"}
 
 
 def test_fleet_from_a_firecracker_config(tmp_path: Path) -> None:

@@ -86,7 +86,8 @@ def test_run_dedup_modes() -> None:
 def test_full_tmpfs_is_a_clear_error_and_leaves_the_pool_consistent(tmp_path: Path) -> None:
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)],
+    options = "size=64k,mode=0700"  # a pool root others may write is refused
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(tiny)],
                              capture_output=True, check=False)  # fmt: skip
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")

@@ -87,6 +87,7 @@ def instance_specs(
     config_files: list[str] | None = None,
     vcpus: int = 1,
 ) -> list[tuple[str, Any]]:
+    from dksm.dedup.pool import pool_root as checked_pool_root
     from dksm.error import DksmError
     from dksm.fleet.instance import DedupMode, InstanceSpec
     from dksm.guests import resolve_image
@@ -108,12 +109,13 @@ def instance_specs(
         for image in images
     ]
     configs += [from_firecracker_json(path) for path in config_files or []]
+    root = None if pool_root is None else checked_pool_root(pool_root)
     specs: list[tuple[str, InstanceSpec]] = []
     for config in configs:
         path = Path(config.kernel_path)
         config.validate()
         load_elf(config.kernel_path, config.mem_size)  # bad images fail here, not in N VMs
-        spec = InstanceSpec(config, mode, domain, None if pool_root is None else Path(pool_root))
+        spec = InstanceSpec(config, mode, domain, root)
         label = path.stem
         specs.extend((label, spec) for _ in range(instances))
     return specs

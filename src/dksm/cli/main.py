@@ -64,6 +64,31 @@ def _repair_ksm_after_a_crash() -> None:
             print("dksm: restored KSM settings left by a dksm process that died", file=sys.stderr)
 
 
+# What a shell reports for a tool that SIGPIPE ended (`dksm pool stats | head -1`).
+_BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (Linux flags its write end with
+    POLLERR): only that broken pipe is the reader's doing, any other is a bug."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away: send what is still buffered nowhere, so that
+    the interpreter's last flush at exit does not fail (and complain) again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     words = list(sys.argv[1:] if argv is None else argv)
@@ -72,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _repair_ksm_after_a_crash()
         status: int = args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        _silence_stdout()
+        return _BROKEN_PIPE_STATUS
     except DksmError as exc:
         print(f"dksm: error: {exc}", file=sys.stderr)
         return ExitStatus.ERROR

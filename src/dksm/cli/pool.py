@@ -20,6 +20,7 @@ def register(sub: Any) -> None:
         "sweep": ("release the leases of dead processes now", _sweep),
         "enable": ("merge pages at load time (the run switch on)", _enable),
         "disable": ("copy pages at load time (existing mappings stay)", _disable),
+        "verify": ("check a domain's pool for damage (exit 1 listing the problems)", _verify),
         "purge": ("remove a domain's pool (refused while VMs use it)", _purge),
     }
     for name, (text, handler) in actions.items():
@@ -28,16 +29,19 @@ def register(sub: Any) -> None:
         action.add_argument("--pool-root", default=None, metavar="DIR")
         if name == "stats":
             action.add_argument("--json", action="store_true")
+        if name == "purge":
+            action.add_argument(
+                "--force",
+                action="store_true",
+                help="also a damaged pool, without reading its index (never one in use)",
+            )
         action.set_defaults(handler=handler)
 
 
 def _existing_pool(args: argparse.Namespace, *, sweep: bool = True) -> Any:
-    from dksm.dedup.pool import PagePool, PoolError, pool_directory
+    from dksm.dedup.pool import PagePool
 
-    directory = pool_directory(args.domain, args.pool_root)
-    if not (directory / "ready").exists():
-        raise PoolError(f"no pool for domain '{args.domain}' (looked in {directory})")
-    return PagePool.open(args.domain, args.pool_root, sweep=sweep)
+    return PagePool.open(args.domain, args.pool_root, sweep=sweep, create=False)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -76,11 +80,35 @@ def _disable(args: argparse.Namespace) -> int:
     return _set_run(args, False)
 
 
-def _purge(args: argparse.Namespace) -> int:
-    pool = _existing_pool(args)
+def _verify(args: argparse.Namespace) -> int:
+    from dksm.dedup.pool import PoolDamagedError
+
     try:
-        pool.purge()
-    finally:
-        pool.close()
+        with contextlib.closing(_existing_pool(args, sweep=False)) as pool:
+            problems = pool.verify()
+    except PoolDamagedError as damage:  # too damaged to open: that is the problem
+        problems = [str(damage)]
+    if not problems:
+        print(f"the pool of domain '{args.domain}' is consistent")
+        return ExitStatus.OK
+    print(f"the pool of domain '{args.domain}' has {len(problems)} problem(s):")
+    for problem in problems:
+        print(f"  {problem}")
+    return ExitStatus.ERROR
+
+
+def _purge(args: argparse.Namespace) -> int:
+    if args.force:
+        from dksm.dedup.pool import force_purge
+
+        left = force_purge(args.domain, args.pool_root)
+    else:
+        pool = _existing_pool(args)
+        try:
+            left = pool.purge()
+        finally:
+            pool.close()
     print(f"purged the pool of domain '{args.domain}'")
+    if left:
+        print(f"  left what dksm did not make: {', '.join(left)}")
     return ExitStatus.OK

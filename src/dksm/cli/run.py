@@ -103,9 +103,9 @@ def _serial_sink(path: str | None) -> BinaryIO:
 
 
 def _path(text: str) -> Any:
-    from pathlib import Path  # only when a pool root is given: pathlib costs ms
+    from dksm.dedup.pool import pool_root  # only when a pool root is given
 
-    return Path(text)
+    return pool_root(text)  # refuses "" (which Path would make the current directory)
 
 
 def handle(args: argparse.Namespace) -> int:

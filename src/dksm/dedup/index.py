@@ -33,12 +33,46 @@ LMDB's byte order of keys is their numeric order):
     first slot of a free range -> its length.  Ranges are disjoint, never adjacent
     (adjacent ones are coalesced) and never touch ``end`` (the end moves down
     instead), so an empty pool has no free range and ``end`` 0.
+
+Opening the environment
+=======================
+
+LMDB opens its two files (``data.mdb``, ``lock.mdb``) by path, following symlinks,
+and creates them if missing; the pool must not let anyone choose what those paths
+reach (:mod:`dksm.dedup.trust`).  So:
+
+1. The caller hands over a descriptor of the ``index`` directory it opened and
+   checked, and LMDB is given ``/proc/self/fd/N`` of that descriptor as its path.
+   Resolving that path lands in exactly the directory that was checked, whatever has
+   been renamed or replaced since: the pool root, the domain directory and the index
+   directory cannot be swapped under LMDB.  Inside that directory only the owner can
+   make names (it is the owner's and nobody else may write it).
+2. Before LMDB runs, both files are opened here with ``O_NOFOLLOW`` relative to the
+   directory descriptor and checked (a regular file of the owner's, one link), or
+   created exclusively when the pool is new, so LMDB never creates a file itself.
+   The data file is validated (:mod:`dksm.dedup.index_file`) before LMDB maps it.
+   These descriptors are closed before LMDB opens the files (closing one later
+   would drop the fcntl locks LMDB holds on ``lock.mdb``: they are per process);
+   what was checked is remembered by device and inode.
+3. After ``lmdb.open`` returns, the descriptors LMDB opened (those new in
+   ``/proc/self/fd``) must include the very files checked in step 2, compared by
+   device and inode: had a name been replaced between the check and LMDB's open,
+   LMDB would hold another file and the environment is closed again and refused.
+
+Damage
+======
+
+An index that contradicts itself (a lease naming a slot the index lacks, a record of
+the wrong size, LMDB reporting a corrupted page) raises :class:`PoolDamagedError`,
+whose message names the problem and ends with the caller's hint on how to inspect
+or remove the pool, never a ``KeyError`` or ``struct.error``.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import os
 import struct
 import sys
 from collections import Counter
@@ -49,6 +83,9 @@ from typing import Final
 
 import lmdb
 
+from dksm.dedup import trust
+from dksm.dedup.index_file import data_file_problem
+from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
 
 FORMAT_VERSION: Final = 1
@@ -83,7 +120,21 @@ def from_u64(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
 
 
-class PoolIndexError(DksmError):
+DATA_FILE: Final = "data.mdb"
+LOCK_FILE: Final = "lock.mdb"
+
+# LMDB's own verdicts on a file that is not what it wrote.
+_DAMAGE_ERRORS = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.IncompatibleError,
+    lmdb.BadValsizeError,
+)
+
+
+class PoolIndexError(PoolError):
     """The pool's index cannot be read or written (LMDB's error is in the message)."""
 
 
@@ -103,6 +154,101 @@ class SlotRecord:
     references: int
 
 
+def _fix_for(path: Path) -> str:
+    return f"remove the pool directory {path.parent}"
+
+
+def _open_environment(
+    dir_fd: int, path: Path, hint: str, *, create: bool, readonly: bool = False
+) -> lmdb.Environment:
+    """Open the LMDB environment in the checked directory ``dir_fd`` (see the module
+    documentation, "Opening the environment").  ``path`` is for messages only."""
+    fix = _fix_for(path)
+    names = (DATA_FILE,) if readonly else (DATA_FILE, LOCK_FILE)
+    # Each file is checked through a descriptor that is closed again *before* LMDB
+    # opens it: LMDB keeps POSIX (fcntl) locks on lock.mdb, which belong to the
+    # process, and closing any other descriptor of that file would drop them.  The
+    # file is recognised afterwards by its device and inode.
+    expected: set[trust.FileIdentity] = set()
+    for name in names:
+        if create:
+            fd = trust.create_file(dir_fd, name, path / name)
+        else:
+            flags = os.O_RDONLY if name == DATA_FILE else os.O_RDWR | os.O_CREAT
+            try:
+                fd = trust.open_file(dir_fd, name, flags, path / name, fix)
+            except FileNotFoundError:
+                raise PoolDamagedError(
+                    f"the pool index at {path} has no {name}: the pool is damaged; {hint}"
+                ) from None
+        try:
+            expected.add(trust.identity(fd))
+            if name == DATA_FILE and not create:
+                empty = os.fstat(fd).st_size == 0
+                problem = "it is empty" if empty else data_file_problem(fd)
+                if problem is not None:
+                    raise PoolDamagedError(
+                        f"the pool is damaged: its index file {path / name} cannot be opened "
+                        f"because {problem}; {hint}"
+                    )
+        finally:
+            os.close(fd)
+    before = trust.open_descriptors()
+    try:
+        env = lmdb.open(
+            f"/proc/self/fd/{dir_fd}",
+            map_size=MAP_SIZE,
+            max_dbs=MAX_DBS,
+            max_readers=MAX_READERS,
+            subdir=True,
+            create=False,
+            readonly=readonly,
+            lock=not readonly,
+            # tmpfs does not outlive the host, so syncing buys nothing: a committed
+            # transaction is in the shared page cache, visible to every process.
+            sync=False,
+            metasync=False,
+            readahead=False,
+            mode=trust.FILE_MODE,
+        )
+    except _DAMAGE_ERRORS as error:
+        raise PoolDamagedError(
+            f"the pool index at {path} cannot be opened ({error}): the pool is damaged; {hint}"
+        ) from error
+    except lmdb.Error as error:
+        raise PoolIndexError(f"the pool index at {path} cannot be opened: {error}") from error
+    opened = {file for _, file in trust.open_descriptors() - before}
+    if not expected <= opened:
+        env.close()
+        raise trust.UntrustedPathError(
+            f"the pool index files in {path} changed while LMDB opened them: another "
+            f"process writes this pool directory; {fix}"
+        )
+    return env
+
+
+def stored_format(dir_fd: int, path: Path, hint: str) -> str | None:
+    """The format recorded by an index nobody has open (the caller holds the pool's
+    lock exclusively), or None if it records none: an index a creation left half-made."""
+    with contextlib.closing(
+        _open_environment(dir_fd, path, hint, create=False, readonly=True)
+    ) as env:
+        try:
+            with env.begin() as txn:
+                if txn.get(b"meta") is None:
+                    return None
+            meta = env.open_db(b"meta", create=False)
+            with env.begin() as txn:
+                version = txn.get(b"format", db=meta)
+        except _DAMAGE_ERRORS as error:
+            raise PoolDamagedError(
+                f"the pool index at {path} cannot be read ({error}): the pool is damaged; {hint}"
+            ) from error
+        except lmdb.Error as error:
+            raise PoolIndexError(f"the pool index at {path} cannot be read: {error}") from error
+    return None if version is None else bytes(version).decode("ascii", "replace")
+
+
 def pack_slots(slots: Sequence[int]) -> bytes:
     packed = array.array("Q", slots)
     if sys.byteorder == "little":
@@ -111,6 +257,7 @@ def pack_slots(slots: Sequence[int]) -> bytes:
 
 
 def unpack_slots(raw: bytes) -> array.array[int]:
+    """The slots of a lease chunk; ValueError if ``raw`` is not whole u64s."""
     unpacked = array.array("Q")
     unpacked.frombytes(raw)
     if sys.byteorder == "little":
@@ -125,23 +272,18 @@ class PoolIndex:
     per process), so the pool keeps one ``PoolIndex`` per process and domain.
     """
 
-    def __init__(self, path: Path, *, create: bool) -> None:
+    def __init__(self, dir_fd: int, path: Path, *, create: bool, hint: str) -> None:
+        """Open the environment in the checked directory ``dir_fd`` (which this object
+        then owns and closes).  ``path`` names it in messages; ``hint`` ends every
+        damage message (how to inspect or remove the pool)."""
         self.path = path
-        self.env = lmdb.open(
-            str(path),
-            map_size=MAP_SIZE,
-            max_dbs=MAX_DBS,
-            max_readers=MAX_READERS,
-            subdir=True,
-            create=create,
-            lock=True,
-            # tmpfs does not outlive the host, so syncing buys nothing: a committed
-            # transaction is in the shared page cache, visible to every process.
-            sync=False,
-            metasync=False,
-            readahead=False,
-            mode=0o700,
-        )
+        self.hint = hint
+        self.dir_fd = dir_fd
+        try:
+            self.env = _open_environment(dir_fd, path, hint, create=create)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         try:
             # Each table handle is opened in a transaction of its own: LMDB keeps
             # handles opened inside a read-only transaction only for that transaction.
@@ -152,12 +294,41 @@ class PoolIndex:
             self.leases = self.env.open_db(b"leases", create=create)
             self.lease_slots = self.env.open_db(b"lease_slots", create=create)
             self.free = self.env.open_db(b"free", create=create)
+        except lmdb.NotFoundError as error:
+            self.close()
+            raise PoolDamagedError(
+                f"the pool index at {path} lacks a table ({error}): the pool is damaged; {hint}"
+            ) from error
+        except lmdb.Error as error:
+            self.close()
+            raise self._failure("opened", error) from error
         except BaseException:
-            self.env.close()
+            self.close()
             raise
 
     def close(self) -> None:
         self.env.close()
+        os.close(self.dir_fd)
+
+    def _failure(self, action: str, error: lmdb.Error) -> DksmError:
+        """LMDB's error as a sentence: damage, a full tmpfs, or anything else."""
+        if isinstance(error, _DAMAGE_ERRORS):
+            return PoolDamagedError(
+                f"the pool index at {self.path} cannot be {action} ({error}): the pool is "
+                f"damaged; {self.hint}"
+            )
+        if isinstance(error, lmdb.MapFullError) or (
+            isinstance(error, lmdb.DiskError) and "No space" in str(error)
+        ):
+            return PoolIndexError(
+                f"the pool index at {self.path} cannot be {action}: the tmpfs holding the "
+                f"pool is full ({error})"
+            )
+        return PoolIndexError(f"the pool index at {self.path} cannot be {action}: {error}")
+
+    def damaged(self, problem: str) -> PoolDamagedError:
+        """The error for an index that contradicts itself."""
+        return PoolDamagedError(f"the pool index at {self.path} is damaged: {problem}; {self.hint}")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction[bytes]]:
@@ -165,9 +336,7 @@ class PoolIndex:
             with self.env.begin() as txn:
                 yield txn
         except lmdb.Error as error:
-            raise PoolIndexError(
-                f"the pool index at {self.path} cannot be read: {error}"
-            ) from error
+            raise self._failure("read", error) from error
 
     @contextlib.contextmanager
     def write(self) -> Iterator[lmdb.Transaction[bytes]]:
@@ -179,9 +348,29 @@ class PoolIndex:
             with self.env.begin(write=True) as txn:
                 yield txn
         except lmdb.Error as error:
-            raise PoolIndexError(
-                f"the pool index at {self.path} cannot be written: {error}"
-            ) from error
+            raise self._failure("written", error) from error
+
+    @contextlib.contextmanager
+    def inspect(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A write transaction that is always aborted: a view no writer changes
+        meanwhile (the pages file included, since it changes only under this lock)."""
+        try:
+            txn = self.env.begin(write=True)
+        except lmdb.Error as error:
+            raise self._failure("read", error) from error
+        try:
+            yield txn
+        except lmdb.Error as error:
+            raise self._failure("read", error) from error
+        finally:
+            txn.abort()
+
+    def reader_check(self) -> None:
+        """Free the reader slots of dead processes (they pin old pages)."""
+        try:
+            self.env.reader_check()
+        except lmdb.Error as error:
+            raise self._failure("read", error) from error
 
     # -- meta ------------------------------------------------------------------------
 
@@ -249,8 +438,15 @@ class PoolIndex:
         order = sorted(counts)
         cursor = txn.cursor(db=self.slots)
         records = cursor.getmulti([u64(slot) for slot in order])
-        if len(records) != len(order):  # the caller holds the write lock and just read them
-            raise RuntimeError("a slot vanished inside its own write transaction")
+        if len(records) != len(order) or any(len(r) != _SLOT_RECORD.size for _, r in records):
+            # The caller found these slots through the hash table, in this transaction.
+            found = {from_u64(key) for key, _ in records}
+            missing = [slot for slot in order if slot not in found]
+            raise self.damaged(
+                f"its hash table names slots {missing[:8]} that its slot table lacks"
+                if missing
+                else "a slot record has the wrong size"
+            )
         # A hot path (once per distinct page loaded): plain slicing beats unpacking.
         pack = _U64.pack
         cursor.putmulti(
@@ -291,11 +487,11 @@ class PoolIndex:
         records = cursor.getmulti(keys)
         if len(records) != len(keys):
             missing = sorted(set(counts) - {from_u64(key) for key, _ in records})
-            raise RuntimeError(f"a lease references slots {missing[:8]} the index lacks")
+            raise self.damaged(f"a lease references slots {missing[:8]} that it lacks")
         freed = []
         updated = []
         for key, record in records:
-            page_hash, references = _SLOT_RECORD.unpack(record)
+            page_hash, references = self._slot_record(key, record)
             slot = from_u64(key)
             remaining = references - counts[slot]
             if remaining > 0:
@@ -305,14 +501,23 @@ class PoolIndex:
                 txn.delete(page_hash, key, db=self.hashes)
                 freed.append(slot)
             else:
-                raise RuntimeError(f"slot {slot} would drop below zero references")
+                raise self.damaged(
+                    f"leases hold {counts[slot]} references to slot {slot}, which counts "
+                    f"only {references}"
+                )
         cursor.putmulti(updated)
         return freed
 
     def slot_records(self, txn: lmdb.Transaction[bytes]) -> Iterator[SlotRecord]:
         for key, record in txn.cursor(db=self.slots):
-            page_hash, references = _SLOT_RECORD.unpack(record)
+            page_hash, references = self._slot_record(key, record)
             yield SlotRecord(from_u64(key), page_hash, references)
+
+    def _slot_record(self, key: bytes, record: bytes) -> tuple[bytes, int]:
+        if len(record) != _SLOT_RECORD.size:
+            raise self.damaged(f"slot {from_u64(key)} has a record of {len(record)} bytes")
+        page_hash, references = _SLOT_RECORD.unpack(record)
+        return page_hash, references
 
     def hash_entries(self, txn: lmdb.Transaction[bytes]) -> Iterator[tuple[bytes, int]]:
         for page_hash, slot in txn.cursor(db=self.hashes):
@@ -388,13 +593,20 @@ class PoolIndex:
         raw = txn.get(u64(lease_id), db=self.leases)
         if raw is None:
             return None
-        return LeaseRecord(lease_id, *_LEASE_RECORD.unpack(raw))
+        return self._lease_record(lease_id, raw)
 
     def lease_records(self, txn: lmdb.Transaction[bytes]) -> list[LeaseRecord]:
-        return [
-            LeaseRecord(from_u64(key), *_LEASE_RECORD.unpack(raw))
-            for key, raw in txn.cursor(db=self.leases)
-        ]
+        return [self._lease_record(from_u64(key), raw) for key, raw in txn.cursor(db=self.leases)]
+
+    def _lease_record(self, lease_id: int, raw: bytes) -> LeaseRecord:
+        if len(raw) != _LEASE_RECORD.size:
+            raise self.damaged(f"lease {lease_id} has a record of {len(raw)} bytes")
+        return LeaseRecord(lease_id, *_LEASE_RECORD.unpack(raw))
+
+    def _chunk(self, key: bytes, raw: bytes) -> array.array[int]:
+        if len(key) != 16 or len(raw) % _U64.size:
+            raise self.damaged(f"lease {from_u64(key[:8])} has a chunk record of {len(raw)} bytes")
+        return unpack_slots(raw)
 
     def add_chunk(
         self, txn: lmdb.Transaction[bytes], lease: LeaseRecord, slots: Sequence[int]
@@ -416,7 +628,7 @@ class PoolIndex:
         for key, raw in cursor:
             if key[:8] != prefix:
                 return
-            yield from_u64(key[8:]), unpack_slots(raw)
+            yield from_u64(key[8:]), self._chunk(key, raw)
 
     def lease_ids_with_chunks(self, txn: lmdb.Transaction[bytes]) -> set[int]:
         return {from_u64(key[:8]) for key in txn.cursor(db=self.lease_slots).iternext(values=False)}
@@ -428,7 +640,7 @@ class PoolIndex:
         cursor = txn.cursor(db=self.lease_slots)
         positioned = cursor.set_range(prefix)
         while positioned and cursor.key()[:8] == prefix:
-            counts.update(unpack_slots(cursor.value()))
+            counts.update(self._chunk(cursor.key(), cursor.value()))
             cursor.delete()  # moves on to the next record, or unpositions at the end
             positioned = bool(cursor.key())
         txn.delete(prefix, db=self.leases)

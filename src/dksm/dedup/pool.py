@@ -5,7 +5,11 @@ Design
 ======
 
 A *domain* (one tenant's trust boundary) has a directory under the pool root
-(``/dev/shm/dksm``, or ``$DKSM_POOL_ROOT``, or an explicit argument) holding:
+(``/dev/shm/dksm`` for root and ``/dev/shm/dksm-UID`` for other users, or
+``$DKSM_POOL_ROOT``, or an explicit argument) holding the files below.  Only their
+owner may change any of them, and none is reached through a name another user could
+have placed (:mod:`dksm.dedup.trust`); :mod:`dksm.dedup.store` finds, checks,
+creates and removes them.
 
 ``pages``
     the pages file on tmpfs.  Slot *s* is the page at offset ``s * 4096``.  tmpfs
@@ -22,6 +26,12 @@ A *domain* (one tenant's trust boundary) has a directory under the pool root
 ``ready``
     written last when the pool is created: without it the directory is a creation
     (or purge) that died half-way and is cleared by the next creator.
+
+A pool whose files contradict themselves (an index LMDB cannot read, a lease naming
+a slot the index lacks, a pages file shorter than its slots) is never used: every
+operation that meets the damage raises :class:`PoolDamagedError`, saying what is
+wrong; :meth:`PagePool.verify` lists the problems and :func:`force_purge` removes
+such a pool without opening its index.
 
 Loading content (:meth:`Lease.map_pages`) hashes each page (xxh3-64) before taking
 the lock, then in one LMDB write transaction looks each hash up, confirms every hash
@@ -94,38 +104,61 @@ safe across containers, only leases from the sweeper's own pid namespace are jud
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Self
 
 import lmdb
 import xxhash
 
-from dksm.dedup.index import FORMAT_VERSION, LAYOUT, LeaseRecord, PoolIndex, from_u64
+from dksm.dedup.index import LeaseRecord, from_u64
 from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
 from dksm.dedup.owner import ProcessIdentity
 from dksm.dedup.pages_file import PagesFile
+from dksm.dedup.pool_errors import PoolDamagedError, PoolError, PoolMissingError
+from dksm.dedup.store import (
+    DEFAULT_DOMAIN,
+    DEFAULT_POOL_ROOT,
+    POOL_ROOT_ENV,
+    Store,
+    acquire_store,
+    add_user,
+    default_pool_root,
+    force_remove,
+    pool_directory,
+    pool_root,
+    release_store,
+    remove_store,
+    validate_domain,
+)
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE, view
 
-DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
-POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"
-DEFAULT_DOMAIN: Final = "default"
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DEFAULT_POOL_ROOT",
+    "POOL_ROOT_ENV",
+    "Lease",
+    "LeaseInfo",
+    "PagePool",
+    "PoolDamagedError",
+    "PoolError",
+    "PoolMissingError",
+    "PoolStats",
+    "default_pool_root",
+    "force_purge",
+    "pool_directory",
+    "pool_root",
+    "validate_domain",
+]
 
 PageHash = Callable[[memoryview], int]
 """A page's 64-bit hash.  Pools are shared, so every opener must use the same one."""
 
-_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_MAX_DOMAIN_LENGTH = 64
-_READY_TEXT = f"dksm page pool, format {FORMAT_VERSION}\n"
 # Hash matches are confirmed by reading runs of consecutive candidate slots at most
 # this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
 # pages on every call.
@@ -134,11 +167,6 @@ _COMPARE_RUN = 16
 _MERGE_BATCH = 256
 _NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
 _NO_SLOT_NUMBER = from_u64(_NO_SLOT)
-_OPEN_ATTEMPTS = 100
-
-
-class PoolError(DksmError):
-    """The page pool cannot be opened or used as asked."""
 
 
 @dataclass(frozen=True)
@@ -174,270 +202,6 @@ class LeaseInfo:
     alive: bool
 
 
-def validate_domain(domain: str) -> str:
-    """Return ``domain`` if it can name a directory under the pool root, else raise."""
-    if not domain:
-        raise PoolError("a sharing domain needs a name, and the one given is empty")
-    if "/" in domain or "\0" in domain:
-        raise PoolError(f"domain name {domain!r} contains '/' or NUL: a domain is one directory")
-    if domain in (".", ".."):
-        raise PoolError(f"domain name {domain!r} would name a directory outside the pool root")
-    if len(domain) > _MAX_DOMAIN_LENGTH:
-        raise PoolError(f"domain name {domain[:16]!r}... is longer than {_MAX_DOMAIN_LENGTH}")
-    if not _DOMAIN_NAME.fullmatch(domain):
-        raise PoolError(
-            f"domain name {domain!r} may only hold letters, digits, '_', '.' and '-', "
-            "and must not start with '.' or '-'"
-        )
-    return domain
-
-
-def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """The directory holding every domain's pool: ``root``, else $DKSM_POOL_ROOT, else
-    /dev/shm/dksm."""
-    if root is None:
-        root = os.environ.get(POOL_ROOT_ENV) or DEFAULT_POOL_ROOT
-    return Path(os.path.abspath(root))
-
-
-def pool_directory(
-    domain: str = DEFAULT_DOMAIN, root: str | os.PathLike[str] | None = None
-) -> Path:
-    return pool_root(root) / validate_domain(domain)
-
-
-# -- what one process holds open per domain -----------------------------------------
-
-
-class _Store:
-    """One process's open files of one domain's pool, shared by its handles.
-
-    LMDB must not open one environment twice in a process, so handles and leases on
-    the same domain share a store; it closes when the last of them lets go.
-    """
-
-    def __init__(self, directory: Path, lock_fd: int, index: PoolIndex, pages: PagesFile) -> None:
-        self.directory = directory
-        self.lock_fd = lock_fd
-        self.index = index
-        self.pages = pages
-        self.pid = os.getpid()
-        self.users = 0
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.index.close()
-        self.pages.close()
-        os.close(self.lock_fd)
-
-
-_stores: dict[Path, _Store] = {}
-_stores_lock = threading.Lock()
-
-
-_inherited_stores: list[dict[Path, _Store]] = []
-
-
-def _forget_inherited_stores() -> None:
-    # A forked child must not use its parent's LMDB environment; it opens its own.
-    # The inherited handles are set aside untouched rather than closed: closing runs
-    # LMDB's and Python's teardown in every child, writing to (and so copying) pages
-    # it would otherwise share with its parent, for no gain; their descriptors close
-    # when the child exits, or when the child opens the same pool itself (LMDB allows
-    # one handle per path and process).  Leases check the owning pid: none is usable.
-    global _stores, _stores_lock
-    _stores_lock = threading.Lock()  # another thread may have held it at the fork
-    if _stores:
-        _inherited_stores.append(_stores)
-        _stores = {}
-
-
-os.register_at_fork(after_in_child=_forget_inherited_stores)
-
-
-def _acquire_store(directory: Path) -> _Store:
-    with _stores_lock:
-        store = _stores.get(directory)
-        if store is None:
-            for inherited in _inherited_stores:  # LMDB opens a path once per process
-                stale = inherited.pop(directory, None)
-                if stale is not None:
-                    stale.close()
-            store = _open_store(directory)
-            _stores[directory] = store
-        store.users += 1
-        return store
-
-
-def _release_store(store: _Store) -> None:
-    with _stores_lock:
-        if store.closed:
-            return
-        store.users -= 1
-        if store.users == 0:
-            _stores.pop(store.directory, None)
-            store.close()
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        on_disk = path.stat()
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
-
-
-def _open_store(directory: Path) -> _Store:
-    """Open (creating if needed) the pool in ``directory``, holding its lock shared."""
-    lock_path = directory / "lock"
-    for _ in range(_OPEN_ATTEMPTS):
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:  # purged between mkdir and open: start again
-            continue
-        except OSError as error:
-            raise PoolError(f"cannot create the pool directory {directory}: {error}") from error
-        try:
-            if _lock_ready_pool(lock_fd, lock_path, directory):
-                index, pages = _open_pool_files(directory)
-                return _Store(directory, lock_fd, index, pages)
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        os.close(lock_fd)
-    raise PoolError(f"the pool at {directory} kept being purged while opening it")
-
-
-def _lock_ready_pool(lock_fd: int, lock_path: Path, directory: Path) -> bool:
-    """Hold the lock shared on a pool that is ready, creating it if needed.
-
-    False if the lock file was purged meanwhile: the caller must start again.
-    """
-    while True:
-        fcntl.flock(lock_fd, fcntl.LOCK_SH)  # waits while a creator or purger works
-        # A purge unlinks the lock file under an exclusive lock: whoever waited on
-        # the old file now holds a lock on nothing.
-        if not _same_file(lock_fd, lock_path):
-            return False
-        if (directory / "ready").exists():
-            return True
-        # Creating takes the lock exclusively.  Waiting for that could wait forever:
-        # a process that saw the pool being created holds the lock shared for as long
-        # as it uses the pool (and may be waiting for us, at a barrier say).  So only
-        # try; on failure wait shared for whoever is creating, and look again.
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            import random  # only on this contended path: kept out of start-up
-
-            time.sleep(random.uniform(0.0005, 0.002))  # desynchronise rival creators
-            continue
-        try:
-            if not _same_file(lock_fd, lock_path):
-                return False
-            if not (directory / "ready").exists():
-                _create_pool(directory)
-        finally:
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)
-
-
-def _format_problem(index: PoolIndex, directory: Path) -> str | None:
-    with index.read() as txn:
-        version = index.meta_text(txn, "format")
-        page_size = index.meta_text(txn, "page_size")
-        layout = index.meta_text(txn, "layout")
-    if version is None:
-        return f"the index at {directory / 'index'} is not a dksm pool index (no format)"
-    if version != str(FORMAT_VERSION):
-        return (
-            f"the pool at {directory} has format {version}, and this dksm reads only "
-            f"format {FORMAT_VERSION}"
-        )
-    if page_size != str(PAGE_SIZE):
-        return f"the pool at {directory} holds {page_size}-byte pages, not {PAGE_SIZE}-byte ones"
-    if layout != LAYOUT:
-        return f"the pool at {directory} has index layout {layout!r}, not {LAYOUT!r}"
-    return None
-
-
-def _refusal(problem: str, directory: Path) -> PoolError:
-    return PoolError(
-        f"{problem}; refusing to use it.  Remove {directory} (no VM may be using it) "
-        "or choose another pool root or domain"
-    )
-
-
-def _open_pool_files(directory: Path) -> tuple[PoolIndex, PagesFile]:
-    try:
-        index = PoolIndex(directory / "index", create=False)
-    except lmdb.NotFoundError as error:
-        raise _refusal(
-            f"the pool index at {directory / 'index'} lacks a table ({error})", directory
-        ) from error
-    except lmdb.Error as error:
-        raise _refusal(
-            f"the pool index at {directory / 'index'} cannot be opened ({error})", directory
-        ) from error
-    try:
-        problem = _format_problem(index, directory)
-        if problem is not None:
-            raise _refusal(problem, directory)
-        try:
-            fd = os.open(directory / "pages", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as error:
-            raise _refusal(
-                f"the pool's pages file cannot be opened ({error})", directory
-            ) from error
-    except BaseException:
-        index.close()
-        raise
-    return index, PagesFile(fd)
-
-
-def _create_pool(directory: Path) -> None:
-    """Create an empty pool; the caller holds the lock exclusively and ``ready`` is absent."""
-    index_path = directory / "index"
-    if (index_path / "data.mdb").exists():
-        # Without `ready` this is a creation or purge that died half-way -- unless it
-        # is a pool of another format, which must never be cleared by mistake.
-        try:
-            with lmdb.open(str(index_path), max_dbs=16, create=False, readonly=True) as env:
-                with env.begin() as txn:
-                    meta_exists = txn.get(b"meta") is not None
-                if meta_exists:
-                    meta = env.open_db(b"meta", create=False)
-                    with env.begin() as txn:
-                        version = txn.get(b"format", db=meta)
-                    if version not in (None, str(FORMAT_VERSION).encode()):
-                        raise _refusal(
-                            f"the pool at {directory} has format {version.decode(errors='replace')}"
-                            f", and this dksm reads only format {FORMAT_VERSION}",
-                            directory,
-                        )
-        except lmdb.Error as error:
-            raise _refusal(
-                f"the pool index at {index_path} cannot be read ({error})", directory
-            ) from error
-    import shutil
-
-    shutil.rmtree(index_path, ignore_errors=True)
-    pages_path = directory / "pages"
-    pages_path.unlink(missing_ok=True)
-    os.close(os.open(pages_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    index = PoolIndex(index_path, create=True)
-    try:
-        with index.write() as txn:
-            index.initialise(txn, PAGE_SIZE)
-    finally:
-        index.close()
-    ready_tmp = directory / "ready.tmp"
-    ready_tmp.write_text(_READY_TEXT)
-    ready_tmp.rename(directory / "ready")
-
-
 def _pid_namespace() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
 
@@ -465,7 +229,7 @@ class _Admission:
 class PagePool:
     """One sharing domain's page pool, open in this process.  Use :meth:`open`."""
 
-    def __init__(self, store: _Store, domain: str, page_hash: PageHash | None) -> None:
+    def __init__(self, store: Store, domain: str, page_hash: PageHash | None) -> None:
         self._store = store
         self.domain = domain
         self.directory = store.directory
@@ -485,14 +249,18 @@ class PagePool:
         *,
         page_hash: PageHash | None = None,
         sweep: bool = True,
+        create: bool = True,
     ) -> PagePool:
         """Open (creating if needed) a domain's pool and sweep the leases of dead owners.
 
         ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests;
-        ``sweep=False`` leaves the sweep to an explicit :meth:`sweep` call.
+        ``sweep=False`` leaves the sweep to an explicit :meth:`sweep` call;
+        ``create=False`` raises :class:`PoolMissingError` instead of creating a pool.
+        A pool (or a way to it) that another user could change is refused
+        (:mod:`dksm.dedup.trust`), and so is one whose files are damaged
+        (:class:`PoolDamagedError`).
         """
-        directory = pool_directory(domain, root)
-        store = _acquire_store(directory)
+        store = acquire_store(domain, root, create=create)
         pool = cls(store, domain, page_hash)
         try:
             if sweep:
@@ -507,7 +275,7 @@ class PagePool:
         if not self._closed:
             self._closed = True
             if self._store.pid == os.getpid():
-                _release_store(self._store)
+                release_store(self._store)
 
     def __enter__(self) -> Self:
         return self
@@ -520,7 +288,7 @@ class PagePool:
     ) -> None:
         self.close()
 
-    def _usable_store(self) -> _Store:
+    def _usable_store(self) -> Store:
         if self._closed:
             raise PoolError(f"the pool of domain {self.domain!r} is closed")
         if self._store.pid != os.getpid() or self._store.closed:
@@ -538,8 +306,7 @@ class PagePool:
         me = ProcessIdentity.current()
         with store.index.write() as txn:
             lease_id = store.index.new_lease(txn, me.pid, me.start_time, _pid_namespace())
-        with _stores_lock:
-            store.users += 1
+        add_user(store)
         return Lease(self, store, lease_id)
 
     def leases(self) -> list[LeaseInfo]:
@@ -558,7 +325,7 @@ class PagePool:
         """
         store = self._usable_store()
         index = store.index
-        index.env.reader_check()  # reader slots of dead processes pin old pages
+        index.reader_check()  # reader slots of dead processes pin old pages
         with index.read() as txn:
             records = index.lease_records(txn)
             entries, _ = index.entries(txn)
@@ -620,58 +387,76 @@ class PagePool:
         index = store.index
         pages = store.pages
         count = len(hash_keys)
-        with index.write() as txn:
-            if not index.run(txn):
-                return None
-            lease = index.lease(txn, lease_id)
-            if lease is None:
-                raise PoolError(
-                    f"lease {lease_id} is gone from the pool of domain {self.domain!r}: it was "
-                    "released, or swept because its owner looked dead"
-                )
-            first_slots = index.first_slots(txn, hash_keys)
-            lookup = first_slots.get
-            candidates = [int.from_bytes(lookup(key, _NO_SLOT), "big") for key in hash_keys]
-            slots, unconfirmed = _confirm(pages, data, candidates)
-            collided: set[int] = set()  # pages whose hash matched a page with other bytes
-            for page in unconfirmed:  # try the other slots with that hash
-                found = _find_equal(pages, data, page, index.slots_with_hash(txn, hash_keys[page]))
-                if found is None:
-                    collided.add(page)
-                else:
-                    slots[page] = found
+        wrote = False
+        try:
+            with index.write() as txn:
+                if not index.run(txn):
+                    return None
+                lease = index.lease(txn, lease_id)
+                if lease is None:
+                    raise PoolError(
+                        f"lease {lease_id} is gone from the pool of domain {self.domain!r}: it was "
+                        "released, or swept because its owner looked dead"
+                    )
+                first_slots = index.first_slots(txn, hash_keys)
+                lookup = first_slots.get
+                candidates = [int.from_bytes(lookup(key, _NO_SLOT), "big") for key in hash_keys]
+                slots, unconfirmed = _confirm(pages, data, candidates)
+                collided: set[int] = set()  # pages whose hash matched a page with other bytes
+                for page in unconfirmed:  # try the other slots with that hash
+                    found = _find_equal(
+                        pages, data, page, index.slots_with_hash(txn, hash_keys[page])
+                    )
+                    if found is None:
+                        collided.add(page)
+                    else:
+                        slots[page] = found
 
-            fresh = _distinct_new_pages(data, hash_keys, slots, collided)
-            failed = len(collided.intersection(fresh))
-            if fresh:
-                first, at_end = index.allocate(txn, len(fresh))
-                for offset, page in enumerate(fresh):
-                    slots[page] = first + offset
-                for page, slot in enumerate(slots):
-                    if slot < 0:  # a twin of a new page: -2 - (its position in fresh)
-                        slots[page] = first - 2 - slot
-                pages.write(first, [data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
-            counts = Counter(slots)
-            if fresh:
-                new_range = range(first, first + len(fresh))
-                index.add_slots(txn, first, [hash_keys[p] for p in fresh], counts, at_end=at_end)
-                existing = {s: n for s, n in counts.items() if s not in new_range}
-            else:
-                existing = counts
-            if existing:
-                index.add_references(txn, existing)
-            index.add_chunk(txn, lease, slots)
-            index.add_to_counters(
-                txn,
-                {
-                    "pages_scanned": count,
-                    "pages_merged": count - len(fresh),
-                    "merging_failed": failed,
-                    "references": count,
-                    "merge_cpu_ns": time.thread_time_ns() - started_ns,
-                },
-            )
+                fresh = _distinct_new_pages(data, hash_keys, slots, collided)
+                failed = len(collided.intersection(fresh))
+                if fresh:
+                    first, at_end = index.allocate(txn, len(fresh))
+                    for offset, page in enumerate(fresh):
+                        slots[page] = first + offset
+                    for page, slot in enumerate(slots):
+                        if slot < 0:  # a twin of a new page: -2 - (its position in fresh)
+                            slots[page] = first - 2 - slot
+                    wrote = True  # a failure from here on leaves pages to give back
+                    pages.write(first, [data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
+                counts = Counter(slots)
+                if fresh:
+                    new_range = range(first, first + len(fresh))
+                    index.add_slots(
+                        txn, first, [hash_keys[p] for p in fresh], counts, at_end=at_end
+                    )
+                    existing = {s: n for s, n in counts.items() if s not in new_range}
+                else:
+                    existing = counts
+                if existing:
+                    index.add_references(txn, existing)
+                index.add_chunk(txn, lease, slots)
+                index.add_to_counters(
+                    txn,
+                    {
+                        "pages_scanned": count,
+                        "pages_merged": count - len(fresh),
+                        "merging_failed": failed,
+                        "references": count,
+                        "merge_cpu_ns": time.thread_time_ns() - started_ns,
+                    },
+                )
+        except BaseException:
+            if wrote:
+                self._give_back_unindexed_space()
+            raise
         return _Admission(slots, len(fresh))
+
+    def _give_back_unindexed_space(self) -> None:
+        """After a failed load: punch the pages it wrote into slots its aborted
+        transaction never recorded, so the space is free at once (not only at another
+        process's sweep).  Under the write lock, as every punch."""
+        with contextlib.suppress(DksmError), self._store.index.inspect() as txn:
+            self._punch_leftovers(txn)
 
     def _map_slots(self, address: int, slots: Sequence[int]) -> int:
         return map_slots(self._store.pages.fd, address, slots)
@@ -697,7 +482,7 @@ class PagePool:
     def pages_fd(self) -> int:
         """A new read-only descriptor of the pages file, for :class:`SlotMapper`;
         the caller closes it."""
-        return os.open(self._usable_store().directory / "pages", os.O_RDONLY | os.O_CLOEXEC)
+        return self._usable_store().open_pages_readonly()
 
     # -- control and inspection --------------------------------------------------------
 
@@ -739,12 +524,11 @@ class PagePool:
         meanwhile.  An empty list means the pool is consistent.
         """
         store = self._usable_store()
-        index = store.index
-        txn = index.env.begin(write=True)
-        try:
-            return list(self._problems(txn, check_hashes))
-        finally:
-            txn.abort()
+        with store.index.inspect() as txn:
+            try:
+                return list(self._problems(txn, check_hashes))
+            except PoolDamagedError as error:  # a record too broken to read on
+                return [str(error)]
 
     def _problems(self, txn: lmdb.Transaction[bytes], check_hashes: bool) -> Iterator[str]:
         index = self._store.index
@@ -802,9 +586,10 @@ class PagePool:
                 if self._hash_key(page) != record.page_hash:
                     yield f"slot {slot} does not hold a page with its recorded hash"
 
-    def purge(self) -> None:
+    def purge(self) -> list[str]:
         """Remove the pool's files, after sweeping; refused while live leases exist or
-        another process has the pool open.  This handle is closed afterwards."""
+        another process has the pool open.  This handle is closed afterwards.
+        Returns the names left in the pool directory because dksm did not make them."""
         store = self._usable_store()
         self.sweep()
         live = self.leases()
@@ -814,38 +599,18 @@ class PagePool:
                 f"the pool of domain {self.domain!r} still has {len(live)} live lease(s), held "
                 f"by process(es) {owners}; stop them (or release the leases) before purging"
             )
-        with _stores_lock:
-            if store.users > 1:
-                raise PoolError(
-                    f"the pool of domain {self.domain!r} is open more than once in this process; "
-                    "close the other handles before purging"
-                )
-            try:
-                fcntl.flock(store.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fcntl.flock(store.lock_fd, fcntl.LOCK_SH)  # the attempt may have dropped it
-                raise PoolError(
-                    f"the pool of domain {self.domain!r} is open in another process; close it "
-                    "there before purging"
-                ) from None
-            # Exclusive: nobody else has the pool open.  `ready` goes first, so that a
-            # purge dying half-way leaves a directory the next creator clears.
-            directory = store.directory
-            (directory / "ready").unlink(missing_ok=True)
-            store.index.close()
-            store.pages.close()
-            import shutil
+        left = remove_store(store, self.domain)
+        self._closed = True
+        return left
 
-            shutil.rmtree(directory / "index", ignore_errors=True)
-            (directory / "pages").unlink(missing_ok=True)
-            (directory / "lock").unlink(missing_ok=True)
-            os.close(store.lock_fd)
-            store.closed = True
-            _stores.pop(directory, None)
-            self._closed = True
-            # Fails if someone already re-created the pool, or left files of their own.
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+
+def force_purge(
+    domain: str = DEFAULT_DOMAIN, root: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """Remove a domain's pool even if its index cannot be opened (a damaged pool),
+    as long as no process has it open.  Nothing is followed and only the owner's files
+    are removed; returns the names left because dksm did not make them."""
+    return force_remove(domain, root)
 
 
 def _owner_alive(record: LeaseRecord) -> bool:
@@ -941,7 +706,7 @@ class Lease:
     process exit: the next opener of the pool sweeps leases of dead processes.
     """
 
-    def __init__(self, pool: PagePool, store: _Store, lease_id: int) -> None:
+    def __init__(self, pool: PagePool, store: Store, lease_id: int) -> None:
         self.pool = pool
         self.lease_id = lease_id
         self._store = store
@@ -1098,4 +863,4 @@ class Lease:
                 self.pool._drop_lease(txn, self.lease_id)
         self._released = True
         self._references = 0
-        _release_store(store)
+        release_store(store)

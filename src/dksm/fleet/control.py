@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dksm.dedup.owner import ProcessIdentity
 from dksm.fleet.instance import DedupMode, InstanceSpec
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
 from dksm.vmm.config import VmConfig
@@ -80,19 +81,26 @@ def _supervisor_pid(state: dict[str, Any]) -> int | None:
     return int(pid) if pid else None
 
 
-def _is_supervisor(pid: int | None) -> bool:
-    if pid is None:
+def _supervisor_alive(state: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``state`` still runs: its pid *and* start time,
+    since a killed supervisor's pid may be handed to any other process."""
+    pid = _supervisor_pid(state)
+    start_time = state.get("supervisor_start_time")
+    if pid is None or start_time is None:
         return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"supervise" in f.read()
-    except OSError:
-        return False
+    return ProcessIdentity(pid, int(start_time)).is_alive()
 
 
 def _live_pids(state: dict[str, Any]) -> list[int]:
+    """Processes the state file says host live VMs (its writer may be dead)."""
     pids = [m["pid"] for m in state.get("members", []) if m["state"] in LIVE_STATES]
     return list(dict.fromkeys(pids))
+
+
+# Member states a fleet whose supervisor died shows instead of "booting"/"running":
+# nobody watches these VMs any more, and `down` stops those still running.
+ORPHANED = "orphaned"
+LOST = "lost"
 
 
 class FleetHandle:
@@ -116,11 +124,25 @@ class FleetHandle:
         return _supervisor_pid(self.state())
 
     def supervisor_alive(self) -> bool:
-        return _is_supervisor(self.supervisor_pid)
+        return _supervisor_alive(self.state())
 
     def members(self) -> list[dict[str, Any]]:
-        members: list[dict[str, Any]] = self.state().get("members", [])
-        return members
+        """Each VM as its supervisor last published it -- or, if the supervisor is
+        dead, as it is now: ``orphaned`` while its worker runs, else ``lost``."""
+        state = self.state()
+        members: list[dict[str, Any]] = state.get("members", [])
+        if _supervisor_alive(state):
+            return members
+        orphans = set(self._orphans(state))
+        judged = []
+        for m in members:
+            if m["state"] in LIVE_STATES:
+                if m["pid"] in orphans:
+                    m = {**m, "state": ORPHANED, "reason": "supervisor died; `fleet down` stops it"}
+                else:
+                    m = {**m, "state": LOST, "reason": "supervisor died, and so did this VM"}
+            judged.append(m)
+        return judged
 
     def live_pids(self) -> list[int]:
         """Processes hosting live VMs, each once (a worker may host several VMs)."""
@@ -131,7 +153,7 @@ class FleetHandle:
         read of the state file: this runs on every sample of an experiment)."""
         state = self.state()
         supervisor = _supervisor_pid(state)
-        alive = supervisor is not None and _is_supervisor(supervisor)
+        alive = supervisor is not None and _supervisor_alive(state)
         return ([supervisor] if alive and supervisor else []) + _live_pids(state)
 
     def log_path(self, index: int) -> Path:
@@ -155,11 +177,11 @@ class FleetHandle:
         self._stop_orphans(timeout)
         return self.state()
 
-    def _orphans(self) -> list[int]:
+    def _orphans(self, state: dict[str, Any] | None = None) -> list[int]:
         """Workers still running without their supervisor (it was killed): forked
         from it, they carry its command line, which tells them from a reused pid."""
         found = []
-        for pid in self.live_pids():
+        for pid in _live_pids(self.state() if state is None else state):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read()

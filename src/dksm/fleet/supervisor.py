@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from dksm.dedup.owner import ProcessIdentity
 from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
@@ -36,6 +37,7 @@ def supervise(directory: Path) -> int:
     state: dict[str, object] = {
         "id": directory.name,
         "supervisor_pid": os.getpid(),
+        "supervisor_start_time": ProcessIdentity.current().start_time,  # pid reuse
         "created": time.time(),
         "booted": False,
         "stopped": False,
