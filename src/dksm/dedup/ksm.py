@@ -42,6 +42,9 @@ STATE_FILE_ENV: Final = "DKSM_KSM_STATE"
 # /run is where state that must not outlive a boot belongs; the boot id in the file
 # guards hosts whose /run is not a tmpfs.
 DEFAULT_STATE_FILE: Final = Path("/run/dksm/ksm-settings.json")
+# Held (flock) by every session on the host's real KSM: one at a time, whatever state
+# file each names, so that no session saves another's changes as "the settings".
+HOST_LOCK_FILE: Final = Path("/run/dksm/ksm.lock")
 
 SETTINGS: Final = (
     "max_page_sharing",
@@ -316,12 +319,48 @@ class KsmSession:
         self._handle_signals = handle_signals
         self._previous_handlers: dict[int, object] = {}
         self._active = False
+        self._host_lock: int | None = None
+
+    def _lock_host(self) -> None:
+        """Wait for any other session on the host's KSM to end (tests and benchmarks
+        started side by side take turns instead of undoing each other)."""
+        if self.sysfs != KSM_SYSFS:
+            return
+        import fcntl
+        import sys
+
+        HOST_LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(HOST_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("dksm: waiting for another process's KSM session to end", file=sys.stderr)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._host_lock = fd
+
+    def _unlock_host(self) -> None:
+        if self._host_lock is not None:
+            os.close(self._host_lock)  # closing the only descriptor releases the flock
+            self._host_lock = None
 
     def __enter__(self) -> Self:
         if not ksm_available(self.sysfs):
             raise KsmError(f"this kernel has no KSM ({self.sysfs} is missing)")
         if not ksm_controllable(self.sysfs):
             raise KsmError(f"changing KSM settings in {self.sysfs} needs root")
+        self._lock_host()
+        try:
+            self._begin()
+        except BaseException:
+            self._unlock_host()
+            raise
+        return self
+
+    def _begin(self) -> None:
         restore_if_crashed(self.state_file, self.sysfs)
         self.saved = read_settings(self.sysfs)
         me = ProcessIdentity.current()
@@ -340,7 +379,6 @@ class KsmSession:
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for signum in _HANDLED_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, _exit_on_signal)
-        return self
 
     def apply(self, **settings: int | str) -> None:
         """Change settings for the rest of the session, e.g. ``apply(run=1)``."""
@@ -359,6 +397,7 @@ class KsmSession:
             write_settings(self.saved, self.sysfs)  # on failure the state file stays
             self.state_file.unlink(missing_ok=True)
             self._active = False
+            self._unlock_host()
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)  # type: ignore[arg-type]
             self._previous_handlers.clear()
