@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from typing import Any, BinaryIO
@@ -52,9 +54,14 @@ def register(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> Any:
     from dksm.guests import resolve_image_path
+    from dksm.loader.host_file import check_path
     from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
 
-    if args.config_file:
+    if args.initrd is not None:
+        check_path(args.initrd, "initrd")  # the builder takes an empty path for none
+    if args.info_file is not None:
+        check_path(args.info_file, "info file")  # before a VM is built for nothing
+    if args.config_file is not None:
         config = from_firecracker_json(args.config_file)
         overrides = {
             k: v
@@ -83,13 +90,29 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _serial_sink(path: str | None) -> BinaryIO:
-    """Unbuffered: guest output appears as it is written and survives a crash."""
-    if path is None:
-        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    """Unbuffered: guest output appears as it is written and survives a crash.
+
+    Opened without blocking, so that a FIFO nobody reads is an error (ENXIO) rather
+    than an open that waits for ever; writes block again once it is open."""
+    from dksm.loader.host_file import check_path
+
     try:
-        return open(path, "wb", buffering=0)
+        if path is None:
+            fd = os.dup(1)  # sys.stdout is None when fd 1 was closed at start
+        else:
+            check_path(path, "serial output")
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                0o666,
+            )
+            os.set_blocking(fd, True)
     except OSError as exc:
-        raise SerialOutputError(f"cannot open serial output {path}: {exc.strerror}") from exc
+        why = "a FIFO that no process reads" if exc.errno == errno.ENXIO else exc.strerror
+        raise SerialOutputError(
+            f"cannot open serial output {path or 'standard output'}: {why}"
+        ) from exc
+    return os.fdopen(fd, "wb", buffering=0)
 
 
 def _path(text: str) -> Any:
@@ -101,8 +124,8 @@ def _path(text: str) -> Any:
 def handle(args: argparse.Namespace) -> int:
     from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
+    if args.timeout is not None and not 0 < args.timeout < math.inf:
+        raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config = _config(args)
     spec = InstanceSpec(
         config=config,
@@ -110,14 +133,17 @@ def handle(args: argparse.Namespace) -> int:
         domain=args.domain,
         pool_root=None if args.pool_root is None else _path(args.pool_root),
     )
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
-        if args.info_file:
+        if args.info_file is not None:
             instance.write_info(args.info_file)
         outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:
-        print(f"dksm: {outcome.describe()}", file=sys.stderr)
+        # Exit status 1 is bad input or environment, said the same way as any other.
+        error = "error: " if status == ExitStatus.ERROR else ""
+        print(f"dksm: {error}{outcome.describe()}", file=sys.stderr)
         if args.verbose and outcome.registers:
             print(outcome.registers, file=sys.stderr)
     if args.verbose:

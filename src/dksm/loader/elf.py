@@ -13,6 +13,7 @@ import os
 import struct
 
 from dksm.arch import layout
+from dksm.loader.host_file import read_regular_file
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
 ELF_MAGIC = b"\x7fELF"
@@ -60,16 +61,7 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
                 return cached[1]
         except OSError:
             pass
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > mem_size + layout.HIMEM_START + (64 << 20):
-                raise LoaderError(
-                    f"{path}: {size} bytes is larger than any image this guest can hold"
-                )
-            data = f.read()
-    except OSError as exc:
-        raise LoaderError(f"cannot read kernel image {path}: {exc.strerror}") from exc
+    data = read_regular_file(path, "kernel image", mem_size, f"guest RAM of {_mib(mem_size)}")
     return parse_elf(data, mem_size, path)
 
 
