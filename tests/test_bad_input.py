@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dksm.loader.elf import parse_elf
+from dksm.loader.elf import PT_LOAD, parse_elf
 from dksm.loader.segment import LoaderError
 
 from conftest import dksm, requires_kvm
@@ -53,6 +53,30 @@ def test_loader_names_the_problem(case: str) -> None:
     image, message = BAD_IMAGES[case]
     with pytest.raises(LoaderError, match=message):
         parse_elf(image, 16 * MIB, "img")
+
+
+def test_loader_checks_every_header_before_copying_bytes() -> None:
+    """Found by the property tests: 200 program headers naming the same 256 KiB of
+    the file made the loader copy 50 MiB before it found the entry point outside
+    them all.  Now a refused image costs what its checks cost."""
+    import struct
+    import tracemalloc
+
+    count, blob = 200, b"\xf4" * (256 << 10)
+    image = bytearray(make_elf([Seg(0x100000, b"")] * count, entry=0x1000_0000))
+    for i in range(count):  # every header's file bytes: the one blob at the end
+        addr = 0x100000 + i * len(blob)
+        phdr = (PT_LOAD, PF_R, len(image), addr, addr, len(blob), len(blob), 0x1000)
+        struct.pack_into("<IIQQQQQQ", image, 64 + 56 * i, *phdr)
+    image += blob
+    tracemalloc.start()
+    try:
+        with pytest.raises(LoaderError, match="lies outside every segment"):
+            parse_elf(bytes(image), 128 * MIB, "img")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MIB, f"{peak} bytes allocated to refuse a {len(image)}-byte image"
 
 
 def _assert_clean_error(result: object, needle: str) -> None:
