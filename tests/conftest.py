@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 TESTS_DIR = Path(__file__).parent
 SHM = "/dev/shm"
@@ -22,6 +23,12 @@ IS_ROOT = os.geteuid() == 0
 
 requires_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm")
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+# Property tests: a short run by default (CI), a long one with
+# DKSM_HYPOTHESIS_PROFILE=long.  No deadline: the machine is shared.
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("DKSM_HYPOTHESIS_PROFILE", "ci"))
 
 
 def dksm(
