@@ -12,6 +12,15 @@ from types import FrameType
 from dksm.error import DksmError
 from dksm.vmm.exit_status import ExitStatus
 
+# Control characters and line separators as escapes, so that a message quoting a
+# path with a newline in it still takes one line.
+_LINE_BREAKERS = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _LINE_BREAKERS}
+
+
+def _one_line(message: str) -> str:
+    return message.translate(_ESCAPES)
+
 
 def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
@@ -104,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return _BROKEN_PIPE_STATUS
     except DksmError as exc:
-        print(f"dksm: error: {exc}", file=sys.stderr)
+        print(f"dksm: error: {_one_line(str(exc))}", file=sys.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         print("dksm: interrupted", file=sys.stderr)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
-from typing import Any, BinaryIO
+from typing import Any
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
@@ -59,9 +61,14 @@ def register(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> Any:
     from dksm.guests import resolve_image_path
+    from dksm.loader.host_file import check_path
     from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
 
-    if args.config_file:
+    if args.initrd is not None:
+        check_path(args.initrd, "initrd")  # the builder takes an empty path for none
+    if args.info_file is not None:
+        check_path(args.info_file, "info file")  # before a VM is built for nothing
+    if args.config_file is not None:
         config = from_firecracker_json(args.config_file)
         overrides = {
             k: v
@@ -92,14 +99,32 @@ def _config(args: argparse.Namespace) -> Any:
     return config
 
 
-def _serial_sink(path: str | None) -> BinaryIO:
-    """Unbuffered: guest output appears as it is written and survives a crash."""
-    if path is None:
-        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+def _serial_sink(path: str | None) -> Any:
+    """Unbuffered: guest output appears as it is written and survives a crash.
+
+    Opened without blocking, so that a FIFO nobody reads is an error (ENXIO) rather
+    than an open that waits for ever; writes block again once it is open."""
+    from dksm.loader.host_file import check_path
+
     try:
-        return open(path, "wb", buffering=0)
+        if path is None:
+            fd = os.dup(1)  # sys.stdout is None when fd 1 was closed at start
+        else:
+            check_path(path, "serial output")
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                0o666,
+            )
+            os.set_blocking(fd, True)
     except OSError as exc:
-        raise SerialOutputError(f"cannot open serial output {path}: {exc.strerror}") from exc
+        why = "a FIFO that no process reads" if exc.errno == errno.ENXIO else exc.strerror
+        raise SerialOutputError(
+            f"cannot open serial output {path or 'standard output'}: {why}"
+        ) from exc
+    from dksm.vmm.console_output import ConsoleOutput
+
+    return ConsoleOutput(fd)
 
 
 def _path(text: str) -> Any:
@@ -112,8 +137,8 @@ def handle(args: argparse.Namespace) -> int:
     from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
     from dksm.vmm.console_input import ConsoleInput
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
+    if args.timeout is not None and not 0 < args.timeout < math.inf:
+        raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config = _config(args)
     spec = InstanceSpec(
         config=config,
@@ -121,16 +146,20 @@ def handle(args: argparse.Namespace) -> int:
         domain=args.domain,
         pool_root=None if args.pool_root is None else _path(args.pool_root),
     )
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
-        if args.info_file:
+        sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
+        if args.info_file is not None:
             instance.write_info(args.info_file)
         # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin.
         with ConsoleInput(sys.stdin.fileno(), instance.vm.serial):
             outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:
-        print(f"dksm: {outcome.describe()}", file=sys.stderr)
+        # Exit status 1 is bad input or environment, said the same way as any other.
+        error = "error: " if status == ExitStatus.ERROR else ""
+        print(f"dksm: {error}{outcome.describe()}", file=sys.stderr)
         if args.verbose and outcome.registers:
             print(outcome.registers, file=sys.stderr)
     if args.verbose:

@@ -66,6 +66,7 @@ class ExitCause(enum.Enum):
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted by signal"
     VMM_ERROR = "VMM error"
+    HOST_IO_ERROR = "host I/O error"  # a device's host side failed (console on a full disk)
 
 
 @dataclass(frozen=True)
