@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
         help="VMs hosted per worker process (8); 1 gives each VM a process of its own",
     )
     add_instance_options(up)
+    from dksm.cli.run import add_confinement_options
+
+    add_confinement_options(up)
     up.set_defaults(handler=_up)
     status = fsub.add_parser("status", help="list a fleet's VMs")
     status.add_argument("id", nargs="?")
@@ -111,7 +114,10 @@ def instance_specs(
 
 
 def _up(args: argparse.Namespace) -> int:
+    from dksm.cli.run import confinement_credentials
     from dksm.fleet import control
+
+    target = confinement_credentials(args)
 
     specs = instance_specs(
         args.image,
@@ -124,7 +130,13 @@ def _up(args: argparse.Namespace) -> int:
         args.config_file,
     )
     start = time.monotonic()
-    handle = control.up(specs, boot_timeout=args.boot_timeout, vms_per_worker=args.vms_per_process)
+    handle = control.up(
+        specs,
+        boot_timeout=args.boot_timeout,
+        vms_per_worker=args.vms_per_process,
+        confine_as=target,
+        no_confine=target is None,
+    )
     members = handle.members()
     failed = [m for m in members if m["state"] == "failed"]
     print(handle.id)

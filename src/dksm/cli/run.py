@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+
+if TYPE_CHECKING:
+    from dksm.vmm.confinement import Credentials
 
 
 class SerialOutputError(DksmError):
@@ -47,7 +50,39 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
     )
+    add_confinement_options(parser)
     parser.set_defaults(handler=handle)
+
+
+def add_confinement_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--uid",
+        metavar="ID",
+        help="user (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nobody; else the current user)",
+    )
+    parser.add_argument(
+        "--gid",
+        metavar="ID",
+        help="group (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nogroup; else the current group)",
+    )
+    parser.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="keep this process's privileges and install no seccomp filter",
+    )
+
+
+def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
+    """Who the VMM becomes once built, or None when confinement is turned off."""
+    if args.no_confine:
+        if args.uid is not None or args.gid is not None:
+            raise DksmError("--uid and --gid confine the VMM; they cannot go with --no-confine")
+        return None
+    from dksm.vmm.confinement import credentials
+
+    return credentials(args.uid, args.gid)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -104,6 +139,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
     config = _config(args)
+    target = confinement_credentials(args)
     spec = InstanceSpec(
         config=config,
         dedup=DedupMode.parse(args.dedup),
@@ -114,6 +150,10 @@ def handle(args: argparse.Namespace) -> int:
     with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
         if args.info_file:
             instance.write_info(args.info_file)
+        if target is not None:
+            from dksm.vmm.confinement import Confinement
+
+            Confinement(target).apply()  # from here on, no new file and no privilege
         outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:

@@ -20,6 +20,11 @@ records why, and sweeps the pool so the leases of dead VMs are released.
 Workers report each VM's events (booted: its first complete console line; ended:
 its outcome file is written) through one shared pipe, as 8-byte records: writes
 that small are atomic on a pipe, so records from many workers never interleave.
+
+Workers are confined (:mod:`dksm.vmm.confinement`) once all their VMs are built and
+before any of them runs; the supervisor is not, as it must sweep the pools.  A
+confined worker opens no file, so each VM's log and outcome files are opened while
+it is built.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.segment import shareable_span
 from dksm.memory.guest_memory import PageSharer
+from dksm.vmm.confinement import Confinement
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
 from dksm.vmm.machine import ExitCause
 
@@ -110,7 +116,8 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 class _HostedVm:
-    """One VM inside a worker: its instance, console log and outcome file."""
+    """One VM inside a worker: its instance, console log and outcome file, built
+    when made and started by :meth:`start`."""
 
     def __init__(
         self,
@@ -124,21 +131,25 @@ class _HostedVm:
         self.state_dir = state_dir
         self.event_fd = event_fd
         self.instance: Instance | None = None
-        self.log_fd = os.open(
-            state_dir / f"vm-{index}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
-        )
+        create = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.log_fd = os.open(state_dir / f"vm-{index}.log", create, 0o644)
+        # Empty until the VM ends: the supervisor reads it only after the "ended"
+        # event, or after the worker died (an empty file then says as little as none).
+        self.outcome_fd = os.open(state_dir / f"vm-{index}.outcome.json", create, 0o644)
         self.status = ExitStatus.VMM_ERROR
         try:
             console = _ConsoleLog(self.log_fd, event_fd, index)
             self.instance = Instance(spec, console, sharer=sharer)
             self.instance.write_info(str(state_dir / f"vm-{index}.info.json"))
-            self.instance.vm.start()
-            _return_freed_heap()
         except DksmError as exc:
             self.finish(ExitStatus.ERROR, "error", str(exc))
         except Exception as exc:
             os.write(self.log_fd, traceback.format_exc().encode())
             self.finish(ExitStatus.VMM_ERROR, "vmm error", f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        if self.instance is not None:
+            self.instance.vm.start()
 
     @property
     def running(self) -> bool:
@@ -159,8 +170,8 @@ class _HostedVm:
             instance.close()
         with contextlib.suppress(OSError):
             outcome = {"cause": cause, "detail": detail, "status": int(status)}
-            path = self.state_dir / f"vm-{self.index}.outcome.json"
-            path.write_text(json.dumps(outcome))
+            os.write(self.outcome_fd, json.dumps(outcome).encode())
+            os.close(self.outcome_fd)
             os.write(self.event_fd, EVENT_RECORD.pack(self.index, EVENT_ENDED))
             os.close(self.log_fd)
 
@@ -170,8 +181,10 @@ def _worker_main(
     state_dir: Path,
     event_fd: int,
     go_fd: int,
+    confinement: Confinement | None,
 ) -> NoReturn:
-    """The body of a forked worker: host ``group``'s VMs until they end; never returns."""
+    """The body of a forked worker: build ``group``'s VMs, confine itself, run them
+    until they end; never returns."""
     status = ExitStatus.VMM_ERROR
     vms: list[_HostedVm] = []
     try:
@@ -183,6 +196,15 @@ def _worker_main(
             os._exit(int(ExitStatus.ERROR))
         os.close(go_fd)
         vms = [_HostedVm(index, spec, state_dir, event_fd, sharer) for index, spec, sharer in group]
+        _return_freed_heap()
+        if confinement is not None:
+            try:
+                confinement.apply()
+            except DksmError as exc:
+                for vm in vms:
+                    vm.finish(ExitStatus.ERROR, "error", str(exc))
+        for vm in vms:
+            vm.start()
         try:
             while any(vm.running for vm in vms):
                 for vm in vms:
@@ -226,11 +248,20 @@ def _describe_wait_status(status: int) -> str:
 class FleetLauncher:
     """Forks and supervises fleet workers; lives in the supervisor process."""
 
-    def __init__(self, state_dir: Path, vms_per_worker: int = DEFAULT_VMS_PER_WORKER) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
+        *,
+        confinement: Confinement | None,
+    ) -> None:
+        """``confinement``: what each worker gives up before its VMs run; None runs
+        them with the supervisor's privileges."""
         if vms_per_worker < 1:
             raise FleetError(f"VMs per worker must be at least 1, not {vms_per_worker}")
         self.state_dir = state_dir
         self.vms_per_worker = vms_per_worker
+        self.confinement = confinement
         self.members: list[Member] = []  # by VM index
         self.workers: dict[int, list[Member]] = {}  # live worker pid -> its VMs
         self._events_r, self._events_w = os.pipe()
@@ -263,7 +294,7 @@ class FleetLauncher:
             if pid == 0:
                 os.close(self._events_r)
                 os.close(go_w)
-                _worker_main(hosted, self.state_dir, self._events_w, go_r)
+                _worker_main(hosted, self.state_dir, self._events_w, go_r, self.confinement)
             os.close(go_r)
             now = time.time()
             members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
@@ -336,14 +367,15 @@ class FleetLauncher:
         if held is not None:
             held[1].release()
 
-    @staticmethod
-    def _prepare_for_fork(specs: Sequence[tuple[str, InstanceSpec]]) -> None:
+    def _prepare_for_fork(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
         # Everything workers would otherwise each do for themselves is done once
         # here, so that its pages are shared: imports, image parsing, CPUID.
         from dksm.vmm.builder import preload_host_cpuid
 
         preload_images({(s.config.kernel_path, s.config.mem_size) for _, s in specs})
         preload_host_cpuid()
+        if self.confinement is not None:
+            self.confinement.prepare()
 
     def _collect_events(self, wait: float) -> None:
         readable, _, _ = select.select([self._events_r], [], [], wait)

@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
+from dksm.fleet.control import (
+    SPEC_FILE,
+    STATE_FILE,
+    confinement_from_json,
+    spec_from_json,
+    write_json_atomically,
+)
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
 
@@ -28,7 +34,11 @@ def supervise(directory: Path) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    launcher = FleetLauncher(directory, int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)))
+    launcher = FleetLauncher(
+        directory,
+        int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
+        confinement=confinement_from_json(doc.get("confine")),
+    )
     state: dict[str, object] = {
         "id": directory.name,
         "supervisor_pid": os.getpid(),
