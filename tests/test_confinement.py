@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import importlib
 import json
 import mmap
 import os
@@ -399,3 +400,22 @@ def test_bad_confinement_options_are_one_line_errors(
         result = dksm(*command, *options)
         assert result.returncode == 1, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_both_bindings_compile_the_same_filter() -> None:
+    """libseccomp's own binding, where the set-up linked it in, and pyseccomp, which
+    serves everywhere else, must give the kernel the same program."""
+    try:
+        official = importlib.import_module("seccomp")
+    except ImportError:
+        pytest.skip("libseccomp's own binding (python3-seccomp) is not linked into this venv")
+    pyseccomp = importlib.import_module("pyseccomp")
+    programs = []
+    for binding in (official, pyseccomp):
+        with tempfile.TemporaryFile() as exported:
+            rules = seccomp_filter.rules_for(os.getpid())
+            seccomp_filter.compile_filter(rules, binding).export_bpf(exported)
+            exported.seek(0)
+            programs.append(exported.read())
+    assert programs[0] == programs[1]
+    assert len(programs[0]) > 100 * SOCK_FILTER_SIZE  # a real filter, not an empty one

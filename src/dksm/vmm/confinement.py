@@ -175,7 +175,7 @@ class Confinement:
         """Load now what the confined process may need later and could no longer read:
         libseccomp's binding, and the emulation fallback on hosts that use it."""
         try:
-            import pyseccomp  # noqa: F401  (loaded now, used by apply)
+            seccomp_filter.binding()
         except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: no libseccomp
             raise ConfinementError(
                 f"cannot load libseccomp ({exc}): install it (Debian: libseccomp2),"

@@ -194,10 +194,23 @@ def rules_for(pid: int) -> tuple[Rule, ...]:
     return (*RULES, tgkill_rule(pid))
 
 
-def compile_filter(rules: Iterable[Rule]) -> Any:
+def binding() -> Any:
+    """libseccomp's Python API, imported only to confine: libseccomp's own binding
+    (Debian's python3-seccomp, a C extension, about 1 ms to load) when this
+    interpreter sees it, else pyseccomp (ctypes, the same API, the pip dependency:
+    about 15 ms, as it imports ctypes.util and runs ldconfig twice)."""
+    try:
+        import seccomp
+    except ImportError:
+        import pyseccomp as seccomp
+    return seccomp
+
+
+def compile_filter(rules: Iterable[Rule], seccomp: Any = None) -> Any:
     """A libseccomp filter (not yet loaded) of ``rules``: anything else kills the
-    process, as does any system-call ABI other than the native one."""
-    import pyseccomp as seccomp  # libseccomp through ctypes: imported only to confine
+    process, as does any system-call ABI other than the native one.  ``seccomp``:
+    the binding to compile with (by default :func:`binding`)."""
+    seccomp = seccomp or binding()
 
     verdicts = {
         Verdict.ALLOW: seccomp.ALLOW,
