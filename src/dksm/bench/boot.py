@@ -3,6 +3,10 @@ byte, and to the process's exit.
 
 Each run is a fresh interpreter, as a user's ``dksm run`` is, so interpreter
 start-up and imports count: they are part of what a microVM costs to start.
+
+:func:`compare_confinement` says what confinement (``dksm run`` versus
+``dksm run --no-confine``) costs: runs of both kinds alternate, so that whatever
+else the host does falls on both alike.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class BootResult:
     dedup: str
     first_byte_ms: tuple[float, ...]
     exit_ms: tuple[float, ...]
+    confined: bool = True
 
     @staticmethod
     def _summary(values: tuple[float, ...]) -> dict[str, float]:
@@ -45,6 +50,7 @@ class BootResult:
             "guest": self.guest,
             "runs": self.runs,
             "dedup": self.dedup,
+            "confined": self.confined,
             "first_byte_ms_median": first["median"],
             "exit_ms_median": done["median"],
             "first_byte_ms": first,
@@ -53,7 +59,8 @@ class BootResult:
 
     def table(self) -> str:
         rows = [
-            f"boot of '{self.guest}' (dedup {self.dedup}), {self.runs} runs (ms)",
+            f"boot of '{self.guest}' (dedup {self.dedup}, "
+            f"{'confined' if self.confined else 'not confined'}), {self.runs} runs (ms)",
             "            median    min    max  stdev",
         ]
         for name, values in (("first byte", self.first_byte_ms), ("exit", self.exit_ms)):
@@ -83,9 +90,13 @@ def _dksm_command() -> list[str]:
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "dksm"]
 
 
-def _one_run(guest: str, mem_mib: int, dedup: str, env: dict[str, str]) -> tuple[float, float]:
+def _one_run(
+    guest: str, mem_mib: int, dedup: str, env: dict[str, str], confined: bool = True
+) -> tuple[float, float]:
     cmd = [*_dksm_command(), "run", "--kernel", guest, "--mem-mib", str(mem_mib),
            "--dedup", dedup, "--timeout", "30"]  # fmt: skip
+    if not confined:
+        cmd.append("--no-confine")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
@@ -100,16 +111,76 @@ def _one_run(guest: str, mem_mib: int, dedup: str, env: dict[str, str]) -> tuple
     return (first_at - start) * 1000, (done_at - start) * 1000
 
 
-def measure_boot(guest: str, runs: int, mem_mib: int = 16, dedup: str = "dksm") -> BootResult:
-    if runs < 1:
-        raise BootBenchError(f"--runs must be at least 1, not {runs}")
-    env = _installed_environment()
-    _one_run(guest, mem_mib, dedup, env)  # warm the page cache
-    samples = [_one_run(guest, mem_mib, dedup, env) for _ in range(runs)]
+def _result(
+    guest: str, dedup: str, confined: bool, samples: list[tuple[float, float]]
+) -> BootResult:
     return BootResult(
         guest=guest,
-        runs=runs,
+        runs=len(samples),
         dedup=dedup,
         first_byte_ms=tuple(s[0] for s in samples),
         exit_ms=tuple(s[1] for s in samples),
+        confined=confined,
+    )
+
+
+def measure_boot(
+    guest: str, runs: int, mem_mib: int = 16, dedup: str = "dksm", confined: bool = True
+) -> BootResult:
+    if runs < 1:
+        raise BootBenchError(f"--runs must be at least 1, not {runs}")
+    env = _installed_environment()
+    _one_run(guest, mem_mib, dedup, env, confined)  # warm the page cache
+    samples = [_one_run(guest, mem_mib, dedup, env, confined) for _ in range(runs)]
+    return _result(guest, dedup, confined, samples)
+
+
+@dataclass(frozen=True)
+class ConfinementCost:
+    confined: BootResult
+    unconfined: BootResult
+
+    def cost_ms(self) -> dict[str, float]:
+        """Median confined minus median unconfined, to the first byte and to exit."""
+        return {
+            "first_byte": statistics.median(self.confined.first_byte_ms)
+            - statistics.median(self.unconfined.first_byte_ms),
+            "exit": statistics.median(self.confined.exit_ms)
+            - statistics.median(self.unconfined.exit_ms),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "confined": self.confined.to_json(),
+            "unconfined": self.unconfined.to_json(),
+            "cost_ms_median": self.cost_ms(),
+        }
+
+    def table(self) -> str:
+        cost = self.cost_ms()
+        return "\n".join(
+            (
+                self.unconfined.table(),
+                self.confined.table(),
+                f"confinement costs {cost['first_byte']:+.1f} ms to the first byte, "
+                f"{cost['exit']:+.1f} ms to exit (medians)",
+            )
+        )
+
+
+def compare_confinement(
+    guest: str, runs: int, mem_mib: int = 16, dedup: str = "dksm"
+) -> ConfinementCost:
+    """``runs`` boots each confined and not, alternating."""
+    if runs < 1:
+        raise BootBenchError(f"--runs must be at least 1, not {runs}")
+    env = _installed_environment()
+    for confined in (True, False):
+        _one_run(guest, mem_mib, dedup, env, confined)  # warm the page cache
+    samples: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for _ in range(runs):
+        for confined in (True, False):
+            samples[confined].append(_one_run(guest, mem_mib, dedup, env, confined))
+    return ConfinementCost(
+        _result(guest, dedup, True, samples[True]), _result(guest, dedup, False, samples[False])
     )

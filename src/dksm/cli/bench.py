@@ -18,6 +18,13 @@ def register(sub: Any) -> None:
     boot.add_argument("--guest", default="hello", help="shipped guest name or image path")
     boot.add_argument("--runs", type=int, default=20)
     boot.add_argument("--dedup", default="dksm", help="dedup mode of the runs (dksm)")
+    boot.add_argument(
+        "--confinement",
+        choices=("on", "off", "compare"),
+        default="on",
+        help="run the VMMs confined (on, as dksm run does), with --no-confine (off), or"
+        " alternate both and report the difference (compare)",
+    )
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
@@ -218,9 +225,15 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from dksm.bench.boot import measure_boot
+    from dksm.bench.boot import BootResult, ConfinementCost, compare_confinement, measure_boot
 
-    result = measure_boot(args.guest, args.runs, dedup=args.dedup)
+    result: BootResult | ConfinementCost
+    if args.confinement == "compare":
+        result = compare_confinement(args.guest, args.runs, dedup=args.dedup)
+    else:
+        result = measure_boot(
+            args.guest, args.runs, dedup=args.dedup, confined=args.confinement == "on"
+        )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
