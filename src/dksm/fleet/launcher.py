@@ -24,7 +24,9 @@ that small are atomic on a pipe, so records from many workers never interleave.
 Workers are confined (:mod:`dksm.vmm.confinement`) once all their VMs are built and
 before any of them runs; the supervisor is not, as it must sweep the pools.  A
 confined worker opens no file, so each VM's log and outcome files are opened while
-it is built.
+it is built.  Its seccomp program, which names its pid, is compiled by the
+supervisor and comes with the "go": compiling it in the worker would cost each
+worker about 0.9 MiB of private memory.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ DEFAULT_VMS_PER_WORKER = 8
 EVENT_RECORD = struct.Struct("<II")  # VM index, event
 EVENT_BOOTED = 0
 EVENT_ENDED = 1
+GO = b"g"  # then the length (u32) and bytes of the worker's seccomp program
+GO_HEADER = struct.Struct("<cI")
 
 
 class FleetError(DksmError):
@@ -192,17 +196,18 @@ def _worker_main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
         # Map nothing before the supervisor has made this process the owner of the
         # leases covering its pool pages; no "go" (the supervisor died) means stop.
-        if os.read(go_fd, 1) != b"g":
+        program = _read_go(go_fd)
+        if program is None:
             os._exit(int(ExitStatus.ERROR))
         os.close(go_fd)
         vms = [_HostedVm(index, spec, state_dir, event_fd, sharer) for index, spec, sharer in group]
-        _return_freed_heap()
         if confinement is not None:
             try:
-                confinement.apply()
+                confinement.apply(program)
             except DksmError as exc:
                 for vm in vms:
                     vm.finish(ExitStatus.ERROR, "error", str(exc))
+        _return_freed_heap()
         for vm in vms:
             vm.start()
         try:
@@ -222,6 +227,27 @@ def _worker_main(
             (state_dir / f"worker-{os.getpid()}.error").write_text(traceback.format_exc())
     finally:
         os._exit(int(status))
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_go(go_fd: int) -> bytes | None:
+    """The worker's seccomp program (empty when unconfined) once the supervisor says
+    go; None if it died first."""
+    header = _read_exactly(go_fd, GO_HEADER.size)
+    if len(header) != GO_HEADER.size:
+        return None
+    go, length = GO_HEADER.unpack(header)
+    program = _read_exactly(go_fd, length)
+    return program if go == GO and len(program) == length else None
 
 
 def _read_outcome(state_dir: Path, index: int) -> tuple[str, str] | None:
@@ -304,8 +330,9 @@ class FleetLauncher:
         for go_w, indexes in go_pipes:
             pid = self.members[indexes[0]].pid
             self._hand_over(pid, indexes)
+            program = b"" if self.confinement is None else self.confinement.filter_program(pid)
             with contextlib.suppress(BrokenPipeError):  # a worker that already died
-                os.write(go_w, b"g")
+                os.write(go_w, GO_HEADER.pack(GO, len(program)) + program)
             os.close(go_w)
         # The first VMs' leases may be released from now on: nothing may be referenced
         # again through them.

@@ -54,6 +54,11 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # capget(2)/capset(2), linux/capability.h: version 3 takes two 32-bit words per set.
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# seccomp(2): linux/seccomp.h, and its number in arch/x86/entry/syscalls/syscall_64.tbl.
+_NR_SECCOMP_X86_64 = 317
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1  # every thread of the process, not only the caller
+SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 # A host whose KVM runs guest kernel code through its instruction emulator (PVM,
 # docs/BOOT.md) needs the VMM's emulation fallback for SSE instructions.
 _PVM_MODULE = "/sys/module/kvm_pvm"
@@ -65,6 +70,10 @@ class ConfinementError(DksmError):
 
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
 class _CapData(ctypes.Structure):
@@ -84,6 +93,8 @@ _libc.prctl.argtypes = [
     ctypes.c_ulong,
     ctypes.c_ulong,
 ]
+_libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_SockFprog)]
 
 
 def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
@@ -163,8 +174,10 @@ class Confinement:
     """What one VMM process will give up once its VM is built.
 
     :meth:`prepare` may run long before (a fleet supervisor prepares once before
-    forking its workers, which then share what it loaded); :meth:`apply` runs in
-    the VMM process itself, after building and before any vCPU enters the guest.
+    forking its workers, which then share what it loaded), and so may
+    :meth:`filter_program` (the supervisor compiles each worker's once it knows its
+    pid); :meth:`apply` runs in the VMM process itself, after building and before
+    any vCPU enters the guest.
     """
 
     def __init__(self, target: Credentials) -> None:
@@ -185,11 +198,19 @@ class Confinement:
         if os.path.exists(_PVM_MODULE):
             _load_emulation_fallback()
 
-    def apply(self) -> None:
-        """Confine this process (irreversibly); raise :class:`ConfinementError` if any
-        step fails, in which case the caller must not run the guest."""
+    def filter_program(self, pid: int) -> bytes:
+        """The seccomp program of VMM process ``pid``, compiled in this process."""
         self.prepare()
-        syscall_filter = seccomp_filter.compile_filter(seccomp_filter.rules_for(os.getpid()))
+        return seccomp_filter.compile_program(seccomp_filter.rules_for(pid))
+
+    def apply(self, program: bytes | None = None) -> None:
+        """Confine this process (irreversibly) with ``program``, by default compiled
+        here; raise :class:`ConfinementError` if any step fails, in which case the
+        caller must not run the guest."""
+        if program is None:
+            program = self.filter_program(os.getpid())
+        else:
+            self.prepare()
         _drop_bounding_set()
         self._switch_ids()
         _drop_capabilities()
@@ -199,10 +220,7 @@ class Confinement:
         except OSError as exc:
             raise ConfinementError(f"cannot restrict this process: {exc.strerror}") from exc
         self._check()
-        try:
-            syscall_filter.load()
-        except OSError as exc:
-            raise ConfinementError(f"cannot load the seccomp filter: {exc.strerror}") from exc
+        _load_filter(program)
 
     def _switch_ids(self) -> None:
         uid, gid = self.target.uid, self.target.gid
@@ -231,6 +249,24 @@ class Confinement:
             problems.append("no_new_privs is not set")
         if problems:
             raise ConfinementError(f"confinement incomplete: {'; '.join(problems)}")
+
+
+def _load_filter(program: bytes) -> None:
+    """Install a compiled seccomp program on every thread of this process (the kernel
+    takes it from an unprivileged process only with no_new_privs set)."""
+    if not program or len(program) % SOCK_FILTER_SIZE:
+        raise ConfinementError(f"a seccomp program of {len(program)} bytes is not one")
+    fprog = _SockFprog(len(program) // SOCK_FILTER_SIZE, program)
+    result = _libc.syscall(
+        _NR_SECCOMP_X86_64,
+        SECCOMP_SET_MODE_FILTER,
+        SECCOMP_FILTER_FLAG_TSYNC,
+        ctypes.byref(fprog),
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        reason = os.strerror(err) if result < 0 else f"thread {result} could not take it"
+        raise ConfinementError(f"cannot load the seccomp filter: {reason}")
 
 
 def _load_emulation_fallback() -> None:

