@@ -26,6 +26,13 @@ def register(sub: Any) -> None:
         default="on",
         help="announce the TSC frequency in CPUID (on), hide it (off), or compare both",
     )
+    boot.add_argument(
+        "--confinement",
+        choices=("on", "off", "compare"),
+        default="on",
+        help="run the VMMs confined (on, as dksm run does), with --no-confine (off), or"
+        " alternate both (compare)",
+    )
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
@@ -241,27 +248,41 @@ def _fleet(args: argparse.Namespace) -> int:
     return run_fleet_command(args)
 
 
+# Ways of running one axis of a boot benchmark: name and extra ``dksm run`` flags.
+_Axis = dict[str, list[tuple[str, list[str]]]]
+
+
 def _boot(args: argparse.Namespace) -> int:
-    from dksm.bench.boot import measure_boot
+    from dksm.bench.boot import measure_boot, median_differences
 
     flags = []
     if args.boot_args is not None:
         flags += ["--boot-args", args.boot_args]
     if args.initrd is not None:
         flags += ["--initrd", args.initrd]
-    with_leaf: list[str] = []
-    without_leaf = ["--no-tsc-leaf"]
+    # Each axis is one or two ways of running; every combination is a variant.
+    leaf: _Axis = {"on": [("tsc leaf", [])], "off": [("no tsc leaf", ["--no-tsc-leaf"])]}
+    leaf["both"] = leaf["on"] + leaf["off"]
+    confinement: _Axis = {"on": [("confined", [])], "off": [("unconfined", ["--no-confine"])]}
+    confinement["compare"] = confinement["on"] + confinement["off"]
     variants = {
-        "on": {"tsc leaf": with_leaf},
-        "off": {"no tsc leaf": without_leaf},
-        "both": {"tsc leaf": with_leaf, "no tsc leaf": without_leaf},
-    }[args.tsc_leaf]
+        f"{c_name}, {l_name}": [*c_flags, *l_flags]
+        for c_name, c_flags in confinement[args.confinement]
+        for l_name, l_flags in leaf[args.tsc_leaf]
+    }
     results = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
+    differences = median_differences(results)
     if args.json:
         docs = [r.to_json() for r in results]
-        print(json.dumps(docs[0] if len(docs) == 1 else {"variants": docs}, indent=2))
+        doc = docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.table() for r in results))
+        for name, diff in differences.items():
+            print(
+                f"{name}: {diff['first_byte']:+.1f} ms to the first byte, "
+                f"{diff['exit']:+.1f} ms to exit (medians)"
+            )
     return ExitStatus.OK
 
 

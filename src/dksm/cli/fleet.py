@@ -59,6 +59,9 @@ def register(sub: Any) -> None:
         " (to measure run-to-completion guests as a standing fleet)",
     )
     add_instance_options(up)
+    from dksm.cli.run import add_confinement_options
+
+    add_confinement_options(up)
     up.set_defaults(handler=_up)
     status = fsub.add_parser("status", help="list a fleet's VMs")
     status.add_argument("id", nargs="?")
@@ -122,7 +125,10 @@ def instance_specs(
 
 
 def _up(args: argparse.Namespace) -> int:
+    from dksm.cli.run import confinement_credentials
     from dksm.fleet import control
+
+    target = confinement_credentials(args)
 
     specs = instance_specs(
         args.image,
@@ -141,6 +147,8 @@ def _up(args: argparse.Namespace) -> int:
         boot_timeout=args.boot_timeout,
         vms_per_worker=args.vms_per_process,
         hold=args.hold,
+        confine_as=target,
+        no_confine=target is None,
     )
     members = handle.members()
     failed = [m for m in members if m["state"] == "failed"]

@@ -7,10 +7,13 @@ import errno
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+
+if TYPE_CHECKING:
+    from dksm.vmm.confinement import Credentials
 
 
 class SerialOutputError(DksmError):
@@ -56,7 +59,39 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
     )
+    add_confinement_options(parser)
     parser.set_defaults(handler=handle)
+
+
+def add_confinement_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--uid",
+        metavar="ID",
+        help="user (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nobody; else the current user)",
+    )
+    parser.add_argument(
+        "--gid",
+        metavar="ID",
+        help="group (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nogroup; else the current group)",
+    )
+    parser.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="keep this process's privileges and install no seccomp filter",
+    )
+
+
+def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
+    """Who the VMM becomes once built, or None when confinement is turned off."""
+    if args.no_confine:
+        if args.uid is not None or args.gid is not None:
+            raise DksmError("--uid and --gid confine the VMM; they cannot go with --no-confine")
+        return None
+    from dksm.vmm.confinement import credentials
+
+    return credentials(args.uid, args.gid)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -140,6 +175,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.timeout is not None and not 0 < args.timeout < math.inf:
         raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config = _config(args)
+    target = confinement_credentials(args)
     spec = InstanceSpec(
         config=config,
         dedup=DedupMode.parse(args.dedup),
@@ -152,8 +188,13 @@ def handle(args: argparse.Namespace) -> int:
         sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
         if args.info_file is not None:
             instance.write_info(args.info_file)
-        # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin.
+        # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin
+        # (the terminal is switched to character mode before the filter is on).
         with ConsoleInput(sys.stdin.fileno(), instance.vm.serial):
+            if target is not None:
+                from dksm.vmm.confinement import Confinement
+
+                Confinement(target).apply()  # from here on, no new file and no privilege
             outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:

@@ -25,6 +25,7 @@ from dksm.dedup.owner import ProcessIdentity
 from dksm.fleet.instance import DedupMode, InstanceSpec
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
 from dksm.vmm.config import VmConfig
+from dksm.vmm.confinement import Confinement, Credentials, credentials
 
 SPEC_FILE = "spec.json"
 STATE_FILE = "fleet.json"
@@ -59,6 +60,14 @@ def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
         domain=doc["domain"],
         pool_root=None if root is None else Path(root),
     )
+
+
+def confinement_to_json(target: Credentials | None) -> dict[str, int] | None:
+    return None if target is None else {"uid": target.uid, "gid": target.gid}
+
+
+def confinement_from_json(doc: dict[str, int] | None) -> Confinement | None:
+    return None if doc is None else Confinement(Credentials(int(doc["uid"]), int(doc["gid"])))
 
 
 def write_json_atomically(path: Path, doc: object) -> None:
@@ -213,13 +222,18 @@ def up(
     vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
     root: Path | None = None,
     hold: bool = False,
+    confine_as: Credentials | None = None,
+    no_confine: bool = False,
 ) -> FleetHandle:
     """Start a supervisor for ``specs`` and return once every VM has booted.
 
     ``hold`` keeps each VM whose guest shuts down mapped, as it was at its end,
-    until the fleet is stopped (state ``held``)."""
+    until the fleet is stopped (state ``held``).  Workers are confined (as
+    ``confine_as``, by default the ids :func:`dksm.vmm.confinement.credentials`
+    picks) unless ``no_confine``."""
     if not specs:
         raise FleetError("a fleet needs at least one instance")
+    target = None if no_confine else confine_as or credentials()
     root = root or runtime_root()
     root.mkdir(parents=True, exist_ok=True)
     fleet_id = _new_fleet_id(root)
@@ -231,6 +245,7 @@ def up(
             "boot_timeout": boot_timeout,
             "vms_per_worker": vms_per_worker,
             "hold": hold,
+            "confine": confinement_to_json(target),
             "members": [spec_to_json(label, s) for label, s in specs],
         },
     )

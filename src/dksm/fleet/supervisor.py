@@ -11,7 +11,13 @@ from pathlib import Path
 from types import FrameType
 
 from dksm.dedup.owner import ProcessIdentity
-from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
+from dksm.fleet.control import (
+    SPEC_FILE,
+    STATE_FILE,
+    confinement_from_json,
+    spec_from_json,
+    write_json_atomically,
+)
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
 
@@ -33,6 +39,7 @@ def supervise(directory: Path) -> int:
         directory,
         int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
         hold=bool(doc.get("hold", False)),
+        confinement=confinement_from_json(doc.get("confine")),
     )
     state: dict[str, object] = {
         "id": directory.name,
