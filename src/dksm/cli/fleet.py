@@ -15,11 +15,21 @@ MIB = 1 << 20
 
 
 def add_instance_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
-    parser.add_argument("--vcpus", type=int, default=1, help="vCPUs per VM, 1 to 32 (1)")
-    parser.add_argument("--dedup", default="dksm", help="none, ksm, dksm or dksm+ksm (dksm)")
-    parser.add_argument("--domain", default="default", help="page-pool sharing domain")
-    parser.add_argument("--pool-root", default=None, help="page-pool directory (tmpfs)")
+    parser.add_argument(
+        "--mem-mib", type=int, default=None, help="guest RAM per VM in MiB (default 128, as run)"
+    )
+    parser.add_argument("--vcpus", type=int, default=None, help="vCPUs per VM, 1 to 32 (1)")
+    parser.add_argument(
+        "--dedup",
+        default=None,
+        help="none, ksm, dksm or dksm+ksm (default: the config file's, else dksm)",
+    )
+    parser.add_argument(
+        "--domain", default=None, help="page-pool sharing domain (default 'default')"
+    )
+    parser.add_argument(
+        "--pool-root", default=None, metavar="DIR", help="page-pool directory (on tmpfs)"
+    )
 
 
 def register(sub: Any) -> None:
@@ -79,46 +89,78 @@ def register(sub: Any) -> None:
 def instance_specs(
     images: list[str],
     instances: int,
-    mem_mib: int,
-    dedup: str,
-    domain: str,
+    mem_mib: int | None,
+    dedup: str | None,
+    domain: str | None,
     pool_root: str | None,
     boot_args: str | None = None,
     config_files: list[str] | None = None,
-    vcpus: int = 1,
+    vcpus: int | None = None,
 ) -> list[tuple[str, Any]]:
+    """The fleet's VMs: ``instances`` of each image and each config file.  Flags
+    given win over a config file's values (and its "dksm" object)."""
+    from dataclasses import replace
+
     from dksm.dedup.pool import pool_root as checked_pool_root
     from dksm.error import DksmError
-    from dksm.fleet.instance import DedupMode, InstanceSpec
+    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, InstanceSpec
     from dksm.guests import resolve_image
     from dksm.loader.elf import load_elf
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig, from_firecracker_json
+    from dksm.vmm.config import (
+        DEFAULT_BOOT_ARGS,
+        DEFAULT_MEM_MIB,
+        FLEET_REFUSED_SECTIONS,
+        VmConfig,
+        from_firecracker_json,
+    )
 
     if instances < 1:
         raise DksmError(f"--instances must be at least 1, not {instances}")
     if not images and not config_files:
         raise DksmError("a fleet needs at least one --image or --config-file")
-    mode = DedupMode.parse(dedup)
-    configs = [
-        VmConfig(
-            kernel_path=str(resolve_image(image)),
-            mem_mib=mem_mib,
-            vcpu_count=vcpus,
-            boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
+    # (config, dedup, domain, pool root), before the flags' defaults apply
+    kinds: list[tuple[VmConfig, str | None, str | None, str | None]] = [
+        (
+            VmConfig(
+                kernel_path=str(resolve_image(image)),
+                mem_mib=DEFAULT_MEM_MIB if mem_mib is None else mem_mib,
+                vcpu_count=1 if vcpus is None else vcpus,
+                boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
+            ),
+            None,
+            None,
+            None,
         )
         for image in images
     ]
-    configs += [from_firecracker_json(path) for path in config_files or []]
-    root = None if pool_root is None else checked_pool_root(pool_root)
+    for path in config_files or []:
+        from_file = from_firecracker_json(path, refuse=FLEET_REFUSED_SECTIONS)
+        config = replace(
+            from_file.vm,
+            mem_mib=_first(mem_mib, from_file.vm.mem_mib),
+            vcpu_count=_first(vcpus, from_file.vm.vcpu_count),
+            boot_args=_first(boot_args, from_file.vm.boot_args),
+        )
+        kinds.append((config, from_file.dedup, from_file.domain, from_file.pool_root))
+    roots: dict[str, Any] = {}
     specs: list[tuple[str, InstanceSpec]] = []
-    for config in configs:
-        path = Path(config.kernel_path)
+    for config, file_dedup, file_domain, file_root in kinds:
+        mode = DedupMode.parse(_first(dedup, file_dedup, DedupMode.DKSM.value))
+        root_text = _first(pool_root, file_root)
+        if root_text is not None and root_text not in roots:
+            roots[root_text] = checked_pool_root(root_text)
+        root = None if root_text is None else roots[root_text]
         config.validate()
         load_elf(config.kernel_path, config.mem_size)  # bad images fail here, not in N VMs
-        spec = InstanceSpec(config, mode, domain, root)
-        label = path.stem
+        spec = InstanceSpec(config, mode, _first(domain, file_domain, DEFAULT_DOMAIN), root)
+        label = Path(config.kernel_path).stem
         specs.extend((label, spec) for _ in range(instances))
     return specs
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is given (not None)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _up(args: argparse.Namespace) -> int:

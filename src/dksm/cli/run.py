@@ -42,9 +42,14 @@ def register(sub: Any) -> None:
         help="do not announce the TSC frequency in CPUID 0x40000010 (guests calibrate it)",
     )
     parser.add_argument(
-        "--dedup", default="dksm", metavar="MODE", help="none, ksm, dksm (default) or dksm+ksm"
+        "--dedup",
+        default=None,
+        metavar="MODE",
+        help="none, ksm, dksm (default) or dksm+ksm: how guest memory is deduplicated",
     )
-    parser.add_argument("--domain", default="default", help="page-pool sharing domain")
+    parser.add_argument(
+        "--domain", default=None, help="page-pool sharing domain (default 'default')"
+    )
     parser.add_argument(
         "--pool-root", default=None, metavar="DIR", help="page-pool directory on tmpfs"
     )
@@ -57,12 +62,16 @@ def register(sub: Any) -> None:
     parser.set_defaults(handler=handle)
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The VM config and, with --config-file, the file it came from (else None)."""
     from dksm.guests import resolve_image_path
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig
 
     if args.config_file:
-        config = from_firecracker_json(args.config_file)
+        from dksm.vmm.config import FRONT_DOOR_SECTIONS, from_firecracker_json
+
+        config_file = from_firecracker_json(args.config_file, refuse=FRONT_DOOR_SECTIONS)
+        config = config_file.vm
         overrides = {
             k: v
             for k, v in (
@@ -79,17 +88,18 @@ def _config(args: argparse.Namespace) -> Any:
             from dataclasses import replace
 
             config = replace(config, **overrides)
-    else:
-        config = VmConfig(
-            kernel_path=resolve_image_path(args.kernel),
-            boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
-            mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
-            vcpu_count=1 if args.vcpus is None else args.vcpus,
-            initrd_path=args.initrd,
-            tsc_frequency_leaf=not args.no_tsc_leaf,
-        )
+        config.validate()
+        return config, config_file
+    config = VmConfig(
+        kernel_path=resolve_image_path(args.kernel),
+        boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
+        mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
+        vcpu_count=1 if args.vcpus is None else args.vcpus,
+        initrd_path=args.initrd,
+        tsc_frequency_leaf=not args.no_tsc_leaf,
+    )
     config.validate()
-    return config
+    return config, None
 
 
 def _serial_sink(path: str | None) -> BinaryIO:
@@ -108,21 +118,31 @@ def _path(text: str) -> Any:
     return pool_root(text)  # refuses "" (which Path would make the current directory)
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is given (not None)."""
+    return next((v for v in values if v is not None), None)
+
+
 def handle(args: argparse.Namespace) -> int:
-    from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
     from dksm.vmm.console_input import ConsoleInput
 
     if args.timeout is not None and args.timeout <= 0:
         raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
-    config = _config(args)
+    config, config_file = _config(args)
+    # A flag given wins over the file's "dksm" object, which wins over the defaults.
+    dedup = _first(args.dedup, config_file and config_file.dedup, DedupMode.DKSM.value)
+    domain = _first(args.domain, config_file and config_file.domain, DEFAULT_DOMAIN)
+    pool_root = _first(args.pool_root, config_file and config_file.pool_root)
     spec = InstanceSpec(
         config=config,
-        dedup=DedupMode.parse(args.dedup),
-        domain=args.domain,
-        pool_root=None if args.pool_root is None else _path(args.pool_root),
+        dedup=DedupMode.parse(dedup),
+        domain=domain,
+        pool_root=None if pool_root is None else _path(pool_root),
     )
+    serial_out = _first(args.serial_out, config_file and config_file.serial_out_path)
     sys.stdout.flush()
-    with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
+    with _serial_sink(serial_out) as sink, Instance(spec, sink) as instance:
         if args.info_file:
             instance.write_info(args.info_file)
         # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin.
