@@ -36,6 +36,8 @@ DEFAULT_MAX_PAYLOAD = 51200  # Firecracker's HTTP_MAX_PAYLOAD_SIZE
 MAX_HEADER_BYTES = 16 * 1024
 MAX_CONNECTIONS = 32
 REQUEST_TIMEOUT_S = 5.0
+DRAIN_S = 1.0
+DRAIN_BYTES = 1 << 20
 SEND_TIMEOUT_S = 2.0
 RECV_SIZE = 64 * 1024
 SERVER_NAME = b"Firecracker API"  # what Firecracker's server calls itself
@@ -57,7 +59,10 @@ class _Client:
     target: str = ""
     body: bytearray = field(default_factory=bytearray)
     started: float | None = None  # when the current request's first byte came
-    refused: bool = False  # answered early (too large): drop the rest
+    # Answered and closing: what the client still sends is read and dropped until it
+    # hangs up or this time passes, so that closing with its bytes unread does not
+    # reset the connection before it has read the answer.
+    draining_until: float | None = None
 
 
 def _fault(message: str) -> bytes:
@@ -129,10 +134,11 @@ class ApiServer:
             self._expire()
 
     def _next_timeout(self) -> float | None:
-        starts = [c.started for c in self._clients.values() if c.started is not None]
-        if not starts:
+        deadlines = [c.started + REQUEST_TIMEOUT_S for c in self._clients.values() if c.started]
+        deadlines += [c.draining_until for c in self._clients.values() if c.draining_until]
+        if not deadlines:
             return None
-        return max(0.0, min(starts) + REQUEST_TIMEOUT_S - time.monotonic())
+        return max(0.0, min(deadlines) - time.monotonic())
 
     # -- connections ------------------------------------------------------------------
 
@@ -160,12 +166,23 @@ class ApiServer:
             self._selector.unregister(client.sock)
         client.sock.close()
 
+    def _close_after_answer(self, client: _Client) -> None:
+        """Stop writing, and read (and drop) what the client still sends for a moment."""
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+        client.draining_until = time.monotonic() + DRAIN_S
+        client.started = None
+        client.body.clear()
+
     def _expire(self) -> None:
         now = time.monotonic()
         for client in list(self._clients.values()):
-            if client.started is not None and now - client.started > REQUEST_TIMEOUT_S:
+            if client.draining_until is not None:
+                if now > client.draining_until:
+                    self._drop(client)
+            elif client.started is not None and now - client.started > REQUEST_TIMEOUT_S:
                 self._answer(client, 408, _fault("The request was not completed in time."))
-                self._drop(client)
+                self._close_after_answer(client)
 
     def _receive(self, client: _Client) -> None:
         try:
@@ -175,6 +192,11 @@ class ApiServer:
         except OSError:
             self._drop(client)
             return
+        if client.draining_until is not None:
+            client.body += data[: max(0, DRAIN_BYTES - len(client.body))]
+            if not data or len(client.body) >= DRAIN_BYTES:
+                self._drop(client)
+            return
         if client.started is None and data:
             client.started = time.monotonic()
         try:
@@ -183,12 +205,12 @@ class ApiServer:
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             self._answer(client, status, _fault(f"Malformed HTTP request: {exc}"))
-            self._drop(client)
-        if not data and client.sock.fileno() in self._clients:
+            self._close_after_answer(client)
+        if not data and client.sock.fileno() in self._clients and client.draining_until is None:
             self._drop(client)  # hung up (mid-request or not): nobody to answer
 
     def _events(self, client: _Client) -> None:
-        while client.sock.fileno() in self._clients:
+        while client.sock.fileno() in self._clients and client.draining_until is None:
             event = client.conn.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 if event is h11.PAUSED and client.conn.our_state is h11.DONE:
@@ -214,7 +236,7 @@ class ApiServer:
                 self._answer(client, status, body)
                 client.started = None
                 if client.conn.our_state is h11.MUST_CLOSE:
-                    self._drop(client)
+                    self._close_after_answer(client)
                     return
                 self._next_cycle(client)
             elif isinstance(event, h11.ConnectionClosed):
@@ -233,7 +255,7 @@ class ApiServer:
             413,
             _fault(f"Request payload is larger than the limit of {self.max_payload} bytes."),
         )
-        self._drop(client)
+        self._close_after_answer(client)
 
     def _answer(self, client: _Client, status: int, body: bytes) -> None:
         headers = [(b"Server", SERVER_NAME), (b"Content-Length", str(len(body)).encode())]

@@ -174,10 +174,14 @@ class _VmmProcess:
         from dksm.api.metrics import Metrics
         from dksm.error import DksmError
         from dksm.vmm.config import ConfigError, from_firecracker_json
+        from dksm.vmm.machine import install_kick_handler
         from dksm.vmm.schema import Logger
 
         args = self.args
         threading.current_thread().name = "fc_vmm"
+        # The VM is started from the API thread, but only the main thread may install
+        # the handler that lets the kick signal interrupt KVM_RUN (and not the process).
+        install_kick_handler()
         log = VmmLog(args.id)
         level = None
         if args.level is not None:

@@ -96,7 +96,7 @@ class Outcome:
         return f"{self.cause.value}: {self.detail}" if self.detail else self.cause.value
 
 
-def _install_kick_handler() -> None:
+def install_kick_handler() -> None:
     # The handler does nothing: its only job is to make the signal interrupt
     # KVM_RUN (EINTR) instead of killing the process.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) in (
@@ -482,7 +482,7 @@ class MicroVm:
 
     def start(self) -> None:
         """Start the vCPU threads; the guest runs until :meth:`stop` or its own end."""
-        _install_kick_handler()
+        install_kick_handler()
         self._started = True
         for thread in self.threads:
             thread.start()
