@@ -1,9 +1,10 @@
 """The VMM's log, as Firecracker writes it: one line per event,
 ``TIMESTAMP [INSTANCE:THREAD(:LEVEL)(:FILE:LINE)] message``, filtered by level.
 
-The file (or named pipe) is opened once, before the VM starts, and appended to; until
-one is configured (``--log-path`` or ``PUT /logger``) lines go to standard error, so
-standard output stays the guest's console.
+The file (or named pipe) is opened once, before the VM starts, and appended to.
+Until one is configured (``--log-path`` or ``PUT /logger``) nothing is logged:
+standard output is the guest's console, and standard error carries only the one-line
+errors the process exits with.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dksm.error import DksmError
 # Firecracker's levels, most severe first; "Off" logs nothing.
 LEVELS = ("Error", "Warning", "Info", "Debug", "Trace")
 DEFAULT_LEVEL = "Info"
-STDERR_FD = 2
+NO_FILE = -1
 
 
 class LoggerError(DksmError):
@@ -38,7 +39,7 @@ class VmmLog:
         self.level = DEFAULT_LEVEL
         self.show_level = False
         self.show_origin = False
-        self.fd = STDERR_FD
+        self.fd = NO_FILE
         self.path: str | None = None
         self._lock = threading.Lock()
 
@@ -57,7 +58,7 @@ class VmmLog:
             except OSError as exc:
                 raise LoggerError(f"cannot open log file {path}: {exc.strerror}") from exc
             with self._lock:
-                if self.fd != STDERR_FD:
+                if self.fd != NO_FILE:
                     os.close(self.fd)
                 self.fd, self.path = fd, path
         if level is not None:
@@ -68,7 +69,11 @@ class VmmLog:
             self.show_origin = show_origin
 
     def enabled(self, level: str) -> bool:
-        return self.level != "Off" and LEVELS.index(level) <= LEVELS.index(self.level)
+        return (
+            self.fd != NO_FILE
+            and self.level != "Off"
+            and LEVELS.index(level) <= LEVELS.index(self.level)
+        )
 
     def log(self, level: str, message: str) -> None:
         if not self.enabled(level):
@@ -98,6 +103,6 @@ class VmmLog:
 
     def close(self) -> None:
         with self._lock:
-            if self.fd != STDERR_FD:
+            if self.fd != NO_FILE:
                 os.close(self.fd)
-                self.fd = STDERR_FD
+                self.fd = NO_FILE

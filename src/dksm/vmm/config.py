@@ -140,12 +140,19 @@ def validate_document(doc: Any, where: str) -> VmConfigDocument:
     """The document checked against the schema: every problem reported at once."""
     from pydantic import ValidationError
 
-    from dksm.vmm.schema import VmConfigDocument, problems
+    from dksm.vmm.schema import UNSUPPORTED_SECTIONS, VmConfigDocument, problems
 
     try:
         return VmConfigDocument.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigProblemsError(where, problems(exc)) from None
+        lines = problems(exc)
+        if isinstance(doc, dict):  # what the rest asks for is refused in the same breath
+            lines += [
+                f"{name}: {reason}"
+                for name, reason in UNSUPPORTED_SECTIONS.items()
+                if doc.get(name) not in (None, [])
+            ]
+        raise ConfigProblemsError(where, lines) from None
 
 
 def vm_config(document: VmConfigDocument) -> VmConfig:
