@@ -193,3 +193,13 @@ def test_valid_config_parses(tmp_path: Path) -> None:
     )
     config = from_firecracker_json(str(path)).vm
     assert (config.kernel_path, config.boot_args, config.mem_mib) == ("/k", "a=1", 32)
+
+
+def test_pool_root_off_tmpfs_is_refused(tmp_path: Path) -> None:
+    """A pool on disk would write guest code to disk at every load: --pool-root names
+    a directory on tmpfs or is refused."""
+    root = tmp_path / "pools"
+    for command in (("run", "--kernel", "hello"), ("pool", "stats")):
+        result = dksm(*command, "--pool-root", str(root))
+        _assert_clean_error(result, f"the pool root {root} is not on tmpfs")
+    assert not root.exists()
