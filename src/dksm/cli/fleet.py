@@ -50,11 +50,20 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="JSON",
-        help="a Firecracker config file: its kernel, boot args and memory (repeatable)",
+        help="a Firecracker config file: its kernel, boot args, machine and dksm settings"
+        " (repeatable)",
     )
-    up.add_argument("--instances", type=int, default=1, help="VMs per image")
-    up.add_argument("--boot-args", default=None)
-    up.add_argument("--boot-timeout", type=float, default=120.0)
+    up.add_argument("--instances", type=int, default=1, help="VMs per image or config file (1)")
+    up.add_argument(
+        "--boot-args", default=None, help="kernel command line of every VM (default Firecracker's)"
+    )
+    up.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for every VM's first console line (120)",
+    )
     up.add_argument(
         "--vms-per-process",
         type=int,
@@ -70,19 +79,28 @@ def register(sub: Any) -> None:
     )
     add_instance_options(up)
     up.set_defaults(handler=_up)
+    fleet_id_help = "fleet id (default: the newest running fleet, else the newest)"
     status = fsub.add_parser("status", help="list a fleet's VMs")
-    status.add_argument("id", nargs="?")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("id", nargs="?", help=fleet_id_help)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=_status)
+    lister = fsub.add_parser("list", help="list the fleets on record")
+    lister.set_defaults(handler=_list)
+    prune = fsub.add_parser("prune", help="remove the records of fleets that have stopped")
+    prune.set_defaults(handler=_prune)
     down = fsub.add_parser("down", help="stop a fleet's VMs and release their pages")
-    down.add_argument("id", nargs="?")
+    down.add_argument("id", nargs="?", help=fleet_id_help)
     down.set_defaults(handler=_down)
     logs = fsub.add_parser("logs", help="print one VM's console output")
-    logs.add_argument("id")
-    logs.add_argument("vm", type=int, help="VM index")
+    logs.add_argument(
+        "where",
+        nargs="+",
+        metavar="[ID] VM",
+        help="VM index, after a fleet id (default fleet: the newest running, else newest)",
+    )
     logs.set_defaults(handler=_logs)
     supervise = fsub.add_parser("supervise")  # internal: the fleet's supervisor process
-    supervise.add_argument("directory")
+    supervise.add_argument("directory", help="the fleet's directory")
     supervise.set_defaults(handler=_supervise)
 
 
@@ -241,6 +259,11 @@ def _down(args: argparse.Namespace) -> int:
     from dksm.fleet import control
 
     handle = control.find(args.id)
+    if handle.over():
+        state = handle.state()
+        members = state.get("members", [])
+        print(f"fleet {handle.id} is already stopped ({len(members)} VMs, none running)")
+        return ExitStatus.OK
     state = handle.down()
     members = state.get("members", [])
     failed = [m for m in members if m["state"] == "failed"]
@@ -248,14 +271,51 @@ def _down(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _list(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from dksm.fleet import control
+
+    fleets = control.all_fleets()
+    if not fleets:
+        print(f"no fleets on record under {control.runtime_root()}")
+        return ExitStatus.OK
+    print(f"{'fleet':<20} {'state':<8} {'VMs':>4}  members by state")
+    for handle in fleets:
+        members = handle.members()
+        by_state = Counter(m["state"] for m in members)
+        states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items())) or "-"
+        running = "running" if not handle.over() else "stopped"
+        print(f"{handle.id:<20} {running:<8} {len(members):>4}  {states}")
+    return ExitStatus.OK
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from dksm.fleet import control
+
+    removed = control.prune()
+    print(
+        f"removed the records of {len(removed)} stopped fleets" if removed else "nothing to prune"
+    )
+    for fleet_id in removed:
+        print(f"  {fleet_id}")
+    return ExitStatus.OK
+
+
 def _logs(args: argparse.Namespace) -> int:
     from dksm.error import DksmError
     from dksm.fleet import control
 
-    handle = control.find(args.id)
-    path = handle.log_path(args.vm)
+    if len(args.where) > 2:
+        raise DksmError("fleet logs takes a VM index, optionally after a fleet id")
+    fleet_id = args.where[0] if len(args.where) == 2 else None
+    index_text = args.where[-1]
+    if not index_text.isdigit():
+        raise DksmError(f"VM index must be a number, not '{index_text}'")
+    handle = control.find(fleet_id)
+    path = handle.log_path(int(index_text))
     if not path.exists():
-        raise DksmError(f"fleet {handle.id} has no VM {args.vm}")
+        raise DksmError(f"fleet {handle.id} has no VM {index_text}")
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), path.read_bytes())
     return ExitStatus.OK
