@@ -138,6 +138,13 @@ def firecracker_main(argv: Sequence[str] | None = None) -> int:
     return run(list(sys.argv[1:] if argv is None else argv))
 
 
+def _interrupted() -> int:
+    from dksm.vmm.exit_status import ExitStatus
+
+    print("dksm-firecracker: interrupted", file=sys.stderr)
+    return int(ExitStatus.INTERRUPTED)
+
+
 def run(argv: list[str], prog: str = "dksm-firecracker") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.version:
@@ -154,7 +161,10 @@ def run(argv: list[str], prog: str = "dksm-firecracker") -> int:
         return _fail("--no-api requires --config-file", FcExit.ARG_PARSING)
     if args.http_api_max_payload_size < 1:
         return _fail("--http-api-max-payload-size must be positive", FcExit.ARG_PARSING)
-    return _VmmProcess(args).run()
+    try:
+        return _VmmProcess(args).run()
+    except KeyboardInterrupt:  # SIGINT/SIGTERM before the VMM thread waits (or after)
+        return _interrupted()
 
 
 def _fail(message: str, status: FcExit) -> int:
