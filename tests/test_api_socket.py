@@ -151,8 +151,8 @@ def test_pause_holds_the_guest_and_resume_lets_it_run(
 
     def wait_for_progress(since: int) -> None:
         deadline = time.monotonic() + 20
-        while dots() < since + 20:
-            assert time.monotonic() < deadline, "the guest does not run"
+        while dots() < since + 5:
+            assert time.monotonic() < deadline, f"the guest does not run ({since}, {dots()})"
             time.sleep(0.05)
 
     wait_for_progress(0)
@@ -169,6 +169,8 @@ def test_pause_holds_the_guest_and_resume_lets_it_run(
     again = session.put(url("/machine-config"), json={"vcpu_count": 1, "mem_size_mib": 16})
     assert again.status_code == 400
     assert "not supported after starting" in again.json()["fault_message"]
+    # Ctrl+Alt+Del reaches the guest's keyboard controller; this guest ignores it.
+    assert session.put(url("/actions"), json={"action_type": "SendCtrlAltDel"}).status_code == 204
     flushed = session.put(url("/actions"), json={"action_type": "FlushMetrics"})
     assert flushed.status_code == 204
     line = door.metrics_lines()[-1]

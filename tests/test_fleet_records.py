@@ -5,7 +5,9 @@ down` of a stopped fleet says so, and `fleet prune` removes its record."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 from conftest import dksm, requires_kvm, requires_root
 
@@ -44,3 +46,32 @@ def test_a_fleet_of_guests_that_shut_down_ends_by_itself_and_can_be_pruned() -> 
     assert fleet_id not in dksm("fleet", "list").stdout
     missing = dksm("fleet", "status", fleet_id)
     assert missing.returncode == 1 and "no fleet with id" in missing.stderr
+
+
+def test_fleet_up_takes_the_config_files_dksm_object_and_refuses_its_logger(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "vm.json"
+    doc = {
+        "boot-source": {"kernel_image_path": "idle"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 16},
+        "dksm": {"dedup": "none", "domain": "fleet-dksm-object"},
+    }
+    config.write_text(json.dumps(doc))
+    up = dksm("fleet", "up", "--config-file", str(config), "--instances", "2")
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        spec = json.loads((Path(os.environ["DKSM_RUN_DIR"]) / fleet_id / "spec.json").read_text())
+        assert {(m["dedup"], m["domain"]) for m in spec["members"]} == {
+            ("none", "fleet-dksm-object")
+        }
+    finally:
+        dksm("fleet", "down", fleet_id)
+    config.write_text(json.dumps({**doc, "logger": {"log_path": str(tmp_path / "log")}}))
+    refused = dksm("fleet", "up", "--config-file", str(config))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"dksm: error: config file {config}: logger: the log file is written by "
+        "'dksm vmm' (dksm-firecracker) only"
+    ]
