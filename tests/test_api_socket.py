@@ -284,12 +284,16 @@ def test_config_file_without_api(tmp_path: Path) -> None:
             }
         )
     )
+    log = tmp_path / "vmm.log"
     ran = subprocess.run(
-        [str(FIRECRACKER), "--no-api", "--config-file", str(config)],
+        [str(FIRECRACKER), "--no-api", "--config-file", str(config), "--boot-timer",
+         "--log-path", str(log), "--level", "info"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert 'hello: cmdline="x=1"' in ran.stdout
+    assert ran.stderr == ""
+    assert "Guest-boot-time = " in log.read_text()
 
 
 @pytest.mark.parametrize(
