@@ -141,28 +141,52 @@ def test_vcpu_count_outside_firecrackers_range_refused(tmp_path: Path, count: st
 CONFIGS: dict[str, tuple[str, str]] = {
     "not_json": ("{boot-source: nope", "not valid JSON"),
     "not_object": ("[1, 2]", "must be a JSON object"),
+    "unknown_field": (
+        '{"boot-source": {"kernel_image_path": "k"}, "machine-config": '
+        '{"vcpu_count": 1, "mem_size_mib": 16, "ht_enabled": false}}',
+        "machine-config.ht_enabled: unknown field",
+    ),
+    "duplicate_key": (
+        '{"boot-source": {"kernel_image_path": "k"}, "boot-source": {"kernel_image_path": "j"}}',
+        "the field 'boot-source' is given twice",
+    ),
+    "deep": ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    "smt": (
+        '{"boot-source": {"kernel_image_path": "k"}, '
+        '"machine-config": {"vcpu_count": 2, "mem_size_mib": 16, "smt": true}}',
+        "machine-config.smt: true is not supported",
+    ),
+    "logger": (
+        '{"boot-source": {"kernel_image_path": "k"}, "logger": {"log_path": "/tmp/x"}}',
+        "logger: the log file is written by 'dksm vmm'",
+    ),
     "no_boot_source": (
         '{"machine-config": {"vcpu_count": 1, "mem_size_mib": 16}}',
-        "lacks the required field 'boot-source'",
+        "boot-source: required field is missing",
     ),
-    "no_kernel": ('{"boot-source": {"boot_args": "x"}}', "'kernel_image_path'"),
+    "no_kernel": (
+        '{"boot-source": {"boot_args": "x"}}',
+        "boot-source.kernel_image_path: required field is missing",
+    ),
     "mem_not_int": (
         '{"boot-source": {"kernel_image_path": "k"}, '
         '"machine-config": {"vcpu_count": 1, "mem_size_mib": "lots"}}',
-        "mem_size_mib must be int",
+        "machine-config.mem_size_mib: Input should be a valid integer",
     ),
     "drives": (
-        '{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "root"}]}',
-        "'drives' is not supported yet",
+        '{"boot-source": {"kernel_image_path": "k"}, '
+        '"drives": [{"drive_id": "root", "is_root_device": true}]}',
+        "drives: block devices (virtio-blk) are not supported yet",
     ),
     "network": (
-        '{"boot-source": {"kernel_image_path": "k"}, "network-interfaces": [{"iface_id": "eth0"}]}',
-        "'network-interfaces' is not supported yet",
+        '{"boot-source": {"kernel_image_path": "k"}, '
+        '"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}',
+        "network-interfaces: network devices (virtio-net) are not supported yet",
     ),
     "too_many_vcpus": (
         '{"boot-source": {"kernel_image_path": "k"}, '
         '"machine-config": {"vcpu_count": 64, "mem_size_mib": 16}}',
-        "vcpu_count must be 1 to 32, not 64",
+        "machine-config.vcpu_count: Input should be less than or equal to 32",
     ),
 }
 
@@ -193,7 +217,7 @@ def test_valid_config_parses(tmp_path: Path) -> None:
             }
         )
     )
-    config = from_firecracker_json(str(path))
+    config = from_firecracker_json(str(path)).vm
     assert (config.kernel_path, config.boot_args, config.mem_mib) == ("/k", "a=1", 32)
 
 
@@ -280,15 +304,20 @@ def _write_config(tmp_path: Path, text: str) -> str:
 
 def test_config_nested_2000_deep(tmp_path: Path) -> None:
     path = _write_config(tmp_path, "[" * 2000 + "]" * 2000)
-    _assert_clean_error(dksm("run", "--config-file", path), "nests deeper than 64 levels")
+    _assert_clean_error(
+        dksm("run", "--config-file", path), "JSON nested too deeply (more than 64 levels"
+    )
 
 
 def test_config_nesting_inside_strings_does_not_count(tmp_path: Path) -> None:
     from dksm.vmm.config import from_firecracker_json
 
-    doc = {**HELLO_CONFIG, "logger": {"note": "[" * 2000 + "{" * 2000}}
-    config = from_firecracker_json(_write_config(tmp_path, json.dumps(doc)))
-    assert config.kernel_path == "hello"
+    doc = {
+        **HELLO_CONFIG,
+        "boot-source": {"kernel_image_path": "hello", "boot_args": "[" * 2000 + "{" * 2000},
+    }
+    config = from_firecracker_json(_write_config(tmp_path, json.dumps(doc))).vm
+    assert config.boot_args.startswith("[[[")
 
 
 def test_config_5000_digit_memory_size(tmp_path: Path) -> None:
@@ -431,3 +460,13 @@ def test_console_write_error_without_a_vm_is_raised() -> None:
 
     with pytest.raises(BrokenPipeError):
         GuardedSink(Closed()).write(b"x")
+
+
+def test_pool_root_off_tmpfs_is_refused(tmp_path: Path) -> None:
+    """A pool on disk would write guest code to disk at every load: --pool-root names
+    a directory on tmpfs or is refused."""
+    root = tmp_path / "pools"
+    for command in (("run", "--kernel", "hello"), ("pool", "stats")):
+        result = dksm(*command, "--pool-root", str(root))
+        _assert_clean_error(result, f"the pool root {root} is not on tmpfs")
+    assert not root.exists()

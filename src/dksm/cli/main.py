@@ -12,21 +12,17 @@ from types import FrameType
 from dksm.error import DksmError
 from dksm.vmm.exit_status import ExitStatus
 
-# Control characters and line separators as escapes, so that a message quoting a
-# path with a newline in it still takes one line.
-_LINE_BREAKERS = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
-_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _LINE_BREAKERS}
-
-
-def _one_line(message: str) -> str:
-    return message.translate(_ESCAPES)
-
 
 def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-COMMANDS = ("run", "guests", "fleet", "pool", "bench", "analyze", "demo")
+COMMANDS = ("run", "vmm", "guests", "fleet", "pool", "bench", "analyze", "demo")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM ends a dksm command as Ctrl-C does: as an exception in the main thread."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
 def _terminal_width() -> int:
@@ -99,8 +95,17 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    install_signal_handlers()
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["--version"]:
+        from dksm import __version__
+
+        print(f"dksm {__version__}")
+        return ExitStatus.OK
+    if words[:1] == ["vmm"]:  # Firecracker's flags and exit statuses, not dksm's
+        from dksm.cli.vmm import run
+
+        return run(words[1:], "dksm vmm")
     parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     args = parser.parse_args(words)
     try:
@@ -113,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return _BROKEN_PIPE_STATUS
     except DksmError as exc:
-        print(f"dksm: error: {_one_line(str(exc))}", file=sys.stderr)
+        # One line per problem (a config document may have several), each escaped so
+        # that a path holding a newline cannot split it.
+        for line in exc.lines():
+            print(f"dksm: error: {line}", file=sys.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         print("dksm: interrupted", file=sys.stderr)

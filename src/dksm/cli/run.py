@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import math
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +45,14 @@ def register(sub: Any) -> None:
         help="do not announce the TSC frequency in CPUID 0x40000010 (guests calibrate it)",
     )
     parser.add_argument(
-        "--dedup", default="dksm", metavar="MODE", help="none, ksm, dksm (default) or dksm+ksm"
+        "--dedup",
+        default=None,
+        metavar="MODE",
+        help="none, ksm, dksm (default) or dksm+ksm: how guest memory is deduplicated",
     )
-    parser.add_argument("--domain", default="default", help="page-pool sharing domain")
+    parser.add_argument(
+        "--domain", default=None, help="page-pool sharing domain (default 'default')"
+    )
     parser.add_argument(
         "--pool-root", default=None, metavar="DIR", help="page-pool directory on tmpfs"
     )
@@ -94,17 +97,21 @@ def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
     return credentials(args.uid, args.gid)
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The VM config and, with --config-file, the file it came from (else None)."""
     from dksm.guests import resolve_image_path
     from dksm.loader.host_file import check_path
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig
 
     if args.initrd is not None:
         check_path(args.initrd, "initrd")  # the builder takes an empty path for none
     if args.info_file is not None:
         check_path(args.info_file, "info file")  # before a VM is built for nothing
     if args.config_file is not None:
-        config = from_firecracker_json(args.config_file)
+        from dksm.vmm.config import FRONT_DOOR_SECTIONS, from_firecracker_json
+
+        config_file = from_firecracker_json(args.config_file, refuse=FRONT_DOOR_SECTIONS)
+        config = config_file.vm
         overrides = {
             k: v
             for k, v in (
@@ -121,45 +128,25 @@ def _config(args: argparse.Namespace) -> Any:
             from dataclasses import replace
 
             config = replace(config, **overrides)
-    else:
-        config = VmConfig(
-            kernel_path=resolve_image_path(args.kernel),
-            boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
-            mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
-            vcpu_count=1 if args.vcpus is None else args.vcpus,
-            initrd_path=args.initrd,
-            tsc_frequency_leaf=not args.no_tsc_leaf,
-        )
+        config.validate()
+        return config, config_file
+    config = VmConfig(
+        kernel_path=resolve_image_path(args.kernel),
+        boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
+        mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
+        vcpu_count=1 if args.vcpus is None else args.vcpus,
+        initrd_path=args.initrd,
+        tsc_frequency_leaf=not args.no_tsc_leaf,
+    )
     config.validate()
-    return config
+    return config, None
 
 
 def _serial_sink(path: str | None) -> Any:
-    """Unbuffered: guest output appears as it is written and survives a crash.
+    """Unbuffered: guest output appears as it is written and survives a crash."""
+    from dksm.vmm.console_output import open_console_output
 
-    Opened without blocking, so that a FIFO nobody reads is an error (ENXIO) rather
-    than an open that waits for ever; writes block again once it is open."""
-    from dksm.loader.host_file import check_path
-
-    try:
-        if path is None:
-            fd = os.dup(1)  # sys.stdout is None when fd 1 was closed at start
-        else:
-            check_path(path, "serial output")
-            fd = os.open(
-                path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-                0o666,
-            )
-            os.set_blocking(fd, True)
-    except OSError as exc:
-        why = "a FIFO that no process reads" if exc.errno == errno.ENXIO else exc.strerror
-        raise SerialOutputError(
-            f"cannot open serial output {path or 'standard output'}: {why}"
-        ) from exc
-    from dksm.vmm.console_output import ConsoleOutput
-
-    return ConsoleOutput(fd)
+    return open_console_output(path)
 
 
 def _path(text: str) -> Any:
@@ -168,33 +155,45 @@ def _path(text: str) -> Any:
     return pool_root(text)  # refuses "" (which Path would make the current directory)
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is given (not None)."""
+    return next((v for v in values if v is not None), None)
+
+
 def handle(args: argparse.Namespace) -> int:
-    from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
     from dksm.vmm.console_input import ConsoleInput
 
     if args.timeout is not None and not 0 < args.timeout < math.inf:
         raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
-    config = _config(args)
+    config, config_file = _config(args)
     target = confinement_credentials(args)
+    # A flag given wins over the file's "dksm" object, which wins over the defaults.
+    dedup = _first(args.dedup, config_file and config_file.dedup, DedupMode.DKSM.value)
+    domain = _first(args.domain, config_file and config_file.domain, DEFAULT_DOMAIN)
+    pool_root = _first(args.pool_root, config_file and config_file.pool_root)
     spec = InstanceSpec(
         config=config,
-        dedup=DedupMode.parse(args.dedup),
-        domain=args.domain,
-        pool_root=None if args.pool_root is None else _path(args.pool_root),
+        dedup=DedupMode.parse(dedup),
+        domain=domain,
+        pool_root=None if pool_root is None else _path(pool_root),
     )
+    serial_out = _first(args.serial_out, config_file and config_file.serial_out_path)
     if sys.stdout is not None:
         sys.stdout.flush()
-    with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
+    with _serial_sink(serial_out) as sink, Instance(spec, sink) as instance:
         sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
         if args.info_file is not None:
             instance.write_info(args.info_file)
         # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin
-        # (the terminal is switched to character mode before the filter is on).
-        with ConsoleInput(sys.stdin.fileno(), instance.vm.serial):
+        # (the terminal is switched to character mode before the filter is on, the
+        # reader thread started after, so that it gives up what the process does).
+        with ConsoleInput(sys.stdin.fileno(), instance.vm.serial) as console:
             if target is not None:
                 from dksm.vmm.confinement import Confinement
 
                 Confinement(target).apply()  # from here on, no new file and no privilege
+            console.start()
             outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:

@@ -186,6 +186,10 @@ class FleetHandle:
         self._stop_orphans(timeout)
         return self.state()
 
+    def over(self) -> bool:
+        """Nothing of the fleet runs any more: no supervisor, no VM process."""
+        return not self.supervisor_alive() and not self._orphans()
+
     def _orphans(self, state: dict[str, Any] | None = None) -> list[int]:
         """Workers still running without their supervisor (it was killed): forked
         from it, they carry its command line, which tells them from a reused pid."""
@@ -285,6 +289,28 @@ def _wait_until_booted(
         time.sleep(0.05)
 
 
+def all_fleets(root: Path | None = None) -> list[FleetHandle]:
+    """Every fleet recorded under the runtime root, oldest first."""
+    root = root or runtime_root()
+    if not root.is_dir():
+        return []
+    return [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+
+
+def prune(root: Path | None = None) -> list[str]:
+    """Remove the records of fleets that are over (no supervisor, no VM process left);
+    the ids removed."""
+    import shutil
+
+    removed = []
+    for handle in all_fleets(root):
+        if not handle.over():
+            continue
+        shutil.rmtree(handle.directory)
+        removed.append(handle.id)
+    return removed
+
+
 def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
     """The named fleet, or the only/newest live one when no id is given."""
     root = root or runtime_root()
@@ -293,7 +319,7 @@ def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
         if not (directory / SPEC_FILE).exists():
             raise FleetError(f"no fleet with id '{fleet_id}' under {root}")
         return FleetHandle(directory)
-    fleets = [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+    fleets = all_fleets(root)
     live = [f for f in fleets if f.supervisor_alive()]
     if live:
         return live[-1]

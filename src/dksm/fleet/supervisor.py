@@ -1,5 +1,7 @@
 """The supervisor process of one fleet: forks the members, keeps ``fleet.json``
-current, and on SIGTERM stops every member and releases their pool leases."""
+current, and on SIGTERM stops every member and releases their pool leases.  Once
+every member has ended (and none is held) there is nothing left to supervise: it
+records the fleet as stopped and ends."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def supervise(directory: Path) -> int:
         state["error"] = str(exc)
     publish()
     last = launcher.snapshot()
-    while not stop.set:
+    while not stop.set and launcher.alive():
         launcher.poll(0.5)
         now = launcher.snapshot()
         if now != last:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dksm.error import DksmError
@@ -180,8 +181,19 @@ class Confinement:
     any vCPU enters the guest.
     """
 
-    def __init__(self, target: Credentials) -> None:
+    def __init__(
+        self,
+        target: Credentials,
+        *,
+        extra_rules: Iterable[seccomp_filter.Rule] = (),
+        seccomp: bool = True,
+    ) -> None:
+        """``extra_rules``: system calls this process's own threads need beyond a VMM's
+        (the front door's API server); ``seccomp`` False gives up privileges only
+        (Firecracker's ``--no-seccomp``)."""
         self.target = target
+        self.extra_rules = tuple(extra_rules)
+        self.seccomp = seccomp
         self._dropped_groups = False
 
     def prepare(self) -> None:
@@ -201,13 +213,15 @@ class Confinement:
     def filter_program(self, pid: int) -> bytes:
         """The seccomp program of VMM process ``pid``, compiled in this process."""
         self.prepare()
-        return seccomp_filter.compile_program(seccomp_filter.rules_for(pid))
+        return seccomp_filter.compile_program(seccomp_filter.rules_for(pid, self.extra_rules))
 
     def apply(self, program: bytes | None = None) -> None:
         """Confine this process (irreversibly) with ``program``, by default compiled
         here; raise :class:`ConfinementError` if any step fails, in which case the
         caller must not run the guest."""
-        if program is None:
+        if not self.seccomp:
+            program = b""
+        elif program is None:
             program = self.filter_program(os.getpid())
         else:
             self.prepare()
@@ -220,7 +234,8 @@ class Confinement:
         except OSError as exc:
             raise ConfinementError(f"cannot restrict this process: {exc.strerror}") from exc
         self._check()
-        _load_filter(program)
+        if self.seccomp:
+            _load_filter(program)
 
     def _switch_ids(self) -> None:
         uid, gid = self.target.uid, self.target.gid

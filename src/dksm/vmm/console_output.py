@@ -12,11 +12,41 @@ dropped and the vCPU leaves.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 from collections.abc import Callable
 
+from dksm.error import DksmError
+
 WAIT_SLICE_S = 0.1
+
+
+class ConsoleOutputError(DksmError):
+    """The console's output file cannot be opened."""
+
+
+def open_console_output(path: str | None, *, append: bool = False) -> ConsoleOutput:
+    """The console's output: ``path``, or this process's standard output if None.
+
+    Opened without blocking, so that a FIFO nobody reads is an error (ENXIO) rather
+    than an open that waits for ever, and never as a controlling terminal."""
+    from dksm.loader.host_file import check_path
+
+    try:
+        if path is None:
+            fd = os.dup(1)  # sys.stdout is None when fd 1 was closed at start
+        else:
+            check_path(path, "serial output")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(path, flags | (os.O_APPEND if append else os.O_TRUNC), 0o666)
+            os.set_blocking(fd, True)
+    except OSError as exc:
+        why = "a FIFO that no process reads" if exc.errno == errno.ENXIO else exc.strerror
+        raise ConsoleOutputError(
+            f"cannot open serial output {path or 'standard output'}: {why}"
+        ) from exc
+    return ConsoleOutput(fd)
 
 
 class ConsoleOutput:

@@ -44,6 +44,7 @@ FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
 FALLOC_FL_PUNCH_HOLE = 0x02
 TCGETS = 0x5401  # asm-generic/ioctls.h: isatty()
 TCSETSW = 0x5403  # tcsetattr(TCSADRAIN): the console's terminal restored at the end
+FIONBIO = 0x5421  # asm-generic/ioctls.h: set a descriptor (non-)blocking
 _LOW_32_BITS = 0xFFFF_FFFF  # ioctl requests and fcntl commands are C ints
 
 
@@ -152,6 +153,7 @@ RULES: tuple[Rule, ...] = (
     _allow("exit", "a thread ending"),
     _allow("exit_group", "the process ending"),
     _allow("getpid", "pool lease ownership checks"),
+    _allow("getppid", "the front door's VMM: is the process that started it alive"),
     _allow("gettid", "glibc, Python's thread ids"),
     _allow(
         "sched_getaffinity",
@@ -190,6 +192,8 @@ RULES: tuple[Rule, ...] = (
     _refuse("faccessat2"),
     _refuse("readlink"),
     _refuse("readlinkat"),
+    _refuse("unlink"),
+    _refuse("unlinkat"),
 )
 
 
@@ -199,9 +203,24 @@ def tgkill_rule(pid: int) -> Rule:
     return Rule("tgkill", "the vCPU kick (pthread_kill) within this process", (ArgIs(0, pid),))
 
 
-def rules_for(pid: int) -> tuple[Rule, ...]:
-    """The whole filter of process ``pid``."""
-    return (*RULES, tgkill_rule(pid))
+# What the Firecracker front door's API thread adds, serving its socket after
+# InstanceStart: connections on the listening socket it opened before, over epoll.
+API_SERVER_RULES: tuple[Rule, ...] = (
+    _allow("epoll_wait", "API server: waiting for connections and requests"),
+    _allow("epoll_pwait", "API server: epoll_wait as some C libraries make it"),
+    _allow("epoll_ctl", "API server: watching connections"),
+    _allow("accept4", "API server: new client connections"),
+    _allow("getsockname", "API server: the socket's own address"),
+    _allow("recvfrom", "API server: requests"),
+    _allow("sendto", "API server: answers"),
+    _allow("shutdown", "API server: closing a connection"),
+    _ioctl(FIONBIO, "API server: new connections made non-blocking"),
+)
+
+
+def rules_for(pid: int, extra: Iterable[Rule] = ()) -> tuple[Rule, ...]:
+    """The whole filter of process ``pid``; ``extra``: what its own threads add."""
+    return (*RULES, *extra, tgkill_rule(pid))
 
 
 def binding() -> Any:
