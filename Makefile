@@ -11,13 +11,18 @@ STAMP  := $(VENV)/.installed
 # venv's Python is 3.11; anywhere else dksm uses pyseccomp.
 DEBIAN_SECCOMP := /usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linux-gnu.so
 
-.PHONY: demo test lint guests check-guests clean seccomp-binding
+# The kernel's UAPI headers (linux/kvm.h), against which tests/test_kvm_abi.py compiles
+# a C program to check dksm's KVM structs and ioctl numbers; the test skips without them.
+KVM_HEADER := /usr/include/linux/kvm.h
+
+.PHONY: demo test lint guests check-guests clean seccomp-binding kernel-headers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(MAKE) --no-print-directory seccomp-binding
+	$(MAKE) --no-print-directory kernel-headers
 	touch $(STAMP)
 
 seccomp-binding:
@@ -30,10 +35,17 @@ seccomp-binding:
 	    ln -sf $(DEBIAN_SECCOMP) "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("platlib"))')/"; \
 	fi
 
+kernel-headers:
+	@if [ ! -e $(KVM_HEADER) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q linux-libc-dev >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q linux-libc-dev >/dev/null 2>&1; } \
+	    || echo "linux-libc-dev not installed: the KVM ABI test will skip"; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/dksm demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint kernel-headers
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -1,8 +1,11 @@
 """The KVM userspace ABI for x86-64: ioctl numbers, exit reasons and ctypes structs.
 
 Declared once, here, from the kernel's UAPI headers (``linux/kvm.h``,
-``asm/kvm.h``); sizes are asserted in the tests against the numbers in docs/BOOT.md.
-Nothing in this module has behaviour.
+``asm/kvm.h``).  Each ioctl number is derived from its direction, number and the
+struct it carries, as the kernel's ``_IOR``/``_IOW``/``_IOWR`` macros derive it, so a
+number cannot disagree with its struct; tests/test_kvm_abi.py compiles a C program
+against the installed kernel headers and checks every number, constant, struct size
+and field offset here against it.  Nothing in this module has behaviour.
 """
 
 from __future__ import annotations
@@ -11,36 +14,33 @@ import ctypes
 import enum
 
 KVM_API_VERSION = 12
+KVMIO = 0xAE  # the ioctl "type" byte of every KVM request
 
-# _IO(0xAE, n) and friends, precomputed (docs/BOOT.md "Ioctl order").
-KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-KVM_GET_VCPU_MMAP_SIZE = 0xAE04
-KVM_GET_SUPPORTED_CPUID = 0xC008AE05
-KVM_CREATE_VCPU = 0xAE41
-KVM_SET_USER_MEMORY_REGION = 0x4020AE46
-KVM_SET_TSS_ADDR = 0xAE47
-KVM_CREATE_IRQCHIP = 0xAE60
-KVM_IRQ_LINE = 0x4008AE61
-KVM_IRQFD = 0x4020AE76
-KVM_CREATE_PIT2 = 0x4040AE77
-KVM_RUN = 0xAE80
-KVM_GET_REGS = 0x8090AE81
-KVM_SET_REGS = 0x4090AE82
-KVM_GET_SREGS = 0x8138AE83
-KVM_SET_SREGS = 0x4138AE84
-KVM_TRANSLATE = 0xC018AE85
-KVM_SET_MSRS = 0x4008AE89
-KVM_GET_FPU = 0x81A0AE8C
-KVM_SET_FPU = 0x41A0AE8D
-KVM_GET_LAPIC = 0x8400AE8E
-KVM_SET_LAPIC = 0x4400AE8F
-KVM_SET_CPUID2 = 0x4008AE90
-KVM_GET_XSAVE = 0x9000AEA4
-KVM_SET_XSAVE = 0x5000AEA5
-KVM_GET_XCRS = 0x8188AEA6  # _IOR(0xAE, 0xa6, struct kvm_xcrs)
-KVM_CHECK_EXTENSION = 0xAE03
-KVM_GET_TSC_KHZ = 0xAEA3  # _IO(0xAE, 0xa3), on a vCPU
+# asm-generic/ioctl.h: number in bits 0-7, type 8-15, argument size 16-29, direction 30-31.
+_IOC_NONE = 0
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _ioc(direction: int, number: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | number
+
+
+def _io(number: int) -> int:
+    return _ioc(_IOC_NONE, number, 0)
+
+
+def _ior(number: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ, number, ctypes.sizeof(struct))
+
+
+def _iow(number: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_WRITE, number, ctypes.sizeof(struct))
+
+
+def _iowr(number: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, number, ctypes.sizeof(struct))
+
 
 # KVM_CHECK_EXTENSION capabilities dksm asks about.
 KVM_CAP_SYNC_REGS = 74
@@ -53,6 +53,8 @@ KVM_SYNC_X86_SREGS = 1 << 1
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1  # kvm_cpuid_entry2.flags: the leaf has subleaves
 KVM_INTERNAL_ERROR_EMULATION = 1
+# emulation_failure.flags: insn_size and insn_bytes hold the failing instruction.
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 
 
 class ExitReason(enum.IntEnum):
@@ -232,6 +234,16 @@ class IrqLevel(ctypes.Structure):
     _fields_ = (("irq", ctypes.c_uint32), ("level", ctypes.c_uint32))
 
 
+class Irqfd(ctypes.Structure):
+    _fields_ = (
+        ("fd", ctypes.c_uint32),
+        ("gsi", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("resamplefd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 16),
+    )
+
+
 class Translation(ctypes.Structure):
     _fields_ = (
         ("linear_address", ctypes.c_uint64),
@@ -296,6 +308,18 @@ class RunInternal(ctypes.Structure):
     )
 
 
+class RunEmulationFailure(ctypes.Structure):
+    """The emulation-failure overlay of ``internal`` (same suberror and ndata)."""
+
+    _fields_ = (
+        ("suberror", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("flags", ctypes.c_uint64),
+        ("insn_size", ctypes.c_uint8),
+        ("insn_bytes", ctypes.c_uint8 * 15),
+    )
+
+
 class RunFailEntry(ctypes.Structure):
     _fields_ = (
         ("hardware_entry_failure_reason", ctypes.c_uint64),
@@ -316,6 +340,7 @@ class RunExit(ctypes.Union):
         ("io", RunIo),
         ("mmio", RunMmio),
         ("internal", RunInternal),
+        ("emulation_failure", RunEmulationFailure),
         ("fail_entry", RunFailEntry),
         ("system_event", RunSystemEvent),
         ("padding", ctypes.c_char * 256),
@@ -325,10 +350,14 @@ class RunExit(ctypes.Union):
 class SyncRegs(ctypes.Structure):
     """``struct kvm_sync_regs`` (x86), the head of ``kvm_run.s``."""
 
-    _fields_ = (("regs", Regs), ("sregs", Sregs))
+    # events is struct kvm_vcpu_events, which dksm never syncs: kept opaque.
+    _fields_ = (("regs", Regs), ("sregs", Sregs), ("events", ctypes.c_uint8 * 64))
 
 
 class Run(ctypes.Structure):
+    """``struct kvm_run`` up to the end of ``s.regs``: the rest of the mapping (the
+    union's padding to 2 KiB and anything after) is never read here."""
+
     _fields_ = (
         ("request_interrupt_window", ctypes.c_uint8),
         ("immediate_exit", ctypes.c_uint8),
@@ -351,3 +380,34 @@ APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
 APIC_DELIVERY_MODE_EXTINT = 7
 APIC_DELIVERY_MODE_NMI = 4
+
+
+# The requests, in kvm.h's order (docs/BOOT.md "Ioctl order" lists them with their numbers).
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(0x05, cpuid2_struct(0))
+KVM_CREATE_VCPU = _io(0x41)
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
+KVM_SET_TSS_ADDR = _io(0x47)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, IrqLevel)
+KVM_IRQFD = _iow(0x76, Irqfd)
+KVM_CREATE_PIT2 = _iow(0x77, PitConfig)
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, Regs)
+KVM_SET_REGS = _iow(0x82, Regs)
+KVM_GET_SREGS = _ior(0x83, Sregs)
+KVM_SET_SREGS = _iow(0x84, Sregs)
+KVM_TRANSLATE = _iowr(0x85, Translation)
+KVM_SET_MSRS = _iow(0x89, msrs_struct(0))
+KVM_GET_FPU = _ior(0x8C, Fpu)
+KVM_SET_FPU = _iow(0x8D, Fpu)
+KVM_GET_LAPIC = _ior(0x8E, LapicState)
+KVM_SET_LAPIC = _iow(0x8F, LapicState)
+KVM_SET_CPUID2 = _iow(0x90, cpuid2_struct(0))
+KVM_GET_TSC_KHZ = _io(0xA3)  # on a vCPU
+KVM_GET_XSAVE = _ior(0xA4, Xsave)
+KVM_SET_XSAVE = _iow(0xA5, Xsave)
+KVM_GET_XCRS = _ior(0xA6, Xcrs)

@@ -63,14 +63,12 @@ from dksm.arch.x86_execute import (
     VectorState,
 )
 from dksm.error import DksmError
-from dksm.kvm import abi
+from dksm.kvm import abi, exits
 from dksm.kvm.system import Kvm, Vcpu
 
 if TYPE_CHECKING:
     from dksm.vmm.emulation_unicorn import UnicornExecutor
 
-INSN_LENGTH_OFFSET = 48  # kvm_run.internal.data[1], low byte: how many bytes follow
-INSN_BYTES_OFFSET = 49
 # Instructions executed per exit at most: bounds how long an exit can delay a
 # pending interrupt (each costs a few µs here).
 BATCH_LIMIT = 64
@@ -468,9 +466,8 @@ class EmulationFallback:
         start = time.perf_counter()
         cpu = self._cpu
         cpu.begin()
-        raw = self._vcpu.io_data(0, INSN_BYTES_OFFSET + x86_decode.MAX_INSTRUCTION_LENGTH)
-        count = min(raw[INSN_LENGTH_OFFSET], x86_decode.MAX_INSTRUCTION_LENGTH)
-        code = bytes(raw[INSN_BYTES_OFFSET : INSN_BYTES_OFFSET + count])
+        failure = exits.decode(self._vcpu.run_state)
+        code = failure.instruction if isinstance(failure, exits.EmulationFailure) else b""
         regs = cpu.regs
         rip = regs[RIP]
         try:
