@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from dksm.error import DksmError
-from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+from dksm.vmm.exit_status import ExitStatus, status_for
 
 if TYPE_CHECKING:
     from dksm.vmm.confinement import Credentials
@@ -195,7 +195,7 @@ def handle(args: argparse.Namespace) -> int:
                 Confinement(target).apply()  # from here on, no new file and no privilege
             console.start()
             outcome = instance.run(timeout=args.timeout)
-    status = CAUSE_STATUS[outcome.cause]
+    status = status_for(outcome.cause)
     if status != ExitStatus.OK:
         # Exit status 1 is bad input or environment, said the same way as any other.
         error = "error: " if status == ExitStatus.ERROR else ""

@@ -361,7 +361,7 @@ class _VmmProcess:
     def _wait(self, controller: Any, metrics: Any, log: Any) -> int:
         """The VMM thread: wait for InstanceStart, then for the VM to end."""
         from dksm.api.metrics import FLUSH_PERIOD_S
-        from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+        from dksm.vmm.exit_status import ExitStatus, status_for
         from dksm.vmm.machine import ExitCause
 
         next_flush = time.monotonic() + FLUSH_PERIOD_S
@@ -390,7 +390,7 @@ class _VmmProcess:
         outcome = vm.outcome
         assert outcome is not None
         metrics.flush()
-        status = int(CAUSE_STATUS[outcome.cause])
+        status = int(status_for(outcome.cause))
         if status == ExitStatus.OK:
             log.info(f"Firecracker-compatible VMM exiting successfully: {outcome.describe()}")
         else:

@@ -55,7 +55,7 @@ from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.segment import shareable_span
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.confinement import Confinement
-from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+from dksm.vmm.exit_status import ExitStatus, status_for
 from dksm.vmm.machine import ExitCause
 
 DEFAULT_VMS_PER_WORKER = 8
@@ -176,7 +176,7 @@ class _HostedVm:
         outcome = self.instance.vm.outcome
         if outcome is None:
             return
-        status = CAUSE_STATUS[outcome.cause]
+        status = status_for(outcome.cause)
         if self.hold and status == ExitStatus.OK and not stopping:
             if not self.held:
                 self.held = True
