@@ -43,3 +43,29 @@ def test_the_page_pool_stands_alone() -> None:
     """The pool serves any Python program: it needs neither KVM nor the VMM."""
     for path in (SOURCE / "dedup").glob("*.py"):
         assert _imported_packages(path) <= {"error", "memory", "dedup"}, path.name
+
+
+def test_only_the_index_module_uses_lmdb() -> None:
+    """The index owns the LMDB schema; everyone else goes through it."""
+    users = []
+    for path in (SOURCE / "dedup").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name == "lmdb" for a in node.names):
+                users.append(path.name)
+            if isinstance(node, ast.ImportFrom) and node.module == "lmdb":
+                users.append(path.name)
+    assert users == ["index.py"]
+
+
+def test_the_lease_uses_no_private_part_of_the_pool() -> None:
+    tree = ast.parse((SOURCE / "dedup" / "lease.py").read_text())
+    private = [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "pool"
+        and node.attr.startswith("_")
+    ]
+    assert private == []

@@ -79,7 +79,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeAlias
 
 import lmdb
 
@@ -87,6 +87,10 @@ from dksm.dedup import trust
 from dksm.dedup.index_file import data_file_problem
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
+
+Transaction: TypeAlias = "lmdb.Transaction[bytes]"
+"""A transaction on the index, as this module's context managers give it: callers
+only hand it back to :class:`PoolIndex`'s methods, so LMDB is used here alone."""
 
 FORMAT_VERSION: Final = 1
 LAYOUT: Final = "meta counters hashes:dupsort,dupfixed slots leases lease_slots free"
@@ -331,7 +335,7 @@ class PoolIndex:
         return PoolDamagedError(f"the pool index at {self.path} is damaged: {problem}; {self.hint}")
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
+    def read(self) -> Iterator[Transaction]:
         try:
             with self.env.begin() as txn:
                 yield txn
@@ -339,7 +343,7 @@ class PoolIndex:
             raise self._failure("read", error) from error
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[lmdb.Transaction[bytes]]:
+    def write(self) -> Iterator[Transaction]:
         """A write transaction: commits when its ``with`` block ends, aborts on error.
 
         LMDB's own errors (a full tmpfs, above all) become :class:`PoolIndexError`,
@@ -351,7 +355,7 @@ class PoolIndex:
             raise self._failure("written", error) from error
 
     @contextlib.contextmanager
-    def inspect(self) -> Iterator[lmdb.Transaction[bytes]]:
+    def inspect(self) -> Iterator[Transaction]:
         """A write transaction that is always aborted: a view no writer changes
         meanwhile (the pages file included, since it changes only under this lock)."""
         try:
@@ -374,7 +378,7 @@ class PoolIndex:
 
     # -- meta ------------------------------------------------------------------------
 
-    def initialise(self, txn: lmdb.Transaction[bytes], page_size: int) -> None:
+    def initialise(self, txn: Transaction, page_size: int) -> None:
         txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.meta)
         txn.put(b"page_size", str(page_size).encode(), db=self.meta)
         txn.put(b"layout", LAYOUT.encode(), db=self.meta)
@@ -384,44 +388,42 @@ class PoolIndex:
         for name in COUNTERS:
             txn.put(name.encode(), u64(0), db=self.counters)
 
-    def meta_text(self, txn: lmdb.Transaction[bytes], key: str) -> str | None:
+    def meta_text(self, txn: Transaction, key: str) -> str | None:
         raw = txn.get(key.encode(), db=self.meta)
         return None if raw is None else raw.decode("ascii", "replace")
 
-    def run(self, txn: lmdb.Transaction[bytes]) -> bool:
+    def run(self, txn: Transaction) -> bool:
         return txn.get(b"run", db=self.meta) == b"1"
 
-    def set_run(self, txn: lmdb.Transaction[bytes], run: bool) -> None:
+    def set_run(self, txn: Transaction, run: bool) -> None:
         txn.put(b"run", b"1" if run else b"0", db=self.meta)
 
-    def end(self, txn: lmdb.Transaction[bytes]) -> int:
+    def end(self, txn: Transaction) -> int:
         return from_u64(txn.get(b"end", b"", db=self.meta))
 
     # -- counters --------------------------------------------------------------------
 
-    def read_counters(self, txn: lmdb.Transaction[bytes]) -> dict[str, int]:
+    def read_counters(self, txn: Transaction) -> dict[str, int]:
         return {name: from_u64(txn.get(name.encode(), b"", db=self.counters)) for name in COUNTERS}
 
-    def add_to_counters(self, txn: lmdb.Transaction[bytes], deltas: dict[str, int]) -> None:
+    def add_to_counters(self, txn: Transaction, deltas: dict[str, int]) -> None:
         for name, delta in deltas.items():
             if delta:
                 key = name.encode()
                 value = from_u64(txn.get(key, b"", db=self.counters)) + delta
                 txn.put(key, u64(value), db=self.counters)
 
-    def entries(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+    def entries(self, txn: Transaction) -> tuple[int, int]:
         """(distinct pages, leases): LMDB keeps both counts, no scan needed."""
         return txn.stat(self.slots)["entries"], txn.stat(self.leases)["entries"]
 
     # -- lookups ---------------------------------------------------------------------
 
-    def first_slots(
-        self, txn: lmdb.Transaction[bytes], hash_keys: Iterable[bytes]
-    ) -> dict[bytes, bytes]:
+    def first_slots(self, txn: Transaction, hash_keys: Iterable[bytes]) -> dict[bytes, bytes]:
         """For each hash present, its lowest slot (one batched lookup in C)."""
         return dict(txn.cursor(db=self.hashes).getmulti(hash_keys))
 
-    def slots_with_hash(self, txn: lmdb.Transaction[bytes], hash_key: bytes) -> list[int]:
+    def slots_with_hash(self, txn: Transaction, hash_key: bytes) -> list[int]:
         cursor = txn.cursor(db=self.hashes)
         if not cursor.set_key(hash_key):
             return []
@@ -429,11 +431,11 @@ class PoolIndex:
 
     # -- references ------------------------------------------------------------------
 
-    def all_slots_exist(self, txn: lmdb.Transaction[bytes], slots: Iterable[int]) -> bool:
+    def all_slots_exist(self, txn: Transaction, slots: Iterable[int]) -> bool:
         keys = [u64(slot) for slot in slots]
         return len(txn.cursor(db=self.slots).getmulti(keys)) == len(keys)
 
-    def add_references(self, txn: lmdb.Transaction[bytes], counts: dict[int, int]) -> None:
+    def add_references(self, txn: Transaction, counts: dict[int, int]) -> None:
         """Raise the reference counts of existing slots."""
         order = sorted(counts)
         cursor = txn.cursor(db=self.slots)
@@ -458,7 +460,7 @@ class PoolIndex:
 
     def add_slots(
         self,
-        txn: lmdb.Transaction[bytes],
+        txn: Transaction,
         first: int,
         hash_keys: Sequence[bytes],
         counts: dict[int, int],
@@ -480,7 +482,7 @@ class PoolIndex:
             dupdata=True,
         )
 
-    def drop_references(self, txn: lmdb.Transaction[bytes], counts: dict[int, int]) -> list[int]:
+    def drop_references(self, txn: Transaction, counts: dict[int, int]) -> list[int]:
         """Lower reference counts; delete the slots that reach zero and return them."""
         keys = [u64(slot) for slot in sorted(counts)]
         cursor = txn.cursor(db=self.slots)
@@ -508,7 +510,7 @@ class PoolIndex:
         cursor.putmulti(updated)
         return freed
 
-    def slot_records(self, txn: lmdb.Transaction[bytes]) -> Iterator[SlotRecord]:
+    def slot_records(self, txn: Transaction) -> Iterator[SlotRecord]:
         for key, record in txn.cursor(db=self.slots):
             page_hash, references = self._slot_record(key, record)
             yield SlotRecord(from_u64(key), page_hash, references)
@@ -519,13 +521,13 @@ class PoolIndex:
         page_hash, references = _SLOT_RECORD.unpack(record)
         return page_hash, references
 
-    def hash_entries(self, txn: lmdb.Transaction[bytes]) -> Iterator[tuple[bytes, int]]:
+    def hash_entries(self, txn: Transaction) -> Iterator[tuple[bytes, int]]:
         for page_hash, slot in txn.cursor(db=self.hashes):
             yield page_hash, from_u64(slot)
 
     # -- slot allocation -------------------------------------------------------------
 
-    def allocate(self, txn: lmdb.Transaction[bytes], count: int) -> tuple[int, bool]:
+    def allocate(self, txn: Transaction, count: int) -> tuple[int, bool]:
         """Reserve ``count`` consecutive slots: (first slot, whether taken at the end).
 
         First fit among the free ranges, else at the end: an image seen for the first
@@ -544,7 +546,7 @@ class PoolIndex:
         txn.put(b"end", u64(end + count), db=self.meta)
         return end, True
 
-    def release_runs(self, txn: lmdb.Transaction[bytes], runs: Sequence[tuple[int, int]]) -> None:
+    def release_runs(self, txn: Transaction, runs: Sequence[tuple[int, int]]) -> None:
         """Return runs of slots (first, length) to the free ranges, coalescing."""
         cursor = txn.cursor(db=self.free)
         for run_start, run_length in runs:
@@ -569,14 +571,12 @@ class PoolIndex:
                 cursor.delete()
                 txn.put(b"end", u64(start), db=self.meta)
 
-    def free_ranges(self, txn: lmdb.Transaction[bytes]) -> list[tuple[int, int]]:
+    def free_ranges(self, txn: Transaction) -> list[tuple[int, int]]:
         return [(from_u64(key), from_u64(length)) for key, length in txn.cursor(db=self.free)]
 
     # -- leases ----------------------------------------------------------------------
 
-    def new_lease(
-        self, txn: lmdb.Transaction[bytes], pid: int, start_time: int, pid_namespace: int
-    ) -> int:
+    def new_lease(self, txn: Transaction, pid: int, start_time: int, pid_namespace: int) -> int:
         lease_id = from_u64(txn.get(b"next_lease", b"", db=self.meta))
         txn.put(b"next_lease", u64(lease_id + 1), db=self.meta)
         record = _LEASE_RECORD.pack(pid, start_time, pid_namespace, 0)
@@ -584,18 +584,18 @@ class PoolIndex:
         return lease_id
 
     def set_lease_owner(
-        self, txn: lmdb.Transaction[bytes], lease: LeaseRecord, pid: int, start_time: int
+        self, txn: Transaction, lease: LeaseRecord, pid: int, start_time: int
     ) -> None:
         record = _LEASE_RECORD.pack(pid, start_time, lease.pid_namespace, lease.references)
         txn.put(u64(lease.lease_id), record, db=self.leases)
 
-    def lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> LeaseRecord | None:
+    def lease(self, txn: Transaction, lease_id: int) -> LeaseRecord | None:
         raw = txn.get(u64(lease_id), db=self.leases)
         if raw is None:
             return None
         return self._lease_record(lease_id, raw)
 
-    def lease_records(self, txn: lmdb.Transaction[bytes]) -> list[LeaseRecord]:
+    def lease_records(self, txn: Transaction) -> list[LeaseRecord]:
         return [self._lease_record(from_u64(key), raw) for key, raw in txn.cursor(db=self.leases)]
 
     def _lease_record(self, lease_id: int, raw: bytes) -> LeaseRecord:
@@ -608,9 +608,7 @@ class PoolIndex:
             raise self.damaged(f"lease {from_u64(key[:8])} has a chunk record of {len(raw)} bytes")
         return unpack_slots(raw)
 
-    def add_chunk(
-        self, txn: lmdb.Transaction[bytes], lease: LeaseRecord, slots: Sequence[int]
-    ) -> None:
+    def add_chunk(self, txn: Transaction, lease: LeaseRecord, slots: Sequence[int]) -> None:
         """Give the lease one reference to each of ``slots`` (repeats included)."""
         key = u64(lease.lease_id)
         txn.put(key + u64(lease.references), pack_slots(slots), db=self.lease_slots)
@@ -619,7 +617,7 @@ class PoolIndex:
         txn.put(key, record, db=self.leases)
 
     def lease_chunks(
-        self, txn: lmdb.Transaction[bytes], lease_id: int
+        self, txn: Transaction, lease_id: int
     ) -> Iterator[tuple[int, array.array[int]]]:
         prefix = u64(lease_id)
         cursor = txn.cursor(db=self.lease_slots)
@@ -630,10 +628,10 @@ class PoolIndex:
                 return
             yield from_u64(key[8:]), self._chunk(key, raw)
 
-    def lease_ids_with_chunks(self, txn: lmdb.Transaction[bytes]) -> set[int]:
+    def lease_ids_with_chunks(self, txn: Transaction) -> set[int]:
         return {from_u64(key[:8]) for key in txn.cursor(db=self.lease_slots).iternext(values=False)}
 
-    def remove_lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> Counter[int]:
+    def remove_lease(self, txn: Transaction, lease_id: int) -> Counter[int]:
         """Delete a lease and its chunks; return how often it referenced each slot."""
         counts: Counter[int] = Counter()
         prefix = u64(lease_id)

@@ -30,8 +30,15 @@ creates and removes them.
 A pool whose files contradict themselves (an index LMDB cannot read, a lease naming
 a slot the index lacks, a pages file shorter than its slots) is never used: every
 operation that meets the damage raises :class:`PoolDamagedError`, saying what is
-wrong; :meth:`PagePool.verify` lists the problems and :func:`force_purge` removes
-such a pool without opening its index.
+wrong; :meth:`PagePool.verify` lists the problems (:mod:`dksm.dedup.consistency`)
+and :func:`force_purge` removes such a pool without opening its index.
+
+The code is split by job: this module is :class:`PagePool` (open, sweep, hand-over,
+counters, verify, purge); :mod:`dksm.dedup.lease` is :class:`Lease`;
+:mod:`dksm.dedup.references` holds the write transactions both use;
+:mod:`dksm.dedup.admission` decides, on bytes, what a load shares and stores;
+:mod:`dksm.dedup.consistency` is the check :meth:`PagePool.verify` runs; the index's
+schema is :mod:`dksm.dedup.index`'s alone.
 
 Loading content (:meth:`Lease.map_pages`) hashes each page (xxh3-64) before taking
 the lock, then in one LMDB write transaction looks each hash up, confirms every hash
@@ -103,22 +110,18 @@ safe across containers, only leases from the sweeper's own pid namespace are jud
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Self
 
-import lmdb
 import xxhash
 
-from dksm.dedup.index import LeaseRecord, from_u64
-from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
+from dksm.dedup import consistency, references
+from dksm.dedup.index import LeaseRecord
+from dksm.dedup.lease import Lease
 from dksm.dedup.owner import ProcessIdentity
-from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError, PoolMissingError
 from dksm.dedup.store import (
     DEFAULT_DOMAIN,
@@ -135,8 +138,7 @@ from dksm.dedup.store import (
     remove_store,
     validate_domain,
 )
-from dksm.error import DksmError
-from dksm.memory.host_mapping import PAGE_SIZE, view
+from dksm.memory.host_mapping import PAGE_SIZE
 
 __all__ = [
     "DEFAULT_DOMAIN",
@@ -158,15 +160,6 @@ __all__ = [
 
 PageHash = Callable[[memoryview], int]
 """A page's 64-bit hash.  Pools are shared, so every opener must use the same one."""
-
-# Hash matches are confirmed by reading runs of consecutive candidate slots at most
-# this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
-# pages on every call.
-_COMPARE_RUN = 16
-# merge() snapshots a region this many pages at a time, one transaction each.
-_MERGE_BATCH = 256
-_NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
-_NO_SLOT_NUMBER = from_u64(_NO_SLOT)
 
 
 @dataclass(frozen=True)
@@ -204,26 +197,6 @@ class LeaseInfo:
 
 def _pid_namespace() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
-
-
-def _runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:
-    """Group ascending slot numbers into (first, length) runs of consecutive slots."""
-    runs: list[tuple[int, int]] = []
-    for slot in sorted_slots:
-        if runs and runs[-1][0] + runs[-1][1] == slot:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((slot, 1))
-    return runs
-
-
-# -- the pool --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Admission:
-    slots: list[int]
-    pages_new: int
 
 
 class PagePool:
@@ -337,129 +310,17 @@ class PagePool:
             swept = 0
             for record in dead:
                 if index.lease(txn, record.lease_id) is not None:
-                    self._drop_lease(txn, record.lease_id)
+                    references.drop_lease(store, txn, record.lease_id)
                     swept += 1
-            self._punch_leftovers(txn)
+            references.punch_leftovers(store, txn)
         return swept
-
-    def _punch_leftovers(self, txn: lmdb.Transaction[bytes]) -> None:
-        """Punch free space that holds blocks (the caller holds the write lock)."""
-        store = self._store
-        entries, _ = store.index.entries(txn)
-        if store.pages.allocated_bytes() <= entries * PAGE_SIZE:
-            return
-        for first, length in store.index.free_ranges(txn):
-            store.pages.punch(first, length)
-        end = store.index.end(txn)
-        tail = -(-store.pages.size() // PAGE_SIZE) - end
-        if tail > 0:
-            store.pages.punch(end, tail)
-
-    def _drop_lease(self, txn: lmdb.Transaction[bytes], lease_id: int) -> int:
-        """Remove a lease and its references, freeing slots that reach zero."""
-        store = self._store
-        counts = store.index.remove_lease(txn, lease_id)
-        if not counts:
-            return 0
-        freed = store.index.drop_references(txn, counts)
-        runs = _runs(sorted(freed))
-        store.index.release_runs(txn, runs)
-        for first, length in runs:
-            store.pages.punch(first, length)
-        store.index.add_to_counters(txn, {"references": -sum(counts.values())})
-        return len(freed)
 
     # -- loading -----------------------------------------------------------------------
 
-    def _hash_pages(self, data: memoryview) -> list[bytes]:
+    def page_keys(self, data: memoryview) -> list[bytes]:
+        """The index key (hash) of each page of ``data``, as every opener computes it."""
         key = self._hash_key
         return [key(data[offset : offset + PAGE_SIZE]) for offset in range(0, len(data), PAGE_SIZE)]
-
-    def _admit(
-        self, lease_id: int, data: memoryview, hash_keys: list[bytes], started_ns: int
-    ) -> _Admission | None:
-        """Find or store every page and reference it under the lease, in one transaction.
-
-        Returns the slot of each page, or None when the run switch is off.  The
-        calling thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.
-        """
-        store = self._store
-        index = store.index
-        pages = store.pages
-        count = len(hash_keys)
-        wrote = False
-        try:
-            with index.write() as txn:
-                if not index.run(txn):
-                    return None
-                lease = index.lease(txn, lease_id)
-                if lease is None:
-                    raise PoolError(
-                        f"lease {lease_id} is gone from the pool of domain {self.domain!r}: it was "
-                        "released, or swept because its owner looked dead"
-                    )
-                first_slots = index.first_slots(txn, hash_keys)
-                lookup = first_slots.get
-                candidates = [int.from_bytes(lookup(key, _NO_SLOT), "big") for key in hash_keys]
-                slots, unconfirmed = _confirm(pages, data, candidates)
-                collided: set[int] = set()  # pages whose hash matched a page with other bytes
-                for page in unconfirmed:  # try the other slots with that hash
-                    found = _find_equal(
-                        pages, data, page, index.slots_with_hash(txn, hash_keys[page])
-                    )
-                    if found is None:
-                        collided.add(page)
-                    else:
-                        slots[page] = found
-
-                fresh = _distinct_new_pages(data, hash_keys, slots, collided)
-                failed = len(collided.intersection(fresh))
-                if fresh:
-                    first, at_end = index.allocate(txn, len(fresh))
-                    for offset, page in enumerate(fresh):
-                        slots[page] = first + offset
-                    for page, slot in enumerate(slots):
-                        if slot < 0:  # a twin of a new page: -2 - (its position in fresh)
-                            slots[page] = first - 2 - slot
-                    wrote = True  # a failure from here on leaves pages to give back
-                    pages.write(first, [data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
-                counts = Counter(slots)
-                if fresh:
-                    new_range = range(first, first + len(fresh))
-                    index.add_slots(
-                        txn, first, [hash_keys[p] for p in fresh], counts, at_end=at_end
-                    )
-                    existing = {s: n for s, n in counts.items() if s not in new_range}
-                else:
-                    existing = counts
-                if existing:
-                    index.add_references(txn, existing)
-                index.add_chunk(txn, lease, slots)
-                index.add_to_counters(
-                    txn,
-                    {
-                        "pages_scanned": count,
-                        "pages_merged": count - len(fresh),
-                        "merging_failed": failed,
-                        "references": count,
-                        "merge_cpu_ns": time.thread_time_ns() - started_ns,
-                    },
-                )
-        except BaseException:
-            if wrote:
-                self._give_back_unindexed_space()
-            raise
-        return _Admission(slots, len(fresh))
-
-    def _give_back_unindexed_space(self) -> None:
-        """After a failed load: punch the pages it wrote into slots its aborted
-        transaction never recorded, so the space is free at once (not only at another
-        process's sweep).  Under the write lock, as every punch."""
-        with contextlib.suppress(DksmError), self._store.index.inspect() as txn:
-            self._punch_leftovers(txn)
-
-    def _map_slots(self, address: int, slots: Sequence[int]) -> int:
-        return map_slots(self._store.pages.fd, address, slots)
 
     def hand_over(self, lease: Lease, owner: ProcessIdentity) -> None:
         """Make ``owner`` (a live process, typically just forked) the lease's owner.
@@ -526,65 +387,10 @@ class PagePool:
         store = self._usable_store()
         with store.index.inspect() as txn:
             try:
-                return list(self._problems(txn, check_hashes))
+                hash_key = self._hash_key if check_hashes else None
+                return list(consistency.problems(store.index, store.pages, txn, hash_key))
             except PoolDamagedError as error:  # a record too broken to read on
                 return [str(error)]
-
-    def _problems(self, txn: lmdb.Transaction[bytes], check_hashes: bool) -> Iterator[str]:
-        index = self._store.index
-        pages = self._store.pages
-        end = index.end(txn)
-        slot_records = {r.slot: r for r in index.slot_records(txn)}
-        hash_entries = list(index.hash_entries(txn))
-        for page_hash, slot in hash_entries:
-            record = slot_records.get(slot)
-            if record is None or record.page_hash != page_hash:
-                yield f"hash {page_hash.hex()} names slot {slot}, which does not hold it"
-        if len(hash_entries) != len(slot_records):
-            yield f"{len(hash_entries)} hash entries for {len(slot_records)} slots"
-        held: Counter[int] = Counter()
-        leases = {r.lease_id: r for r in index.lease_records(txn)}
-        for lease_id in index.lease_ids_with_chunks(txn) | set(leases):
-            lease_total = 0
-            for _, chunk in index.lease_chunks(txn, lease_id):
-                held.update(chunk)
-                lease_total += len(chunk)
-            lease = leases.get(lease_id)
-            if lease is None:
-                yield f"slots are held under lease {lease_id}, which does not exist"
-            elif lease.references != lease_total:
-                yield f"lease {lease_id} counts {lease.references} references, holds {lease_total}"
-        for slot, record in slot_records.items():
-            if record.references != held[slot]:
-                yield f"slot {slot} counts {record.references} references, leases hold {held[slot]}"
-            if slot >= end:
-                yield f"slot {slot} lies beyond the end ({end})"
-        for slot in held.keys() - slot_records.keys():
-            yield f"leases hold slot {slot}, which is not in the pool"
-        counters = index.read_counters(txn)
-        if counters["references"] != held.total():
-            yield f"references counter {counters['references']} != {held.total()} held"
-        previous_end = -1
-        free_slots = 0
-        for first, length in index.free_ranges(txn):
-            if length <= 0 or first <= previous_end or first + length >= end:
-                yield f"free range {first}+{length} overlaps, touches another or the end ({end})"
-            if any(first <= slot < first + length for slot in slot_records):
-                yield f"free range {first}+{length} holds slots in use"
-            previous_end = first + length
-            free_slots += length
-        if free_slots + len(slot_records) != end:
-            yield f"{len(slot_records)} slots and {free_slots} free do not make up the end {end}"
-        blocks = pages.allocated_bytes()
-        if blocks != len(slot_records) * PAGE_SIZE:
-            yield f"the pages file holds {blocks} bytes for {len(slot_records)} pages"
-        if pages.size() < end * PAGE_SIZE:
-            yield f"the pages file is shorter than its {end} slots"
-        if check_hashes:
-            for slot, record in slot_records.items():
-                page = memoryview(pages.read(slot, 1))
-                if self._hash_key(page) != record.page_hash:
-                    yield f"slot {slot} does not hold a page with its recorded hash"
 
     def purge(self) -> list[str]:
         """Remove the pool's files, after sweeping; refused while live leases exist or
@@ -615,252 +421,3 @@ def force_purge(
 
 def _owner_alive(record: LeaseRecord) -> bool:
     return ProcessIdentity(record.pid, record.start_time).is_alive()
-
-
-def _confirm(
-    pages: PagesFile, data: memoryview, candidates: list[int]
-) -> tuple[list[int], list[int]]:
-    """Compare each page with its candidate slot: (slot or -1 per page, mismatched pages).
-
-    Runs of pages whose candidates are consecutive slots -- an image already in the
-    pool -- are read and compared a run at a time.
-    """
-    count = len(candidates)
-    slots = [-1] * count
-    mismatched: list[int] = []
-    start = 0
-    while start < count:
-        first = candidates[start]
-        if first == _NO_SLOT_NUMBER:
-            start += 1
-            continue
-        stop = start + 1
-        while (
-            stop < count
-            and stop - start < _COMPARE_RUN
-            and candidates[stop] == first + stop - start
-        ):
-            stop += 1
-        stored = pages.read(first, stop - start)
-        # bytearray == memoryview is one memcmp; memoryview == x compares item by item.
-        if stored == data[start * PAGE_SIZE : stop * PAGE_SIZE]:
-            slots[start:stop] = range(first, first + stop - start)
-        else:
-            for page in range(start, stop):
-                offset = (page - start) * PAGE_SIZE
-                if (
-                    stored[offset : offset + PAGE_SIZE]
-                    == data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
-                ):
-                    slots[page] = first + page - start
-                else:
-                    mismatched.append(page)
-        start = stop
-    return slots, mismatched
-
-
-def _find_equal(pages: PagesFile, data: memoryview, page: int, slots: list[int]) -> int | None:
-    wanted = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
-    for slot in slots:
-        if pages.read(slot, 1) == wanted:
-            return slot
-    return None
-
-
-def _distinct_new_pages(
-    data: memoryview, hash_keys: list[bytes], slots: list[int], collided: set[int]
-) -> list[int]:
-    """The pages to store (those without a slot, each distinct content once), in order.
-
-    A later page equal to one of them gets ``-2 - i`` in ``slots``, i being the
-    position of its twin in the returned list.  Pages whose hash matched an earlier
-    new page with other bytes are added to ``collided``.
-    """
-    fresh: list[int] = []
-    by_hash: dict[bytes, list[int]] = {}
-    for page, slot in enumerate(slots):
-        if slot != -1:
-            continue
-        twins = by_hash.setdefault(hash_keys[page], [])
-        if twins:
-            content = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE].tobytes()
-            for position in twins:
-                twin = fresh[position]
-                if content == data[twin * PAGE_SIZE : (twin + 1) * PAGE_SIZE].tobytes():
-                    slots[page] = -2 - position
-                    break
-            else:
-                collided.add(page)
-                twins.append(len(fresh))
-                fresh.append(page)
-        else:
-            twins.append(len(fresh))
-            fresh.append(page)
-    return fresh
-
-
-class Lease:
-    """A process's claim on pool pages: every page it maps is referenced here.
-
-    Release it (or leave its ``with`` block) after unmapping those pages, or let the
-    process exit: the next opener of the pool sweeps leases of dead processes.
-    """
-
-    def __init__(self, pool: PagePool, store: Store, lease_id: int) -> None:
-        self.pool = pool
-        self.lease_id = lease_id
-        self._store = store
-        self._released = False
-        self._references = 0
-
-    @property
-    def references(self) -> int:
-        """Page references this lease holds."""
-        return self._references
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def _check_usable(self) -> None:
-        if self._released:
-            raise PoolError(f"lease {self.lease_id} has been released")
-        if self._store.pid != os.getpid() or self._store.closed:
-            raise PoolError(
-                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
-            )
-
-    def map_pages(self, address: int, content: bytes | bytearray | memoryview) -> MergeResult:
-        """Make ``content`` (whole pages) appear at page-aligned ``address`` from the pool.
-
-        ``address`` must lie in memory this process owns (guest RAM, say): the pool's
-        pages are mapped over it with ``MAP_FIXED``.  When the run switch is off
-        nothing is mapped and ``mapped`` is False; the caller copies the bytes itself.
-        """
-        self._check_usable()
-        return self._map_pages(address, memoryview(content).cast("B"), time.thread_time_ns())
-
-    def _map_pages(self, address: int, data: memoryview, started_ns: int) -> MergeResult:
-        if address % PAGE_SIZE:
-            raise PoolError(f"address {address:#x} is not page aligned")
-        if len(data) % PAGE_SIZE:
-            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
-        count = len(data) // PAGE_SIZE
-        if count == 0:
-            return MergeResult(0, 0, 0, True, 0)
-        hash_keys = self.pool._hash_pages(data)  # outside the lock: pure CPU
-        admission = self.pool._admit(self.lease_id, data, hash_keys, started_ns)
-        if admission is None:
-            return MergeResult(count, 0, 0, False, 0)
-        self._references += count
-        mmaps = self.pool._map_slots(address, admission.slots)
-        return MergeResult(count, count - admission.pages_new, admission.pages_new, True, mmaps)
-
-    def reference_pages(self, content: bytes | bytearray | memoryview) -> ReferencedPages | None:
-        """Find or store ``content`` (whole pages) and reference it under this lease,
-        without mapping it: for a launcher that hands the lease to the process that
-        will map it (:meth:`PagePool.hand_over`).  None when the run switch is off."""
-        self._check_usable()
-        started_ns = time.thread_time_ns()
-        data = memoryview(content).cast("B")
-        if len(data) % PAGE_SIZE:
-            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
-        if not data:
-            return ReferencedPages((), 0)
-        admission = self.pool._admit(self.lease_id, data, self.pool._hash_pages(data), started_ns)
-        if admission is None:
-            return None
-        self._references += len(admission.slots)
-        return ReferencedPages(tuple(admission.slots), admission.pages_new)
-
-    def reference_again(self, held: ReferencedPages) -> ReferencedPages | None:
-        """Reference, under this lease, pages this process already holds under another
-        live lease: a launcher's second VM of an image.  Nothing is hashed, read or
-        compared: a slot's bytes cannot change while any reference to it lives, and
-        the transaction checks that every slot still does.  None when the run switch
-        is off."""
-        self._check_usable()
-        started_ns = time.thread_time_ns()
-        pool = self.pool
-        index = pool._store.index
-        counts = Counter(held.slots)
-        with index.write() as txn:
-            if not index.run(txn):
-                return None
-            lease = index.lease(txn, self.lease_id)
-            if lease is None:
-                raise PoolError(f"lease {self.lease_id} is gone from the pool of {pool.domain!r}")
-            if not index.all_slots_exist(txn, counts):
-                raise PoolError("pages to reference again were released meanwhile")
-            index.add_references(txn, counts)
-            index.add_chunk(txn, lease, held.slots)
-            count = len(held.slots)
-            index.add_to_counters(
-                txn,
-                {
-                    "pages_scanned": count,
-                    "pages_merged": count,
-                    "references": count,
-                    "merge_cpu_ns": time.thread_time_ns() - started_ns,
-                },
-            )
-        self._references += count
-        return ReferencedPages(held.slots, 0)
-
-    def merge(self, address: int, length: int) -> MergeResult:
-        """Replace the pages of a populated private region with pool mappings.
-
-        The madvise-like API: the region's current bytes (copied out first, a batch
-        at a time) are looked up or stored, then the pool's pages are mapped over the
-        region.  Only regions nobody writes meanwhile may be merged: a write between
-        the copy and the mapping is lost.
-        """
-        self._check_usable()
-        if address % PAGE_SIZE or length % PAGE_SIZE:
-            raise PoolError(f"region {address:#x}+{length:#x} is not whole pages")
-        region = view(address, length)
-        snapshot = bytearray(min(length, _MERGE_BATCH * PAGE_SIZE))
-        pages = merged = new = mmaps = 0
-        for offset in range(0, length, len(snapshot) or 1):
-            started_ns = time.thread_time_ns()  # the copy is part of the cost
-            size = min(len(snapshot), length - offset)
-            batch = memoryview(snapshot)[:size]
-            batch[:] = region[offset : offset + size]
-            result = self._map_pages(address + offset, batch, started_ns)
-            if not result.mapped:
-                return MergeResult(pages + result.pages, merged, new, False, mmaps)
-            pages += result.pages
-            merged += result.pages_merged
-            new += result.pages_new
-            mmaps += result.mmaps
-        return MergeResult(pages, merged, new, True, mmaps)
-
-    def release(self) -> None:
-        """Drop every reference of this lease, freeing slots no one else holds.
-
-        Unmap this lease's pages first (see the module documentation).
-        """
-        if self._released:
-            return
-        if self._store.pid != os.getpid():
-            raise PoolError(
-                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
-            )
-        store = self._store
-        if not store.closed:
-            with store.index.write() as txn:
-                self.pool._drop_lease(txn, self.lease_id)
-        self._released = True
-        self._references = 0
-        release_store(store)

@@ -1,0 +1,131 @@
+"""Admission: which of a load's pages the pool already holds, and which to store.
+
+Pure functions over a load's bytes, its pages' hashes and the candidate slots the
+index named; the stored pages are read through a function given by the caller (the
+pages file's ``read``), so nothing here touches the index, a file descriptor or a
+transaction.  :mod:`dksm.dedup.references` runs them inside the write transaction
+that takes the references (the pool's invariant 3: bytes are compared before a page
+is shared).
+
+Conventions: ``slots[page]`` is a slot number, ``-1`` for a page without one yet, or
+``-2 - i`` for a page equal to the ``i``-th page the load stores itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from dksm.memory.host_mapping import PAGE_SIZE
+
+SlotReader = Callable[[int, int], bytearray]
+"""``read(first_slot, count)``: the bytes of ``count`` consecutive stored pages."""
+
+# Hash matches are confirmed by reading runs of consecutive candidate slots at most
+# this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
+# pages on every call.
+COMPARE_RUN = 16
+NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
+NO_SLOT_NUMBER = int.from_bytes(NO_SLOT, "big")
+
+
+def runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Group ascending slot numbers into (first, length) runs of consecutive slots."""
+    found: list[tuple[int, int]] = []
+    for slot in sorted_slots:
+        if found and found[-1][0] + found[-1][1] == slot:
+            found[-1] = (found[-1][0], found[-1][1] + 1)
+        else:
+            found.append((slot, 1))
+    return found
+
+
+def confirm(
+    read: SlotReader, data: memoryview, candidates: list[int]
+) -> tuple[list[int], list[int]]:
+    """Compare each page with its candidate slot: (slot or -1 per page, mismatched pages).
+
+    ``NO_SLOT_NUMBER`` means no candidate.  Runs of pages whose candidates are
+    consecutive slots -- an image already in the pool -- are read and compared a
+    run at a time.
+    """
+    count = len(candidates)
+    slots = [-1] * count
+    mismatched: list[int] = []
+    start = 0
+    while start < count:
+        first = candidates[start]
+        if first == NO_SLOT_NUMBER:
+            start += 1
+            continue
+        stop = start + 1
+        while (
+            stop < count and stop - start < COMPARE_RUN and candidates[stop] == first + stop - start
+        ):
+            stop += 1
+        stored = read(first, stop - start)
+        # bytearray == memoryview is one memcmp; memoryview == x compares item by item.
+        if stored == data[start * PAGE_SIZE : stop * PAGE_SIZE]:
+            slots[start:stop] = range(first, first + stop - start)
+        else:
+            for page in range(start, stop):
+                offset = (page - start) * PAGE_SIZE
+                if (
+                    stored[offset : offset + PAGE_SIZE]
+                    == data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+                ):
+                    slots[page] = first + page - start
+                else:
+                    mismatched.append(page)
+        start = stop
+    return slots, mismatched
+
+
+def find_equal(read: SlotReader, data: memoryview, page: int, slots: list[int]) -> int | None:
+    """The first of ``slots`` holding exactly the bytes of ``page``, if any."""
+    wanted = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+    for slot in slots:
+        if read(slot, 1) == wanted:
+            return slot
+    return None
+
+
+def distinct_new_pages(
+    data: memoryview, hash_keys: list[bytes], slots: list[int], collided: set[int]
+) -> list[int]:
+    """The pages to store (those without a slot, each distinct content once), in order.
+
+    A later page equal to one of them gets ``-2 - i`` in ``slots``, i being the
+    position of its twin in the returned list.  Pages whose hash matched an earlier
+    new page with other bytes are added to ``collided``.
+    """
+    fresh: list[int] = []
+    by_hash: dict[bytes, list[int]] = {}
+    for page, slot in enumerate(slots):
+        if slot != -1:
+            continue
+        twins = by_hash.setdefault(hash_keys[page], [])
+        if twins:
+            content = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE].tobytes()
+            for position in twins:
+                twin = fresh[position]
+                if content == data[twin * PAGE_SIZE : (twin + 1) * PAGE_SIZE].tobytes():
+                    slots[page] = -2 - position
+                    break
+            else:
+                collided.add(page)
+                twins.append(len(fresh))
+                fresh.append(page)
+        else:
+            twins.append(len(fresh))
+            fresh.append(page)
+    return fresh
+
+
+def place_new_pages(slots: list[int], fresh: Sequence[int], first: int) -> None:
+    """Give the stored pages ``fresh`` the slots from ``first`` on, and their twins
+    (``-2 - i``) the slot of their ``i``-th stored page."""
+    for offset, page in enumerate(fresh):
+        slots[page] = first + offset
+    for page, slot in enumerate(slots):
+        if slot < 0:
+            slots[page] = first - 2 - slot

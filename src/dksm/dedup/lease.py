@@ -1,0 +1,177 @@
+"""A lease: one process's claim on pool pages, through which it loads and maps them.
+
+Every page a process maps from a pool is referenced under one of its leases, written
+before the page is mapped and dropped only when the lease is released (or swept
+after its owner died): the invariants at the top of :mod:`dksm.dedup.pool`.  The
+transactions themselves are :mod:`dksm.dedup.references`'; this module checks the
+caller's input, hashes outside the lock, and maps what was admitted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
+from dksm.dedup.pool_errors import PoolError
+from dksm.dedup.references import Admission, admit, drop_lease, reference_again
+from dksm.dedup.store import Store, release_store
+from dksm.memory.host_mapping import PAGE_SIZE, view
+
+if TYPE_CHECKING:
+    from dksm.dedup.pool import PagePool
+
+# merge() snapshots a region this many pages at a time, one transaction each.
+_MERGE_BATCH = 256
+
+
+class Lease:
+    """A process's claim on pool pages: every page it maps is referenced here.
+
+    Release it (or leave its ``with`` block) after unmapping those pages, or let the
+    process exit: the next opener of the pool sweeps leases of dead processes.
+    """
+
+    def __init__(self, pool: PagePool, store: Store, lease_id: int) -> None:
+        self.pool = pool
+        self.lease_id = lease_id
+        self._store = store
+        self._released = False
+        self._references = 0
+
+    @property
+    def references(self) -> int:
+        """Page references this lease holds."""
+        return self._references
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def _check_usable(self) -> None:
+        if self._released:
+            raise PoolError(f"lease {self.lease_id} has been released")
+        if self._store.pid != os.getpid() or self._store.closed:
+            raise PoolError(
+                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
+            )
+
+    def map_pages(self, address: int, content: bytes | bytearray | memoryview) -> MergeResult:
+        """Make ``content`` (whole pages) appear at page-aligned ``address`` from the pool.
+
+        ``address`` must lie in memory this process owns (guest RAM, say): the pool's
+        pages are mapped over it with ``MAP_FIXED``.  When the run switch is off
+        nothing is mapped and ``mapped`` is False; the caller copies the bytes itself.
+        """
+        self._check_usable()
+        return self._map_pages(address, memoryview(content).cast("B"), time.thread_time_ns())
+
+    def _map_pages(self, address: int, data: memoryview, started_ns: int) -> MergeResult:
+        if address % PAGE_SIZE:
+            raise PoolError(f"address {address:#x} is not page aligned")
+        if len(data) % PAGE_SIZE:
+            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
+        count = len(data) // PAGE_SIZE
+        if count == 0:
+            return MergeResult(0, 0, 0, True, 0)
+        hash_keys = self.pool.page_keys(data)  # outside the lock: pure CPU
+        admitted = self._admit(data, hash_keys, started_ns)
+        if admitted is None:
+            return MergeResult(count, 0, 0, False, 0)
+        self._references += count
+        mmaps = map_slots(self._store.pages.fd, address, admitted.slots)
+        return MergeResult(count, count - admitted.pages_new, admitted.pages_new, True, mmaps)
+
+    def _admit(self, data: memoryview, hash_keys: list[bytes], started_ns: int) -> Admission | None:
+        return admit(self._store, self.pool.domain, self.lease_id, data, hash_keys, started_ns)
+
+    def reference_pages(self, content: bytes | bytearray | memoryview) -> ReferencedPages | None:
+        """Find or store ``content`` (whole pages) and reference it under this lease,
+        without mapping it: for a launcher that hands the lease to the process that
+        will map it (:meth:`PagePool.hand_over`).  None when the run switch is off."""
+        self._check_usable()
+        started_ns = time.thread_time_ns()
+        data = memoryview(content).cast("B")
+        if len(data) % PAGE_SIZE:
+            raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
+        if not data:
+            return ReferencedPages((), 0)
+        admitted = self._admit(data, self.pool.page_keys(data), started_ns)
+        if admitted is None:
+            return None
+        self._references += len(admitted.slots)
+        return ReferencedPages(tuple(admitted.slots), admitted.pages_new)
+
+    def reference_again(self, held: ReferencedPages) -> ReferencedPages | None:
+        """Reference, under this lease, pages this process already holds under another
+        live lease: a launcher's second VM of an image.  Nothing is hashed, read or
+        compared: a slot's bytes cannot change while any reference to it lives, and
+        the transaction checks that every slot still does.  None when the run switch
+        is off."""
+        self._check_usable()
+        started_ns = time.thread_time_ns()
+        store, domain = self._store, self.pool.domain
+        if not reference_again(store, domain, self.lease_id, held.slots, started_ns):
+            return None
+        self._references += len(held.slots)
+        return ReferencedPages(held.slots, 0)
+
+    def merge(self, address: int, length: int) -> MergeResult:
+        """Replace the pages of a populated private region with pool mappings.
+
+        The madvise-like API: the region's current bytes (copied out first, a batch
+        at a time) are looked up or stored, then the pool's pages are mapped over the
+        region.  Only regions nobody writes meanwhile may be merged: a write between
+        the copy and the mapping is lost.
+        """
+        self._check_usable()
+        if address % PAGE_SIZE or length % PAGE_SIZE:
+            raise PoolError(f"region {address:#x}+{length:#x} is not whole pages")
+        region = view(address, length)
+        snapshot = bytearray(min(length, _MERGE_BATCH * PAGE_SIZE))
+        pages = merged = new = mmaps = 0
+        for offset in range(0, length, len(snapshot) or 1):
+            started_ns = time.thread_time_ns()  # the copy is part of the cost
+            size = min(len(snapshot), length - offset)
+            batch = memoryview(snapshot)[:size]
+            batch[:] = region[offset : offset + size]
+            result = self._map_pages(address + offset, batch, started_ns)
+            if not result.mapped:
+                return MergeResult(pages + result.pages, merged, new, False, mmaps)
+            pages += result.pages
+            merged += result.pages_merged
+            new += result.pages_new
+            mmaps += result.mmaps
+        return MergeResult(pages, merged, new, True, mmaps)
+
+    def release(self) -> None:
+        """Drop every reference of this lease, freeing slots no one else holds.
+
+        Unmap this lease's pages first (see the module documentation).
+        """
+        if self._released:
+            return
+        if self._store.pid != os.getpid():
+            raise PoolError(
+                f"lease {self.lease_id} belongs to process {self._store.pid}, not to {os.getpid()}"
+            )
+        store = self._store
+        if not store.closed:
+            with store.index.write() as txn:
+                drop_lease(store, txn, self.lease_id)
+        self._released = True
+        self._references = 0
+        release_store(store)

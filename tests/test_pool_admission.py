@@ -1,0 +1,96 @@
+"""Admission alone: which pages of a load the pool holds and which it stores, decided
+on bytes (a hash match is only a candidate), without an index or a file."""
+
+from __future__ import annotations
+
+from dksm.dedup import admission
+from dksm.memory.host_mapping import PAGE_SIZE
+
+NONE = admission.NO_SLOT_NUMBER
+
+
+def _pages(*fills: int) -> memoryview:
+    return memoryview(b"".join(bytes([fill]) * PAGE_SIZE for fill in fills))
+
+
+class StoredPages:
+    """Slots holding pages, read as the pages file reads them; counts the reads."""
+
+    def __init__(self, *fills: int) -> None:
+        self.data = bytes(_pages(*fills))
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, first: int, count: int) -> bytearray:
+        self.reads.append((first, count))
+        return bytearray(self.data[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
+
+
+def test_runs_group_consecutive_slots() -> None:
+    assert admission.runs([]) == []
+    assert admission.runs([3, 4, 5, 9, 11, 12]) == [(3, 3), (9, 1), (11, 2)]
+
+
+def test_confirm_accepts_candidates_whose_bytes_match_and_reads_a_run_at_once() -> None:
+    stored = StoredPages(1, 2, 3, 4)
+    slots, mismatched = admission.confirm(stored.read, _pages(2, 3, 4), [1, 2, 3])
+    assert (slots, mismatched) == ([1, 2, 3], [])
+    assert stored.reads == [(1, 3)]
+
+
+def test_confirm_rejects_a_hash_match_with_other_bytes() -> None:
+    stored = StoredPages(1, 2, 3)
+    slots, mismatched = admission.confirm(stored.read, _pages(1, 9, 3), [0, 1, 2])
+    assert (slots, mismatched) == ([0, -1, 2], [1])
+
+
+def test_confirm_leaves_pages_without_candidates_unplaced() -> None:
+    stored = StoredPages(1)
+    slots, mismatched = admission.confirm(stored.read, _pages(7, 1), [NONE, 0])
+    assert (slots, mismatched) == ([-1, 0], [])
+    assert stored.reads == [(0, 1)]
+
+
+def test_confirm_reads_at_most_a_compare_run_at_a_time() -> None:
+    count = admission.COMPARE_RUN + 3
+    stored = StoredPages(*range(count))
+    slots, _ = admission.confirm(stored.read, _pages(*range(count)), list(range(count)))
+    assert slots == list(range(count))
+    assert stored.reads == [(0, admission.COMPARE_RUN), (admission.COMPARE_RUN, 3)]
+
+
+def test_find_equal_returns_the_slot_with_the_same_bytes() -> None:
+    stored = StoredPages(5, 6, 7)
+    data = _pages(0, 7)
+    assert admission.find_equal(stored.read, data, 1, [0, 1, 2]) == 2
+    assert admission.find_equal(stored.read, data, 0, [0, 1, 2]) is None
+
+
+def test_new_pages_are_stored_once_and_twins_point_at_them() -> None:
+    data = _pages(1, 2, 1, 3, 2)
+    keys = [b"a", b"b", b"a", b"c", b"b"]
+    slots = [-1, -1, -1, -1, -1]
+    collided: set[int] = set()
+    fresh = admission.distinct_new_pages(data, keys, slots, collided)
+    assert fresh == [0, 1, 3]
+    assert slots == [-1, -1, -2, -1, -3]  # page 2 is fresh[0]'s twin, page 4 fresh[1]'s
+    assert collided == set()
+    admission.place_new_pages(slots, fresh, 40)
+    assert slots == [40, 41, 40, 42, 41]
+
+
+def test_equal_hashes_with_other_bytes_are_both_stored_and_counted() -> None:
+    data = _pages(1, 2)
+    slots = [-1, -1]
+    collided: set[int] = set()
+    fresh = admission.distinct_new_pages(data, [b"h", b"h"], slots, collided)
+    assert fresh == [0, 1]
+    assert collided == {1}
+
+
+def test_pages_already_placed_are_not_stored() -> None:
+    data = _pages(1, 2, 3)
+    slots = [7, -1, 8]
+    fresh = admission.distinct_new_pages(data, [b"a", b"b", b"c"], slots, set())
+    assert fresh == [1]
+    admission.place_new_pages(slots, fresh, 20)
+    assert slots == [7, 20, 8]
