@@ -229,19 +229,17 @@ def test_fleet_workers_are_confined_and_the_supervisor_is_not() -> None:
     try:
         supervisor = proc_status(int(str(handle.supervisor_pid)))
         assert supervisor["Uid"].split()[0] == "0" and supervisor["Seccomp"] == "0"
-        idle = [m for m in handle.members() if m["label"] == "idle"]
-        assert len(idle) == 3 and all(m["state"] == "running" for m in idle)
-        for pid in {m["pid"] for m in idle}:
+        idle = [m for m in handle.members() if m.label == "idle"]
+        assert len(idle) == 3 and all(m.state == "running" for m in idle)
+        for pid in {m.pid for m in idle}:
             status = proc_status(pid)
             assert status["Uid"].split() == [str(UNPRIVILEGED_ID)] * 4
             assert status["CapEff"] == ZERO_CAPS and status["CapBnd"] == ZERO_CAPS
             assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
-        wait_for(
-            lambda: all(m["state"] == "exited" for m in handle.members() if m["label"] == "hello")
-        )
+        wait_for(lambda: all(m.state == "exited" for m in handle.members() if m.label == "hello"))
         for member in handle.members():
-            if member["label"] == "hello":
-                assert handle.log_path(member["index"]).read_text().endswith("hello: bye\n")
+            if member.label == "hello":
+                assert handle.log_path(member.index).read_text().endswith("hello: bye\n")
     finally:
         assert dksm("fleet", "down", handle.id).returncode == 0
     stats = pool_stats(domain)

@@ -84,8 +84,8 @@ def test_eight_idle_vms_share_each_readonly_page_once() -> None:
         assert s["file_blocks_bytes"] == s["hashtable_entries"] * PAGE
         pool_file = str(pool_directory(domain) / "pages")
         for member in handle.members():
-            info = handle.info(member["index"])
-            maps = mappings_of(info["pid"], pool_file)
+            info = handle.info(member.index)
+            maps = mappings_of(info.pid, pool_file)
             assert maps, "the VMM maps no pool pages"
             rss = sum(m.rss_kb for m in maps)
             pss = sum(m.pss_kb for m in maps)
@@ -111,9 +111,9 @@ def test_two_apps_share_the_library_not_their_own_pages() -> None:
         pool_file = str(pool_directory(domain) / "pages")
         offsets: dict[int, dict[int, int]] = {}
         for member in handle.members():
-            info = handle.info(member["index"])
-            base = info["ram_host_address"]
-            with open(f"/proc/{info['pid']}/maps") as f:
+            info = handle.info(member.index)
+            base = info.ram_host_address
+            with open(f"/proc/{info.pid}/maps") as f:
                 table = {}
                 for line in f:
                     fields = line.split()
@@ -121,7 +121,7 @@ def test_two_apps_share_the_library_not_their_own_pages() -> None:
                         lo, hi = (int(x, 16) for x in fields[0].split("-"))
                         for addr in range(lo, hi, PAGE):
                             table[addr - base] = int(fields[2], 16) + addr - lo
-            offsets[member["index"]] = table
+            offsets[member.index] = table
         first, second = offsets[0], offsets[1]
         for addr in common:  # same pool slot in both VMs
             assert first[addr] == second[addr], hex(addr)
@@ -135,7 +135,7 @@ def test_cowprobe_write_stays_private() -> None:
     domain = "cow"
     original = readonly_pages(guest_path("cowprobe"))
     with fleet(specs("cowprobe", 3, domain)) as handle:
-        logs = [log_when(handle, m["index"], "cowprobe: ready") for m in handle.members()]
+        logs = [log_when(handle, m.index, "cowprobe: ready") for m in handle.members()]
         page = int(logs[0].split("cowprobe: page=")[1].split()[0], 16)
         assert page in original  # the written page is a pool-shared read-only page
         for log in logs:
@@ -143,7 +143,7 @@ def test_cowprobe_write_stays_private() -> None:
         pages_file = (pool_directory(domain) / "pages").read_bytes()
         assert original[page] in {pages_file[i : i + PAGE] for i in range(0, len(pages_file), PAGE)}
         for member in handle.members():
-            info = handle.info(member["index"])
+            info = handle.info(member.index)
             seen = read_guest(info, page, PAGE)
             assert seen[:8] == (0x4B4F574F434B5344).to_bytes(8, "little")
             assert seen[8:] == original[page][8:]
@@ -158,13 +158,13 @@ def test_two_domains_never_share_a_page() -> None:
     with fleet(specs("idle", 2, "tenant-a") + specs("idle", 2, "tenant-b")) as handle:
         files = {d: str(pool_directory(d) / "pages") for d in ("tenant-a", "tenant-b")}
         for member in handle.members():
-            info = handle.info(member["index"])
+            info = handle.info(member.index)
             own, other = (
-                files[info["domain"]],
-                files["tenant-b" if info["domain"] == "tenant-a" else "tenant-a"],
+                files[info.domain],
+                files["tenant-b" if info.domain == "tenant-a" else "tenant-a"],
             )
-            assert mappings_of(info["pid"], own)
-            assert not mappings_of(info["pid"], other)
+            assert mappings_of(info.pid, own)
+            assert not mappings_of(info.pid, other)
         inode = {d: os.stat(f).st_ino for d, f in files.items()}
         assert inode["tenant-a"] != inode["tenant-b"]
         assert stats("tenant-a")["references"] == stats("tenant-b")["references"]
@@ -176,7 +176,7 @@ def test_thirty_two_vms_at_once_have_exact_counts() -> None:
     domain = "thirty-two"
     expected = readonly_pages(guest_path("idle"))
     with fleet(specs("idle", 32, domain)) as handle:
-        assert all(m["state"] == "running" for m in handle.members())
+        assert all(m.state == "running" for m in handle.members())
         s = stats(domain)
         assert s["hashtable_entries"] == len(set(expected.values()))
         assert s["references"] == 32 * len(expected)
@@ -217,8 +217,8 @@ def test_kill_nine_while_loading_loses_nothing() -> None:
         assert s["references"] == 2 * len(expected)
         assert s["hashtable_entries"] == len(set(expected.values()))
         for member in survivors.members():
-            info = survivors.info(member["index"])
+            info = survivors.info(member.index)
             for addr, content in expected.items():
                 assert read_guest(info, addr, PAGE) == content
-        assert all(m["state"] == "running" for m in survivors.members())
+        assert all(m.state == "running" for m in survivors.members())
     assert_pool_empty(domain)

@@ -182,11 +182,11 @@ def test_fleet_of_real_images_pools_exactly_the_predicted_pages() -> None:
     handle = control.up(specs, boot_timeout=120)
     try:
         deadline = time.monotonic() + 120
-        while any(m["state"] in ("booting", "running") for m in handle.members()):
+        while any(m.state in ("booting", "running") for m in handle.members()):
             assert time.monotonic() < deadline, handle.members()
             time.sleep(0.1)
         members = handle.members()
-        assert [m["state"] for m in members] == ["exited"] * len(specs), members
+        assert [m.state for m in members] == ["exited"] * len(specs), members
         for index, (label, _) in enumerate(specs):
             console = handle.log_path(index).read_bytes().decode()
             assert _after_banner(console) == list(BY_NAME[label].prints), (index, label)

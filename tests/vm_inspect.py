@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dksm.fleet.directory import VmInfo
 from dksm.loader.elf import load_elf
 from dksm.loader.segment import shareable_span
 from dksm.memory.accounting import process_mappings
@@ -15,11 +16,14 @@ from dksm.memory.accounting import process_mappings
 PAGE = 4096
 
 
-def read_guest(info: dict[str, Any], guest_addr: int, length: int) -> bytes:
-    """Guest-physical bytes of a running VM, read from its VMM's address space."""
-    fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDONLY)
+def read_guest(info: VmInfo | dict[str, Any], guest_addr: int, length: int) -> bytes:
+    """Guest-physical bytes of a running VM, read from its VMM's address space
+    (``info``: a fleet VM's, or what ``dksm run --info-file`` wrote)."""
+    if isinstance(info, dict):
+        info = VmInfo.from_json(info)
+    fd = os.open(f"/proc/{info.pid}/mem", os.O_RDONLY)
     try:
-        return os.pread(fd, length, info["ram_host_address"] + guest_addr)
+        return os.pread(fd, length, info.ram_host_address + guest_addr)
     finally:
         os.close(fd)
 

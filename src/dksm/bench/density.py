@@ -78,9 +78,9 @@ def measure(
         maps = {pid: process_mappings(pid) for pid in handle.live_pids()}
         guest_total = 0
         for member in handle.members():
-            info = handle.info(member["index"])
-            ram, size = info["ram_host_address"], info["mem_size"]
-            guest_total += sum(m.pss for m in maps[info["pid"]] if m.within(ram, size))
+            info = handle.info(member.index)
+            ram, size = info.ram_host_address, info.mem_size
+            guest_total += sum(m.pss for m in maps[info.pid] if m.within(ram, size))
         # Pool pages no guest touched are in no Pss; they are still the guests'.
         touched_pool = sum(m.pss for ms in maps.values() for m in ms if m.path == pages_file)
         guest_total += max(0, tmpfs_bytes(pool_dir / "pages") - touched_pool)

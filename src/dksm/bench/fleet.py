@@ -253,7 +253,7 @@ def _run_mode(
         if pool is not None:
             pool.close()  # before the check below, which purges the pool
         final = handle.down()
-        result.failed_vms = sum(m["state"] == "failed" for m in final.get("members", []))
+        result.failed_vms = sum(m.state == "failed" for m in final.members)
         _check_nothing_left(handle, domain, cfg.pool_root, mode)
     return result
 
@@ -261,7 +261,7 @@ def _run_mode(
 def _check_nothing_left(
     handle: control.FleetHandle, domain: str, root: Path | None, mode: DedupMode
 ) -> None:
-    alive = [pid for pid in (m["pid"] for m in handle.members()) if os.path.exists(f"/proc/{pid}")]
+    alive = [pid for pid in (m.pid for m in handle.members()) if os.path.exists(f"/proc/{pid}")]
     if alive:
         raise FleetBenchError(f"fleet {handle.id} left processes behind: {alive}")
     if not mode.uses_pool:

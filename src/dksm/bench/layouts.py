@@ -171,18 +171,18 @@ def measure_image_memory(
     pages_of: dict[str, tuple[list[int], set[int]]] = {}
     private = cow = 0
     for member in handle.members():
-        if member["state"] not in ("booting", "running"):
+        if member.state not in ("booting", "running"):
             continue
-        info = handle.info(member["index"])
-        kernel = info["kernel"]
+        info = handle.info(member.index)
+        kernel = info.kernel
         if kernel not in pages_of:
             img = read_image(Path(kernel), mem_size)
             loaded = [p.addr for p in img.loaded]
             shareable = {p.addr for p in img.shareable}
             pages_of[kernel] = (loaded, shareable)
         loaded, shareable = pages_of[kernel]
-        base = info["ram_host_address"]
-        flags = _pagemap_flags(info["pid"], [base + addr for addr in loaded])
+        base = info.ram_host_address
+        flags = _pagemap_flags(info.pid, [base + addr for addr in loaded])
         for addr, entry in zip(loaded, flags, strict=True):
             if entry & PM_PRESENT and not entry & PM_FILE_OR_SHARED_ANON:
                 private += 1
@@ -200,9 +200,9 @@ def wait_until_quiet(handle: control.FleetHandle) -> None:
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         now = [
-            handle.log_path(m["index"]).stat().st_size
+            handle.log_path(m.index).stat().st_size
             for m in handle.members()
-            if handle.log_path(m["index"]).exists()
+            if handle.log_path(m.index).exists()
         ]
         if now != sizes:
             sizes, quiet_since = now, time.monotonic()
@@ -261,11 +261,11 @@ def run_fleet(
     boot_seconds = time.monotonic() - started
     try:
         wait_until_quiet(handle)
-        failed = [m for m in handle.members() if m["state"] not in ("booting", "running")]
+        failed = [m for m in handle.members() if m.state not in ("booting", "running")]
         if failed:
             raise LayoutsError(
                 f"{len(failed)} VMs of the {mode.value} fleet ended early, e.g. "
-                f"{failed[0]['label']}: {failed[0].get('reason') or failed[0]['state']}"
+                f"{failed[0].label}: {failed[0].reason or failed[0].state}"
             )
         image_memory = measure_image_memory(handle, pool_dir, mem_size)
         fleet = fleet_memory(handle.process_pids(), [pool_dir] if pool_dir else [])

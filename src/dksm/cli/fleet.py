@@ -211,7 +211,7 @@ def _up(args: argparse.Namespace) -> int:
         no_confine=target is None,
     )
     members = handle.members()
-    failed = [m for m in members if m["state"] == "failed"]
+    failed = [m for m in members if m.state == "failed"]
     print(handle.id)
     print(
         f"dksm: fleet {handle.id}: {len(members) - len(failed)} of {len(members)} VMs booted "
@@ -219,30 +219,32 @@ def _up(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     for m in failed:
-        print(f"dksm: vm {m['index']} ({m['label']}) failed: {m['reason']}", file=sys.stderr)
+        print(f"dksm: vm {m.index} ({m.label}) failed: {m.reason}", file=sys.stderr)
     return ExitStatus.OK if not failed else ExitStatus.ERROR
 
 
 def _status(args: argparse.Namespace) -> int:
     import json
     from collections import Counter
+    from dataclasses import asdict
 
     from dksm.fleet import control
-    from dksm.fleet.launcher import LIVE_STATES
+    from dksm.fleet.directory import LIVE_STATES
     from dksm.memory.accounting import process_memory
 
     handle = control.find(args.id)
     now = time.time()
-    live = [m for m in handle.members() if m["state"] in LIVE_STATES]
+    members = handle.members()
+    live = [m for m in members if m.state in LIVE_STATES]
     # A worker hosting K VMs is shared by them: each is charged a K-th of its Pss.
-    hosted = Counter(m["pid"] for m in live)
+    hosted = Counter(m.pid for m in live)
     memory = {pid: process_memory(pid) for pid in hosted}
     rows = []
-    for m in handle.members():
-        mem = memory.get(m["pid"]) if m in live else None
-        share = mem.pss // hosted[m["pid"]] if mem else 0
-        end = m["ended_at"] or now
-        rows.append({**m, "uptime_s": round(end - m["started_at"], 1), "pss_bytes": share})
+    for m in members:
+        mem = memory.get(m.pid) if m in live else None
+        share = mem.pss // hosted[m.pid] if mem else 0
+        end = m.ended_at or now
+        rows.append({**asdict(m), "uptime_s": round(end - m.started_at, 1), "pss_bytes": share})
     if args.json:
         print(
             json.dumps(
@@ -268,13 +270,11 @@ def _down(args: argparse.Namespace) -> int:
 
     handle = control.find(args.id)
     if handle.over():
-        state = handle.state()
-        members = state.get("members", [])
+        members = handle.state().members
         print(f"fleet {handle.id} is already stopped ({len(members)} VMs, none running)")
         return ExitStatus.OK
-    state = handle.down()
-    members = state.get("members", [])
-    failed = [m for m in members if m["state"] == "failed"]
+    members = handle.down().members
+    failed = [m for m in members if m.state == "failed"]
     print(f"fleet {handle.id}: {len(members)} VMs stopped ({len(failed)} had failed)")
     return ExitStatus.OK
 
@@ -291,7 +291,7 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'fleet':<20} {'state':<8} {'VMs':>4}  members by state")
     for handle in fleets:
         members = handle.members()
-        by_state = Counter(m["state"] for m in members)
+        by_state = Counter(m.state for m in members)
         states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items())) or "-"
         running = "running" if not handle.over() else "stopped"
         print(f"{handle.id:<20} {running:<8} {len(members):>4}  {states}")

@@ -3,33 +3,30 @@
 A fleet is a directory under the runtime root (``DKSM_RUN_DIR``, else
 ``/run/dksm/fleets`` for root, else the user's runtime directory) holding the
 fleet's spec, the supervisor's state file (``fleet.json``, replaced atomically),
-and each member's console log.  ``up`` starts a supervisor in its own session, so
-the fleet outlives the command that started it, and returns once every VM booted.
+and each member's console log (:mod:`dksm.fleet.directory` names them all).  ``up``
+starts a supervisor in its own session, so the fleet outlives the command that
+started it, and returns once every VM booted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from dksm.dedup.owner import ProcessIdentity
+from dksm.fleet.directory import LIVE_STATES, FleetDirectory, FleetState, Member, VmInfo
 from dksm.fleet.instance import DedupMode, InstanceSpec
-from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
+from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError
 from dksm.vmm.config import VmConfig
 from dksm.vmm.confinement import Confinement, Credentials, credentials
-
-SPEC_FILE = "spec.json"
-STATE_FILE = "fleet.json"
-SUPERVISOR_LOG = "supervisor.log"
 
 
 def runtime_root() -> Path:
@@ -70,12 +67,6 @@ def confinement_from_json(doc: dict[str, int] | None) -> Confinement | None:
     return None if doc is None else Confinement(Credentials(int(doc["uid"]), int(doc["gid"])))
 
 
-def write_json_atomically(path: Path, doc: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def _new_fleet_id(root: Path) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
@@ -85,24 +76,18 @@ def _new_fleet_id(root: Path) -> str:
     raise FleetError(f"cannot find a free fleet id under {root}")
 
 
-def _supervisor_pid(state: dict[str, Any]) -> int | None:
-    pid = state.get("supervisor_pid")
-    return int(pid) if pid else None
-
-
-def _supervisor_alive(state: dict[str, Any]) -> bool:
+def _supervisor_alive(state: FleetState) -> bool:
     """Whether the process that wrote ``state`` still runs: its pid *and* start time,
     since a killed supervisor's pid may be handed to any other process."""
-    pid = _supervisor_pid(state)
-    start_time = state.get("supervisor_start_time")
-    if pid is None or start_time is None:
+    pid, start_time = state.supervisor_pid, state.supervisor_start_time
+    if not pid or start_time is None:
         return False
-    return ProcessIdentity(pid, int(start_time)).is_alive()
+    return ProcessIdentity(pid, start_time).is_alive()
 
 
-def _live_pids(state: dict[str, Any]) -> list[int]:
+def _live_pids(state: FleetState) -> list[int]:
     """Processes the state file says host live VMs (its writer may be dead)."""
-    pids = [m["pid"] for m in state.get("members", []) if m["state"] in LIVE_STATES]
+    pids = [m.pid for m in state.members if m.state in LIVE_STATES]
     return list(dict.fromkeys(pids))
 
 
@@ -117,39 +102,38 @@ class FleetHandle:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.files = FleetDirectory(directory)
         self.id = directory.name
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> FleetState:
         try:
-            doc: dict[str, Any] = json.loads((self.directory / STATE_FILE).read_text())
+            return self.files.read_state()
         except FileNotFoundError:
-            return {"members": [], "booted": False, "stopped": False}
-        except ValueError as exc:
+            return FleetState()
+        except (ValueError, TypeError) as exc:
             raise FleetError(f"fleet {self.id}: state file is unreadable: {exc}") from exc
-        return doc
 
     @property
     def supervisor_pid(self) -> int | None:
-        return _supervisor_pid(self.state())
+        return self.state().supervisor_pid or None
 
     def supervisor_alive(self) -> bool:
         return _supervisor_alive(self.state())
 
-    def members(self) -> list[dict[str, Any]]:
+    def members(self) -> list[Member]:
         """Each VM as its supervisor last published it -- or, if the supervisor is
         dead, as it is now: ``orphaned`` while its worker runs, else ``lost``."""
         state = self.state()
-        members: list[dict[str, Any]] = state.get("members", [])
         if _supervisor_alive(state):
-            return members
+            return state.members
         orphans = set(self._orphans(state))
         judged = []
-        for m in members:
-            if m["state"] in LIVE_STATES:
-                if m["pid"] in orphans:
-                    m = {**m, "state": ORPHANED, "reason": "supervisor died; `fleet down` stops it"}
+        for m in state.members:
+            if m.state in LIVE_STATES:
+                if m.pid in orphans:
+                    m = replace(m, state=ORPHANED, reason="supervisor died; `fleet down` stops it")
                 else:
-                    m = {**m, "state": LOST, "reason": "supervisor died, and so did this VM"}
+                    m = replace(m, state=LOST, reason="supervisor died, and so did this VM")
             judged.append(m)
         return judged
 
@@ -161,19 +145,18 @@ class FleetHandle:
         """The supervisor and its live members: every process the fleet costs (one
         read of the state file: this runs on every sample of an experiment)."""
         state = self.state()
-        supervisor = _supervisor_pid(state)
+        supervisor = state.supervisor_pid
         alive = supervisor is not None and _supervisor_alive(state)
         return ([supervisor] if alive and supervisor else []) + _live_pids(state)
 
     def log_path(self, index: int) -> Path:
-        return self.directory / f"vm-{index}.log"
+        return self.files.vm_log(index)
 
-    def info(self, index: int) -> dict[str, Any]:
+    def info(self, index: int) -> VmInfo:
         """What the VM's process published about itself (pid, RAM address, mode)."""
-        doc: dict[str, Any] = json.loads((self.directory / f"vm-{index}.info.json").read_text())
-        return doc
+        return self.files.read_info(index)
 
-    def down(self, timeout: float = 60.0) -> dict[str, Any]:
+    def down(self, timeout: float = 60.0) -> FleetState:
         """Stop every member and the supervisor; return the final state."""
         pid = self.supervisor_pid
         if pid is not None and self.supervisor_alive():
@@ -190,7 +173,7 @@ class FleetHandle:
         """Nothing of the fleet runs any more: no supervisor, no VM process."""
         return not self.supervisor_alive() and not self._orphans()
 
-    def _orphans(self, state: dict[str, Any] | None = None) -> list[int]:
+    def _orphans(self, state: FleetState | None = None) -> list[int]:
         """Workers still running without their supervisor (it was killed): forked
         from it, they carry its command line, which tells them from a reused pid."""
         found = []
@@ -243,8 +226,8 @@ def up(
     fleet_id = _new_fleet_id(root)
     directory = root / fleet_id
     directory.mkdir()
-    write_json_atomically(
-        directory / SPEC_FILE,
+    files = FleetDirectory(directory)
+    files.write_spec(
         {
             "boot_timeout": boot_timeout,
             "vms_per_worker": vms_per_worker,
@@ -253,7 +236,7 @@ def up(
             "members": [spec_to_json(label, s) for label, s in specs],
         },
     )
-    with open(directory / SUPERVISOR_LOG, "wb") as log:
+    with open(files.supervisor_log, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dksm", "fleet", "supervise", str(directory)],
             stdin=subprocess.DEVNULL,
@@ -275,13 +258,13 @@ def _wait_until_booted(
     deadline = time.monotonic() + boot_timeout + 30
     while True:
         state = handle.state()
-        if state.get("error"):
-            raise FleetError(f"fleet {handle.id}: {state['error']}")
-        if state.get("booted"):
+        if state.error:
+            raise FleetError(f"fleet {handle.id}: {state.error}")
+        if state.booted:
             return handle
         code = proc.poll()
         if code is not None:
-            log_text = (handle.directory / SUPERVISOR_LOG).read_text(errors="replace").strip()
+            log_text = handle.files.supervisor_log.read_text(errors="replace").strip()
             last = log_text.splitlines()[-1] if log_text else f"exit status {code}"
             raise FleetError(f"fleet {handle.id}: supervisor ended before boot: {last}")
         if time.monotonic() > deadline:
@@ -294,7 +277,7 @@ def all_fleets(root: Path | None = None) -> list[FleetHandle]:
     root = root or runtime_root()
     if not root.is_dir():
         return []
-    return [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+    return [FleetHandle(d) for d in sorted(root.glob("*")) if FleetDirectory(d).is_fleet()]
 
 
 def prune(root: Path | None = None) -> list[str]:
@@ -316,7 +299,7 @@ def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
     root = root or runtime_root()
     if fleet_id:
         directory = root / fleet_id
-        if not (directory / SPEC_FILE).exists():
+        if not FleetDirectory(directory).is_fleet():
             raise FleetError(f"no fleet with id '{fleet_id}' under {root}")
         return FleetHandle(directory)
     fleets = all_fleets(root)

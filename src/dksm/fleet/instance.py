@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink, GuardedSink
 from dksm.error import DksmError
+from dksm.fleet.directory import VmInfo
 from dksm.loader.host_file import check_path
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
@@ -104,17 +105,17 @@ class Instance:
     def run(self, timeout: float | None = None) -> Outcome:
         return self.vm.run(timeout)
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> VmInfo:
         """What another process needs to inspect this VM (e.g. via /proc/PID/mem)."""
-        return {
-            "pid": os.getpid(),
-            "kernel": self.spec.config.kernel_path,
-            "mem_size": self.spec.config.mem_size,
-            "ram_host_address": self.vm.memory.host_address,
-            "dedup": self.spec.dedup.value,
-            "domain": self.spec.domain,
-            "pages_shared": self.vm.memory.pages_shared,
-        }
+        return VmInfo(
+            pid=os.getpid(),
+            kernel=self.spec.config.kernel_path,
+            mem_size=self.spec.config.mem_size,
+            ram_host_address=self.vm.memory.host_address,
+            dedup=self.spec.dedup.value,
+            domain=self.spec.domain,
+            pages_shared=self.vm.memory.pages_shared,
+        )
 
     def write_info(self, path: str) -> None:
         """Write :meth:`describe` to ``path`` atomically: readers see the whole file
@@ -123,7 +124,7 @@ class Instance:
         import json
 
         check_path(path, "info file")
-        text = json.dumps(self.describe()).encode()
+        text = json.dumps(self.describe().to_json()).encode()
         tmp = os.path.join(os.path.dirname(path), f".dksm-info-{os.urandom(8).hex()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

@@ -41,7 +41,7 @@ import struct
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -50,6 +50,7 @@ from dksm.dedup.mapping import ReferencedPages, SlotMapper
 from dksm.dedup.owner import ProcessIdentity
 from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
+from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.segment import shareable_span
@@ -63,32 +64,12 @@ EVENT_RECORD = struct.Struct("<II")  # VM index, event
 EVENT_BOOTED = 0
 EVENT_ENDED = 1
 EVENT_HELD = 2  # the guest shut down; its memory is kept until the fleet stops
-# Member states in which the VM still holds memory (and its worker is alive).
-LIVE_STATES = ("booting", "running", "held")
 GO = b"g"  # then the length (u32) and bytes of the worker's seccomp program
 GO_HEADER = struct.Struct("<cI")
 
 
 class FleetError(DksmError):
     """A fleet could not be started or managed."""
-
-
-@dataclass
-class Member:
-    """One VM of a fleet, as the supervisor tracks it."""
-
-    index: int
-    label: str
-    pid: int
-    state: str  # booting, running, held, exited, failed, stopped
-    started_at: float
-    booted_at: float | None = None
-    ended_at: float | None = None
-    reason: str = ""
-
-    @property
-    def log_name(self) -> str:
-        return f"vm-{self.index}.log"
 
 
 class _ConsoleLog:
@@ -130,27 +111,26 @@ class _HostedVm:
         self,
         index: int,
         spec: InstanceSpec,
-        state_dir: Path,
+        files: FleetDirectory,
         event_fd: int,
         sharer: PageSharer | None,
         hold: bool = False,
     ) -> None:
         self.index = index
-        self.state_dir = state_dir
         self.event_fd = event_fd
         self.hold = hold
         self.held = False
         self.instance: Instance | None = None
         create = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self.log_fd = os.open(state_dir / f"vm-{index}.log", create, 0o644)
+        self.log_fd = os.open(files.vm_log(index), create, 0o644)
         # Empty until the VM ends: the supervisor reads it only after the "ended"
         # event, or after the worker died (an empty file then says as little as none).
-        self.outcome_fd = os.open(state_dir / f"vm-{index}.outcome.json", create, 0o644)
+        self.outcome_fd = os.open(files.vm_outcome(index), create, 0o644)
         self.status = ExitStatus.VMM_ERROR
         try:
             console = _ConsoleLog(self.log_fd, event_fd, index)
             self.instance = Instance(spec, console, sharer=sharer)
-            self.instance.write_info(str(state_dir / f"vm-{index}.info.json"))
+            self.instance.write_info(str(files.vm_info(index)))
         except DksmError as exc:
             self.finish(ExitStatus.ERROR, "error", str(exc))
         except Exception as exc:
@@ -190,9 +170,9 @@ class _HostedVm:
         """Once, through the file opened at build (a confined worker opens nothing)."""
         if self.outcome_fd < 0:
             return
-        outcome = {"cause": cause, "detail": detail, "status": int(status)}
+        outcome = VmOutcome(cause, detail, int(status))
         try:
-            os.write(self.outcome_fd, json.dumps(outcome).encode())
+            os.write(self.outcome_fd, json.dumps(outcome.to_json()).encode())
         finally:
             os.close(self.outcome_fd)
             self.outcome_fd = -1
@@ -210,7 +190,7 @@ class _HostedVm:
 
 def _worker_main(
     group: Sequence[tuple[int, InstanceSpec, PageSharer | None]],
-    state_dir: Path,
+    files: FleetDirectory,
     event_fd: int,
     go_fd: int,
     hold: bool,
@@ -230,8 +210,7 @@ def _worker_main(
             os._exit(int(ExitStatus.ERROR))
         os.close(go_fd)
         vms = [
-            _HostedVm(index, spec, state_dir, event_fd, sharer, hold)
-            for index, spec, sharer in group
+            _HostedVm(index, spec, files, event_fd, sharer, hold) for index, spec, sharer in group
         ]
         if confinement is not None:
             try:
@@ -258,7 +237,7 @@ def _worker_main(
         status = max((vm.status for vm in vms), default=ExitStatus.OK)
     except BaseException:
         with contextlib.suppress(BaseException):
-            (state_dir / f"worker-{os.getpid()}.error").write_text(traceback.format_exc())
+            files.worker_error(os.getpid()).write_text(traceback.format_exc())
     finally:
         os._exit(int(status))
 
@@ -284,19 +263,16 @@ def _read_go(go_fd: int) -> bytes | None:
     return program if go == GO and len(program) == length else None
 
 
-def _read_outcome(state_dir: Path, index: int) -> tuple[str, str] | None:
+def _read_outcome(files: FleetDirectory, index: int) -> tuple[str, str] | None:
     """(state, reason) from a VM's outcome file, or None if it wrote none."""
-    try:
-        outcome = json.loads((state_dir / f"vm-{index}.outcome.json").read_text())
-        reason = f"{outcome['cause']}: {outcome['detail']}".rstrip(": ")
-        status = int(outcome["status"])
-    except (OSError, ValueError, KeyError):
+    outcome = files.read_outcome(index)
+    if outcome is None:
         return None
-    if status == ExitStatus.OK:
-        return "exited", reason
-    if status == ExitStatus.INTERRUPTED:
-        return "stopped", reason
-    return "failed", reason
+    if outcome.status == ExitStatus.OK:
+        return "exited", outcome.reason
+    if outcome.status == ExitStatus.INTERRUPTED:
+        return "stopped", outcome.reason
+    return "failed", outcome.reason
 
 
 def _describe_wait_status(status: int) -> str:
@@ -310,7 +286,7 @@ class FleetLauncher:
 
     def __init__(
         self,
-        state_dir: Path,
+        files: FleetDirectory,
         vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
         *,
         hold: bool = False,
@@ -321,7 +297,7 @@ class FleetLauncher:
         with the supervisor's privileges."""
         if vms_per_worker < 1:
             raise FleetError(f"VMs per worker must be at least 1, not {vms_per_worker}")
-        self.state_dir = state_dir
+        self.files = files
         self.vms_per_worker = vms_per_worker
         self.hold = hold
         self.confinement = confinement
@@ -357,9 +333,7 @@ class FleetLauncher:
             if pid == 0:
                 os.close(self._events_r)
                 os.close(go_w)
-                _worker_main(
-                    hosted, self.state_dir, self._events_w, go_r, self.hold, self.confinement
-                )
+                _worker_main(hosted, self.files, self._events_w, go_r, self.hold, self.confinement)
             os.close(go_r)
             now = time.time()
             members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
@@ -458,12 +432,12 @@ class FleetLauncher:
                 member.state = "running"
                 member.booted_at = now
             elif event == EVENT_HELD and member.state in ("booting", "running"):
-                result = _read_outcome(self.state_dir, index)
+                result = _read_outcome(self.files, index)
                 member.state = "held"
                 member.reason = result[1] if result else ""
                 member.ended_at = now
             elif event == EVENT_ENDED:
-                self._ended(member, _read_outcome(self.state_dir, index))
+                self._ended(member, _read_outcome(self.files, index))
         self._events_buffer = self._events_buffer[usable:]
 
     def _ended(self, member: Member, result: tuple[str, str] | None) -> None:
@@ -486,7 +460,7 @@ class FleetLauncher:
             self._collect_events(0)
             for member in self.workers.pop(pid, []):
                 if member.state in LIVE_STATES:
-                    result = _read_outcome(self.state_dir, member.index)
+                    result = _read_outcome(self.files, member.index)
                     self._ended(member, result or ("failed", _describe_wait_status(status)))
                     ended.append(member)
         if ended:
@@ -544,5 +518,6 @@ class FleetLauncher:
         self._collect_events(0)
         self.sweep_pools()
 
-    def snapshot(self) -> list[dict[str, object]]:
-        return [asdict(m) for m in self.members]
+    def snapshot(self) -> list[Member]:
+        """A copy of every member as it is now (the launcher goes on changing its own)."""
+        return [replace(m) for m in self.members]

@@ -5,7 +5,6 @@ records the fleet as stopped and ends."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -13,13 +12,8 @@ from pathlib import Path
 from types import FrameType
 
 from dksm.dedup.owner import ProcessIdentity
-from dksm.fleet.control import (
-    SPEC_FILE,
-    STATE_FILE,
-    confinement_from_json,
-    spec_from_json,
-    write_json_atomically,
-)
+from dksm.fleet.control import confinement_from_json, spec_from_json
+from dksm.fleet.directory import FleetDirectory, FleetState
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
 
@@ -32,39 +26,37 @@ class _StopFlag:
 
 
 def supervise(directory: Path) -> int:
-    doc = json.loads((directory / SPEC_FILE).read_text())
+    files = FleetDirectory(directory)
+    doc = files.read_spec()
     specs = [spec_from_json(m) for m in doc["members"]]
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     launcher = FleetLauncher(
-        directory,
+        files,
         int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
         hold=bool(doc.get("hold", False)),
         confinement=confinement_from_json(doc.get("confine")),
     )
-    state: dict[str, object] = {
-        "id": directory.name,
-        "supervisor_pid": os.getpid(),
-        "supervisor_start_time": ProcessIdentity.current().start_time,  # pid reuse
-        "created": time.time(),
-        "booted": False,
-        "stopped": False,
-        "error": "",
-    }
+    state = FleetState(
+        id=directory.name,
+        supervisor_pid=os.getpid(),
+        supervisor_start_time=ProcessIdentity.current().start_time,  # pid reuse
+        created=time.time(),
+    )
 
     def publish() -> None:
-        state["members"] = launcher.snapshot()
-        write_json_atomically(directory / STATE_FILE, state)
+        state.members = launcher.snapshot()
+        files.write_state(state)
 
     launcher.launch(specs)
     publish()
     try:
         launcher.wait_booted(float(doc.get("boot_timeout", 120)))
-        state["booted"] = True
-        state["booted_at"] = time.time()
+        state.booted = True
+        state.booted_at = time.time()
     except FleetError as exc:
-        state["error"] = str(exc)
+        state.error = str(exc)
     publish()
     last = launcher.snapshot()
     while not stop.set and launcher.alive():
@@ -75,6 +67,6 @@ def supervise(directory: Path) -> int:
             last = now
     launcher.stop_all()
     launcher.close()
-    state["stopped"] = True
+    state.stopped = True
     publish()
     return 0
