@@ -6,16 +6,12 @@ are checked without a compiler too."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+import kernel_headers
 from dksm.kvm import abi
-
-KVM_HEADER = Path("/usr/include/linux/kvm.h")
 
 # Each Python struct and the C type it declares.  Variable-length structs are
 # declared with no entry, and their flexible array checked through its first one.
@@ -99,55 +95,29 @@ def _python_facts() -> dict[str, int]:
     return facts
 
 
-def _c_program(facts: dict[str, int]) -> str:
-    lines = [
-        "#include <stddef.h>",
-        "#include <stdio.h>",
-        "#include <linux/kvm.h>",
-        "int main(void) {",
-    ]
+def _c_expressions(facts: dict[str, int]) -> dict[str, str]:
+    expressions = {}
     for key in facts:
         if key.startswith("sizeof "):
-            struct = key.split()[1]
-            expression = f"sizeof({STRUCTS[struct][1]})"
+            expressions[key] = f"sizeof({STRUCTS[key.split()[1]][1]})"
         elif key.startswith(("offset ", "size ")):
             kind, full = key.split()
             struct, path = full.split(".", 1)
             ctype, member = STRUCTS[struct][1], _c_path(struct, path)
             if kind == "offset":
-                expression = f"offsetof({ctype}, {member})"
+                expressions[key] = f"offsetof({ctype}, {member})"
             else:
-                expression = f"sizeof((({ctype} *)0)->{member})"
+                expressions[key] = f"sizeof((({ctype} *)0)->{member})"
         else:
-            expression = C_CONSTANTS.get(key, key)
-        lines.append(f'    printf("%s %llu\\n", "{key}", (unsigned long long)({expression}));')
-    lines += ["    return 0;", "}"]
-    return "\n".join(lines) + "\n"
-
-
-def _kernel_facts(workdir: Path) -> dict[str, int]:
-    source = workdir / "kvm_abi.c"
-    binary = workdir / "kvm_abi"
-    source.write_text(_c_program(_python_facts()))
-    built = subprocess.run(
-        ["gcc", "-o", str(binary), str(source)], capture_output=True, text=True, timeout=60
-    )
-    assert built.returncode == 0, built.stderr  # a name or member the kernel lacks
-    printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True, timeout=10)
-    facts = {}
-    for line in printed.stdout.splitlines():
-        key, _, value = line.rpartition(" ")
-        facts[key] = int(value)
-    return facts
+            expressions[key] = C_CONSTANTS.get(key, key)
+    return expressions
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed: cannot compile against the kernel headers")
-    if not KVM_HEADER.exists():
-        pytest.skip(f"{KVM_HEADER} missing (Debian: linux-libc-dev; `make` installs it as root)")
-    return _kernel_facts(tmp_path_factory.mktemp("kvm_abi"))
+    kernel_headers.require_headers("linux/kvm.h")
+    workdir = tmp_path_factory.mktemp("kvm_abi")
+    return kernel_headers.evaluate(workdir, ["linux/kvm.h"], _c_expressions(_python_facts()))
 
 
 def test_every_struct_field_has_the_kernels_offset_and_size(kernel: dict[str, int]) -> None:

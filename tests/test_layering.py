@@ -69,3 +69,37 @@ def test_the_lease_uses_no_private_part_of_the_pool() -> None:
         and node.attr.startswith("_")
     ]
     assert private == []
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The dksm modules ``path`` imports when it runs (``if TYPE_CHECKING:`` aside)."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+                visit(node.orelse)
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.module:
+                    if inner.module == "dksm" or inner.module.startswith("dksm."):
+                        found.update(f"{inner.module}.{a.name}" for a in inner.names)
+                elif isinstance(inner, ast.Import):
+                    found.update(a.name for a in inner.names if a.name.startswith("dksm."))
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_small_modules_import_only_what_their_job_needs() -> None:
+    """Modules other code leans on without wanting their neighbours: the exit decoder
+    needs only the ABI, admission nothing of the pool, the fleet's file protocol
+    nothing of dksm, and the exit statuses nothing of the VM (start-up time)."""
+    allowed = {
+        "kvm/exits.py": {"dksm.kvm.abi"},
+        "dedup/admission.py": {"dksm.memory.host_mapping.PAGE_SIZE"},
+        "fleet/directory.py": set(),
+        "vmm/exit_status.py": set(),
+    }
+    for module, imports in allowed.items():
+        assert _runtime_imports(SOURCE / module) <= imports, module
