@@ -69,3 +69,23 @@ def test_ioctl_numbers_encode_their_struct_sizes() -> None:
     assert size_of(abi.KVM_CREATE_PIT2) == ctypes.sizeof(abi.PitConfig)
     assert size_of(abi.KVM_TRANSLATE) == ctypes.sizeof(abi.Translation)
     assert size_of(abi.KVM_GET_XSAVE) == ctypes.sizeof(abi.Xsave)
+
+
+def test_ioeventfd_and_irqfd_structs_match_the_kernel() -> None:
+    assert ctypes.sizeof(abi.IoEventFd) == 64
+    assert abi.IoEventFd.addr.offset == 8
+    assert abi.IoEventFd.len.offset == 16
+    assert abi.IoEventFd.fd.offset == 20
+    assert abi.IoEventFd.flags.offset == 24
+    assert ctypes.sizeof(abi.IrqFd) == 32
+    assert abi.IrqFd.gsi.offset == 4
+    assert abi.IrqFd.resamplefd.offset == 12
+
+
+def test_ioeventfd_and_irqfd_ioctls_are_iow_0xae_with_their_structs() -> None:
+    def decode(request: int) -> tuple[int, int, int, int]:
+        return request >> 30, (request >> 16) & 0x3FFF, (request >> 8) & 0xFF, request & 0xFF
+
+    iow = 1
+    assert decode(abi.KVM_IOEVENTFD) == (iow, ctypes.sizeof(abi.IoEventFd), 0xAE, 0x79)
+    assert decode(abi.KVM_IRQFD) == (iow, ctypes.sizeof(abi.IrqFd), 0xAE, 0x76)

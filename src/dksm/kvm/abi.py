@@ -22,8 +22,9 @@ KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_SET_TSS_ADDR = 0xAE47
 KVM_CREATE_IRQCHIP = 0xAE60
 KVM_IRQ_LINE = 0x4008AE61
-KVM_IRQFD = 0x4020AE76
+KVM_IRQFD = 0x4020AE76  # _IOW(0xAE, 0x76, struct kvm_irqfd)
 KVM_CREATE_PIT2 = 0x4040AE77
+KVM_IOEVENTFD = 0x4040AE79  # _IOW(0xAE, 0x79, struct kvm_ioeventfd)
 KVM_RUN = 0xAE80
 KVM_GET_REGS = 0x8090AE81
 KVM_SET_REGS = 0x4090AE82
@@ -43,6 +44,8 @@ KVM_CHECK_EXTENSION = 0xAE03
 KVM_GET_TSC_KHZ = 0xAEA3  # _IO(0xAE, 0xa3), on a vCPU
 
 # KVM_CHECK_EXTENSION capabilities dksm asks about.
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SYNC_REGS = 74
 
 # kvm_run.kvm_valid_regs / kvm_dirty_regs bits (x86): which register classes KVM
@@ -230,6 +233,43 @@ class LapicState(ctypes.Structure):
 
 class IrqLevel(ctypes.Structure):
     _fields_ = (("irq", ctypes.c_uint32), ("level", ctypes.c_uint32))
+
+
+# struct kvm_ioeventfd.flags: match the written value, port IO instead of MMIO, remove.
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class IoEventFd(ctypes.Structure):
+    """``struct kvm_ioeventfd``: a guest write of ``len`` bytes at ``addr`` (matching
+    ``datamatch`` if asked) signals eventfd ``fd`` inside KVM, with no exit."""
+
+    _fields_ = (
+        ("datamatch", ctypes.c_uint64),
+        ("addr", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 36),
+    )
+
+
+# struct kvm_irqfd.flags.
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
+class IrqFd(ctypes.Structure):
+    """``struct kvm_irqfd``: a write to eventfd ``fd`` raises interrupt line ``gsi``
+    inside KVM (an edge: asserted, then released)."""
+
+    _fields_ = (
+        ("fd", ctypes.c_uint32),
+        ("gsi", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("resamplefd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 16),
+    )
 
 
 class Translation(ctypes.Structure):
