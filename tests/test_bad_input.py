@@ -127,11 +127,11 @@ CONFIGS: dict[str, tuple[str, str]] = {
     ),
     "drives": (
         '{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "root"}]}',
-        "'drives' is not supported yet",
+        "drives[0] lacks the required field 'path_on_host'",
     ),
     "network": (
         '{"boot-source": {"kernel_image_path": "k"}, "network-interfaces": [{"iface_id": "eth0"}]}',
-        "'network-interfaces' is not supported yet",
+        "network-interfaces[0] lacks the required field 'host_dev_name'",
     ),
     "too_many_vcpus": (
         '{"boot-source": {"kernel_image_path": "k"}, '
