@@ -714,7 +714,7 @@ struct vsock_hdr {
 
 static u64 my_cid;
 static u32 listen_port;
-static u32 vs_fwd_cnt;
+static u32 vs_fwd_in, vs_fwd_out; /* bytes consumed, per connection */
 static int vs_out_state; /* 0 idle, 1 connecting, 2 connected, 3 refused, 4 closed */
 static char vs_said[128];
 static int vs_said_len = -1;
@@ -734,7 +734,7 @@ static void vs_send(struct vdev *d, u32 src_port, u32 dst_port, u16 op, u32 flag
     h->op = op;
     h->flags = flags;
     h->buf_alloc = VS_BUF_ALLOC;
-    h->fwd_cnt = vs_fwd_cnt;
+    h->fwd_cnt = src_port == VS_MY_PORT_OUT ? vs_fwd_out : vs_fwd_in;
     if (len)
         memcpy(buf + VS_HDR, data, len);
     tx_send(d, 1, slot, VS_HDR + len);
@@ -747,8 +747,10 @@ static void vs_packet(struct vdev *d, const u8 *pkt, u32 len)
     const struct vsock_hdr *h = (const struct vsock_hdr *)pkt;
     u32 plen = h->len <= len - VS_HDR ? h->len : len - VS_HDR;
     const u8 *payload = pkt + VS_HDR;
-    if (h->op == VS_RW)
-        vs_fwd_cnt += plen;
+    if (h->op == VS_RW && h->dst_port == VS_MY_PORT_OUT)
+        vs_fwd_out += plen;
+    else if (h->op == VS_RW)
+        vs_fwd_in += plen;
     if (h->dst_port == VS_MY_PORT_OUT) { /* our own connection to the host */
         if (h->op == VS_RESPONSE)
             vs_out_state = 2;
@@ -770,6 +772,7 @@ static void vs_packet(struct vdev *d, const u8 *pkt, u32 len)
     }
     switch (h->op) {
     case VS_REQUEST:
+        vs_fwd_in = 0; /* a new connection: nothing consumed yet */
         vs_send(d, listen_port, h->src_port, VS_RESPONSE, 0, NULL, 0);
         kprintf("virtioprobe: vsock accepted port %u from host port %u\n", listen_port,
                 h->src_port);

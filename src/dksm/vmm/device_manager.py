@@ -31,6 +31,7 @@ from dksm.devices.virtio.device import DeviceWorker, Interrupt, VirtioDevice
 from dksm.devices.virtio.entropy import Entropy
 from dksm.devices.virtio.net import Net, parse_mac
 from dksm.devices.virtio.transport import QUEUE_NOTIFY, MmioTransport
+from dksm.devices.virtio.vsock import Vsock, VsockListener
 from dksm.kvm.system import Vm
 from dksm.vmm.config import VmConfig
 from dksm.vmm.device_config import DriveConfig, NetworkInterfaceConfig
@@ -78,14 +79,22 @@ class Backends:
 
     drives: list[tuple[DriveConfig, BackingFile]] = field(default_factory=list)
     taps: list[tuple[NetworkInterfaceConfig, int]] = field(default_factory=list)
+    vsock: VsockListener | None = None
 
     def close(self) -> None:
         for _, backing in self.drives:
             backing.close()
         for _, fd in self.taps:
             os.close(fd)
+        if self.vsock is not None:
+            self.vsock.close()
+        self.release()
+
+    def release(self) -> None:
+        """Forget everything: the devices own it now."""
         self.drives.clear()
         self.taps.clear()
+        self.vsock = None
 
 
 def open_backends(config: VmConfig) -> Backends:
@@ -97,6 +106,8 @@ def open_backends(config: VmConfig) -> Backends:
             )
         for interface in config.network_interfaces:
             backends.taps.append((interface, open_tap(interface.host_dev_name)))
+        if config.vsock is not None:
+            backends.vsock = VsockListener(config.vsock.uds_path)
     except BaseException:
         backends.close()
         raise
@@ -125,9 +136,11 @@ class AttachedDevice:
     def close(self) -> None:
         """Stop the worker and release everything (after the vCPUs are out)."""
         if self.worker is not None:
+            self.worker.stop()
+        self.device.close()
+        if self.worker is not None:
             self.worker.close()
             self.worker = None
-        self.device.close()
         for fd in [*self.queue_events, self.interrupt_event]:
             if fd >= 0:
                 os.close(fd)
@@ -141,6 +154,9 @@ def _devices(config: VmConfig, ram: memoryview, backends: Backends) -> Iterator[
     for interface, fd in backends.taps:
         mac = parse_mac(interface.guest_mac) if interface.guest_mac else None
         yield Net(interface.iface_id, ram, fd, mac)
+    if config.vsock is not None and backends.vsock is not None:
+        vsock = config.vsock
+        yield Vsock(vsock.vsock_id or "vsock", ram, vsock.guest_cid, vsock.uds_path, backends.vsock)
     if config.entropy is not None:
         yield Entropy("entropy", ram)
 
@@ -152,8 +168,7 @@ def attach(
     their eventfds with KVM and their windows on ``bus``."""
     attached: list[AttachedDevice] = []
     devices = list(_devices(config, ram, backends))
-    backends.drives.clear()  # owned by the devices now
-    backends.taps.clear()
+    backends.release()  # owned by the devices now
     try:
         for index, device in enumerate(devices):
             where = slot(index)

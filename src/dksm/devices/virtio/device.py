@@ -216,7 +216,7 @@ class DeviceWorker:
         self.epoll.modify(fd, events)
 
     def unwatch(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
+        if self._handlers.pop(fd, None) is not None and not self.epoll.closed:
             self.epoll.unregister(fd)
 
     def start(self) -> None:
