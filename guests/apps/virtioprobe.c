@@ -9,6 +9,7 @@
  * rings of 16 entries.  Everything is built with -mgeneral-regs-only, like the kit.
  *
  * What it does, per device type (in this order; all lines start "virtioprobe: "):
+ *   first:         "cmdline \"<the command line>\""
  *   every device:  "device <i> at 0x<addr> irq <n> type <t>"
  *   block (2):     "blk <id> capacity <sectors> ro <0|1>" (id from GET_ID)
  *                  "blk <id> sector <s> fnv 0x<16 hex>"  for sectors 0 and capacity-1
@@ -35,6 +36,12 @@
  *                  UDP datagrams (echoed back to the sender) until a UDP or vsock
  *                  payload starting "quit"; "netquiet" leaves out the per-packet
  *                  lines ("net arp", "net icmp seq <n>", "net udp <n> bytes").
+ *   initrd:        if the VMM loaded one, one word from each of its pages is read:
+ *                  "initrd at 0x<addr> size <bytes> pages <n> sum 0x<16 hex>" (the
+ *                  sum of the first little-endian u64 of every page); with
+ *                  "initrdwrite" each page's first word is then overwritten with
+ *                  0x544952574d534b44 ("DKSMWRIT") and read back:
+ *                  "initrd written sum 0x<16 hex>".  (First, after the devices list.)
  *   last:          "served <n> packets" (if it served) and "done".
  */
 #include <dksm/kit.h>
@@ -849,6 +856,35 @@ static int vsock_start(struct vdev *d)
     return 0;
 }
 
+/* ---- the initrd: read (and maybe overwrite) one word per page ---------------- */
+#define INITRD_MARK 0x544952574d534b44UL
+
+static u64 initrd_sum(u64 addr, u64 pages)
+{
+    u64 sum = 0;
+    for (u64 p = 0; p < pages; p++)
+        sum += *(volatile u64 *)(addr + p * DKSM_PAGE_SIZE);
+    return sum;
+}
+
+static void initrd_probe(void)
+{
+    u64 addr = *(const volatile u32 *)(kit_boot_params + 0x218);
+    u64 size = *(const volatile u32 *)(kit_boot_params + 0x21c);
+    const char *v;
+    size_t n;
+    if (!size)
+        return;
+    u64 pages = (size + DKSM_PAGE_SIZE - 1) / DKSM_PAGE_SIZE;
+    kprintf("virtioprobe: initrd at 0x%lx size %lu pages %lu sum 0x%016lx\n", addr, size, pages,
+            initrd_sum(addr, pages));
+    if (!kit_cmdline_get("initrdwrite", &v, &n))
+        return;
+    for (u64 p = 0; p < pages; p++)
+        *(volatile u64 *)(addr + p * DKSM_PAGE_SIZE) = INITRD_MARK;
+    kprintf("virtioprobe: initrd written sum 0x%016lx\n", initrd_sum(addr, pages));
+}
+
 /* ---- the probe ------------------------------------------------------------ */
 DKSM_APP_MAIN
 {
@@ -856,6 +892,9 @@ DKSM_APP_MAIN
     u32 irqs = 0;
 
     kit_banner("virtioprobe");
+    size_t clen;
+    const char *cl = kit_cmdline(&clen);
+    kprintf("virtioprobe: cmdline \"%.*s\"\n", (int)clen, cl);
     find_devices();
     map_mmio();
     for (unsigned i = 0; i < ndevs; i++)
@@ -867,6 +906,7 @@ DKSM_APP_MAIN
         d->type = rd(d, R_MAGIC) == 0x74726976 ? rd(d, R_DEVICE_ID) : 0;
         kprintf("virtioprobe: device %u at 0x%lx irq %u type %u\n", i, d->base, d->irq, d->type);
     }
+    initrd_probe();
     for (unsigned i = 0; i < ndevs; i++) {
         struct vdev *d = &devs[i];
         if (d->type == T_BLOCK)

@@ -92,6 +92,7 @@ def instance_specs(
     from dksm.fleet.instance import DedupMode, InstanceSpec
     from dksm.guests import resolve_image
     from dksm.loader.elf import load_elf
+    from dksm.vmm import device_manager
     from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig, from_firecracker_json
 
     if instances < 1:
@@ -111,13 +112,23 @@ def instance_specs(
     configs += [from_firecracker_json(path) for path in config_files or []]
     root = None if pool_root is None else checked_pool_root(pool_root)
     specs: list[tuple[str, InstanceSpec]] = []
+    users: dict[str, int] = {}
     for config in configs:
         path = Path(config.kernel_path)
         config.validate()
         load_elf(config.kernel_path, config.mem_size)  # bad images fail here, not in N VMs
+        device_manager.check_backends(config)  # and missing drives or taps too
+        for resource in device_manager.exclusive_resources(config):
+            users[resource] = users.get(resource, 0) + instances
         spec = InstanceSpec(config, mode, domain, root)
         label = path.stem
         specs.extend((label, spec) for _ in range(instances))
+    for resource, count in users.items():
+        if count > 1:
+            raise DksmError(
+                f"{resource} would serve {count} VMs, but it serves one VM at a time "
+                "(a fleet shares only read-only drives)"
+            )
     return specs
 
 

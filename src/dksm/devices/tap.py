@@ -52,10 +52,9 @@ def interface_flags(name: str) -> int:
         return int(IFREQ.unpack(request)[1])
 
 
-def open_tap(name: str) -> int:
-    """An open, non-blocking descriptor on the existing tap ``name`` (frames without
-    the packet-information header)."""
-    raw = check_name(name)
+def check_tap(name: str) -> None:
+    """Refuse a name that is not an existing interface, or one that is down."""
+    check_name(name)
     try:
         socket.if_nametoindex(name)
     except OSError:
@@ -70,6 +69,13 @@ def open_tap(name: str) -> int:
         ) from exc
     if not flags & IFF_UP:
         raise TapError(f"tap device {name} is down (bring it up with: ip link set {name} up)")
+
+
+def open_tap(name: str) -> int:
+    """An open, non-blocking descriptor on the existing tap ``name`` (frames without
+    the packet-information header)."""
+    raw = check_name(name)
+    check_tap(name)
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:

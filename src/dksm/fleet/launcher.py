@@ -45,7 +45,8 @@ from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.loader.elf import load_elf, preload_images
-from dksm.loader.segment import shareable_span
+from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
+from dksm.loader.segment import Segment, shareable_span
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
 from dksm.vmm.machine import ExitCause
@@ -275,9 +276,10 @@ class FleetLauncher:
         self._pools: dict[tuple[str, Path | None], PagePool] = {}
         self._pages_fds: dict[tuple[str, Path | None], int] = {}
         self._leases: dict[int, tuple[PagePool, Lease]] = {}  # by VM index
-        # Per image and domain: the pages referenced for its first VM in launch().
+        # Per image (with its initrd) and domain: the pages referenced for its first VM
+        # in launch().
         self._first_of_image: dict[
-            tuple[str, Path | None, str, int], dict[bytes, ReferencedPages]
+            tuple[str, Path | None, str, int, str | None], dict[bytes, ReferencedPages]
         ] = {}
 
     def launch(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
@@ -337,7 +339,8 @@ class FleetLauncher:
         pool = self._pool(spec)
         lease = pool.lease()
         self._leases[index] = (pool, lease)
-        key = (spec.domain, spec.pool_root, spec.config.kernel_path, spec.config.mem_size)
+        config = spec.config
+        key = (spec.domain, spec.pool_root, config.kernel_path, config.mem_size, config.initrd_path)
         first = self._first_of_image.get(key)
         by_content: dict[bytes, ReferencedPages] = {}
         if first is not None:
@@ -346,8 +349,12 @@ class FleetLauncher:
                 if referenced is not None:  # None: the pool's run switch is off
                     by_content[content] = referenced
         else:
-            image = load_elf(spec.config.kernel_path, spec.config.mem_size)  # preloaded
-            for segment in image.segments:
+            image = load_elf(config.kernel_path, config.mem_size)  # preloaded
+            segments: list[Segment] = list(image.segments)
+            if config.initrd_path:  # preloaded too: its pages are shared like the image's
+                initrd = read_initrd(config.initrd_path, config.mem_size)
+                segments.append(place_initrd(initrd, config.mem_size, image))
+            for segment in segments:
                 start, end = shareable_span(segment)
                 if end > start:
                     offset = start - segment.guest_addr
@@ -380,6 +387,9 @@ class FleetLauncher:
         from dksm.vmm.builder import preload_host_cpuid
 
         preload_images({(s.config.kernel_path, s.config.mem_size) for _, s in specs})
+        preload_initrds(
+            {(s.config.initrd_path, s.config.mem_size) for _, s in specs if s.config.initrd_path}
+        )
         preload_host_cpuid()
 
     def _collect_events(self, wait: float) -> None:

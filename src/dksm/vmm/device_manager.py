@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from dksm.arch import layout
 from dksm.devices.bus import MmioBus
-from dksm.devices.tap import open_tap
+from dksm.devices.tap import check_tap, open_tap
 from dksm.devices.virtio.block import BackingFile, Block, open_backing_file
 from dksm.devices.virtio.device import DeviceWorker, Interrupt, VirtioDevice
 from dksm.devices.virtio.entropy import Entropy
@@ -112,6 +112,31 @@ def open_backends(config: VmConfig) -> Backends:
         backends.close()
         raise
     return backends
+
+
+def check_backends(config: VmConfig) -> None:
+    """What :func:`open_backends` would refuse, found without keeping anything open
+    (for a launcher that checks once before many VMs are built elsewhere)."""
+    for drive in config.drives:
+        open_backing_file(drive.path_on_host, drive.is_read_only).close()
+    for interface in config.network_interfaces:
+        check_tap(interface.host_dev_name)
+    if config.vsock is not None and os.path.lexists(config.vsock.uds_path):
+        VsockListener(config.vsock.uds_path)  # raises the error a build would
+
+
+def exclusive_resources(config: VmConfig) -> list[str]:
+    """Host resources only one VM may use at a time: read-write drive files, taps,
+    vsock sockets (by name, for a fleet to count)."""
+    found = [
+        f"read-write drive {os.path.realpath(d.path_on_host)}"
+        for d in config.drives
+        if not d.is_read_only
+    ]
+    found += [f"tap {n.host_dev_name}" for n in config.network_interfaces]
+    if config.vsock is not None:
+        found.append(f"vsock socket {os.path.abspath(config.vsock.uds_path)}")
+    return found
 
 
 class AttachedDevice:
