@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 
 from dksm.guests import guest_path
 
-from conftest import dksm, requires_kvm
+from conftest import dksm, requires_kvm, requires_root
 
 SECTOR = 512
 
@@ -397,3 +398,40 @@ def test_firecracker_device_sections_become_config_fields_and_survive_a_fleet_sp
     assert config.vsock == VsockConfig(3, "/tmp/v.sock", "vsock0")
     assert config.entropy == EntropyConfig()
     assert VmConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@requires_kvm
+@requires_root
+def test_a_full_disk_fails_the_guests_write_not_the_vm(full_tmpfs: Path) -> None:
+    disk = full_tmpfs / "sparse.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)  # 1 MiB that the 64 KiB file system cannot hold
+    (full_tmpfs / "filler").write_bytes(bytes(60 * 1024))
+    config = write_config(full_tmpfs.parent, "blkwrite=100", drives=[drive("full", disk)])
+    result = dksm("run", "--config-file", str(config), "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    lines = probe_lines(result.stdout)
+    wrote = [x for x in lines if x.startswith("blk full wrote")]
+    assert wrote and wrote[0].startswith("blk full wrote 8 sectors at 100 status 1 ")
+    assert lines[-1] == "done"
+    assert "No space left on device (the guest sees an IO error)" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -57,6 +57,9 @@ MAX_READ = 64 * 1024  # bytes read from a host socket at a time
 FIRST_LOCAL_PORT = 1 << 30
 MAX_CONNECTIONS = 1024
 CONNECT_LINE_MAX = 32  # "CONNECT 4294967295\n" and then some
+# Packets for the guest that wait for receive buffers (resets it provoked, say): a
+# guest that sends without ever offering buffers cannot make the device grow.
+MAX_CONTROL = 1024
 
 
 class VsockSocketError(DksmError):
@@ -135,6 +138,7 @@ class Vsock(VirtioDevice):
         self.waiting_hosts: dict[int, tuple[socket.socket, bytearray]] = {}  # before CONNECT
         self.control: deque[bytes] = deque()  # packets for the guest, before any data
         self._next_rx: Chain | None = None  # a receive buffer taken, not yet filled
+        self.control_dropped = 0
         self.readable: set[tuple[int, int]] = set()
         self._next_port = FIRST_LOCAL_PORT
         self._watching = False
@@ -405,10 +409,16 @@ class Vsock(VirtioDevice):
         )
 
     def _send_control(self, conn: Connection, op: int) -> None:
-        self.control.append(self._header(conn, conn.local_port, conn.peer_port, op, 0))
+        self._queue_control(self._header(conn, conn.local_port, conn.peer_port, op, 0))
 
     def _reset_guest(self, local: int, peer: int) -> None:
-        self.control.append(self._header(None, local, peer, OP_RST, 0))
+        self._queue_control(self._header(None, local, peer, OP_RST, 0))
+
+    def _queue_control(self, packet: bytes) -> None:
+        if len(self.control) < MAX_CONTROL:
+            self.control.append(packet)
+        else:
+            self.control_dropped += 1
 
     def _fill_rx(self) -> None:
         """Put control packets, then host data the guest has credit for, into the
@@ -487,7 +497,7 @@ class Vsock(VirtioDevice):
         if not data:  # the host closed its end: tell the guest both directions are done
             conn.host_eof = True
             self.readable.discard(conn.key)
-            self.control.append(
+            self._queue_control(
                 HEADER.pack(
                     HOST_CID,
                     self.guest_cid,
