@@ -17,6 +17,7 @@ from dksm.devices.virtio.device import (
     F_VERSION_1,
     INTERRUPT_CONFIG_CHANGE,
     INTERRUPT_USED_BUFFER,
+    LOGGED_COMPLAINTS,
     Interrupt,
 )
 from dksm.devices.virtio.entropy import Entropy
@@ -250,3 +251,16 @@ def test_an_unmatched_notify_write_reaches_the_queue_eventfd(driver: Driver) -> 
     driver.start()
     driver.write(t.QUEUE_NOTIFY, 7)  # no such queue
     assert driver.needs_reset
+
+
+def test_a_guest_cannot_flood_the_log(driver: Driver, caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(200):
+        driver.mmio.read(t.MAGIC_VALUE, 2)  # a register read of the wrong width
+        driver.write(t.STATUS, 0)
+        driver.start()
+        driver.kick()
+        driver.offer(SIZE + 1)  # head beyond the queue: a reset each time
+        driver.kick()
+    assert driver.device.errors == 200
+    assert len(caplog.records) == LOGGED_COMPLAINTS + 1
+    assert "further complaints" in caplog.records[-1].getMessage()

@@ -37,6 +37,10 @@ TYPE_VSOCK = 19
 # Feature bits every device may offer (section 6).
 F_VERSION_1 = 1 << 32
 
+# A guest can make the device complain at will: this many lines per device are
+# logged, the rest only counted.
+LOGGED_COMPLAINTS = 20
+
 # InterruptStatus bits (section 4.2.2).
 INTERRUPT_USED_BUFFER = 1
 INTERRUPT_CONFIG_CHANGE = 2
@@ -87,6 +91,7 @@ class VirtioDevice:
         self.activated = False
         self.needs_reset = False
         self.errors = 0  # times the guest broke the rules (each asked for a reset)
+        self.complaints = 0  # log lines about the guest, logged or not
         self.interrupt: Interrupt | None = None  # set by the transport
         self.worker: DeviceWorker | None = None  # set by whoever starts the device
 
@@ -105,9 +110,17 @@ class VirtioDevice:
         return b""
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        log.warning(
-            "%s: the driver wrote configuration byte %#x, which is read-only", self.label, offset
-        )
+        self.complain(f"the driver wrote configuration byte {offset:#x}, which is read-only")
+
+    def complain(self, message: str) -> None:
+        """Log what the guest did wrong, up to :data:`LOGGED_COMPLAINTS` lines."""
+        self.complaints += 1
+        if self.complaints <= LOGGED_COMPLAINTS:
+            log.warning("%s: %s", self.label, message)
+        elif self.complaints == LOGGED_COMPLAINTS + 1:
+            log.warning(
+                "%s: further complaints about the guest are counted, not logged", self.label
+            )
 
     # -- lifecycle (transport) ------------------------------------------------------
 
@@ -183,7 +196,7 @@ class VirtioDevice:
         self.errors += 1
         if self.needs_reset:
             return
-        log.warning("%s: %s; the device needs a reset", self.label, reason)
+        self.complain(f"{reason}; the device needs a reset")
         self.needs_reset = True
         self.on_reset()
         if self.interrupt is not None:
@@ -243,11 +256,12 @@ class DeviceWorker:
         finally:
             self._done.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (it finishes the handler it is in) and wait for it."""
+    def stop(self) -> None:
+        """Stop the thread and wait for it: it finishes the handler it is in (host IO,
+        bounded), and guest RAM must not go away under it."""
         if self._thread is not None and self._thread.ident is not None:
             os.eventfd_write(self._stop_fd, 1)
-            self._done.wait(timeout)
+            self._done.wait()
         self._thread = None
 
     def close(self) -> None:

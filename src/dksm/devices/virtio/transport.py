@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from dksm.devices.virtio.device import F_VERSION_1, VirtioDevice, log
+from dksm.devices.virtio.device import F_VERSION_1, VirtioDevice
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -62,8 +62,6 @@ DRIVER_OK = 4
 FEATURES_OK = 8
 DEVICE_NEEDS_RESET = 64
 FAILED = 128
-
-LOGGED_IGNORED_ACCESSES = 20
 
 _QUEUE_ADDRESS = {
     QUEUE_DESC_LOW: ("desc_table", 0),
@@ -251,16 +249,14 @@ class MmioTransport:
     def _features_acceptable(self) -> bool:
         acked = self.device.acked_features
         if acked & ~self.offered_features:
-            log.warning(
-                "%s: the driver accepted features %#x the device did not offer",
-                self.device.label,
-                acked & ~self.offered_features,
+            self.device.complain(
+                f"the driver accepted features {acked & ~self.offered_features:#x} "
+                "the device did not offer"
             )
             return False
         if not acked & F_VERSION_1:
-            log.warning(
-                "%s: the driver did not accept VERSION_1 (legacy drivers are not served)",
-                self.device.label,
+            self.device.complain(
+                "the driver did not accept VERSION_1 (legacy drivers are not served)"
             )
             return False
         return True
@@ -271,8 +267,6 @@ class MmioTransport:
         return int.from_bytes(chunk.ljust(size, b"\0"), "little")
 
     def _ignore(self, what: str) -> int:
-        # A guest can make these at will: the first few are logged, the rest counted.
         self.ignored_accesses += 1
-        if self.ignored_accesses <= LOGGED_IGNORED_ACCESSES:
-            log.warning("%s: ignored %s", self.device.label, what)
+        self.device.complain(f"ignored {what}")
         return 0
