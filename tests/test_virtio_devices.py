@@ -435,3 +435,50 @@ def test_a_full_disk_fails_the_guests_write_not_the_vm(full_tmpfs: Path) -> None
     assert lines[-1] == "done"
     assert "No space left on device (the guest sees an IO error)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@requires_kvm
+def test_the_data_path_bypasses_the_vcpu_loop(tmp_path: Path) -> None:
+    """Queue notifications reach the device through KVM's ioeventfd and interrupts
+    leave through irqfd: no notification arrives as an MMIO exit, however many
+    requests the guest makes."""
+    from dataclasses import replace
+
+    from dksm.devices.virtio.block import Block
+    from dksm.devices.virtio.entropy import Entropy
+    from dksm.vmm.builder import build
+    from dksm.vmm.config import VmConfig
+    from dksm.vmm.device_config import DriveConfig, EntropyConfig
+    from dksm.vmm.device_manager import AttachedDevice
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(16 << 20))
+    config = replace(
+        VmConfig(
+            kernel_path=str(guest_path("virtioprobe")),
+            mem_mib=32,
+            boot_args="console=ttyS0 blkbench=read:16",
+        ),
+        drives=(DriveConfig("disk", str(disk), is_read_only=True),),
+        entropy=EntropyConfig(),
+    )
+    output = bytearray()
+
+    class Console:
+        def write(self, data: bytes, /) -> int:
+            output.extend(data)
+            return len(data)
+
+    vm = build(config, serial_sink=Console())
+    try:
+        outcome = vm.run(60)
+        attached = [d for d in vm.devices if isinstance(d, AttachedDevice)]
+        block, entropy = (d.device for d in attached)
+        assert isinstance(block, Block) and isinstance(entropy, Entropy)
+        assert outcome.cause.name == "GUEST_SHUTDOWN", output.decode()
+        assert b"blkbench done 16777216 status 0" in output
+        assert block.requests >= 17 and entropy.bytes_given == 64
+        assert all(d.transport is not None and d.transport.notify_exits == 0 for d in attached)
+        assert block.interrupt is not None and block.interrupt.raised >= 17
+    finally:
+        vm.close()

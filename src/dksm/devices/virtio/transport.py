@@ -86,6 +86,7 @@ class MmioTransport:
         self.shm_sel = 0
         self.config_generation = 0
         self.ignored_accesses = 0
+        self.notify_exits = 0  # notifications that came as MMIO exits, not through KVM
 
     @property
     def offered_features(self) -> int:
@@ -206,6 +207,7 @@ class MmioTransport:
 
     def _notify(self, index: int) -> None:
         # KVM matched no ioeventfd (or there is none): deliver it the same way.
+        self.notify_exits += 1
         if index < len(self.queue_events):
             os.eventfd_write(self.queue_events[index], 1)
         else:
