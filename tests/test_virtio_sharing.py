@@ -73,9 +73,11 @@ def test_a_fleet_maps_its_initrd_once_from_the_pool(tmp_path: Path) -> None:
     pages = len(data) // PAGE + 1
     with fleet([("virtioprobe", InstanceSpec(config, DedupMode.DKSM, domain))] * 3) as handle:
         pool_file = str(pool_directory(domain) / "pages")
+        # Every guest has read its initrd before any is measured.
+        logs = [wait_for_line(handle.log_path(m["index"]), "dksm: idle") for m in handle.members()]
         for member in handle.members():
             index = member["index"]
-            text = wait_for_line(handle.log_path(index), "dksm: idle")
+            text = logs[index]
             line = initrd_line(text)[0].split()
             assert line[5:] == [
                 str(len(data)),
