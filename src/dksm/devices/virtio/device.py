@@ -250,6 +250,8 @@ class DeviceWorker:
                             continue
                         try:
                             handler(events)
+                        except QueueError as exc:  # met while serving a backend
+                            self.device.fail(str(exc))
                         except Exception as exc:  # a host-side fault ends the device, not the VMM
                             log.error("%s: %s: %s", self.device.label, type(exc).__name__, exc)
                             self.device.fail("the device failed on the host")
