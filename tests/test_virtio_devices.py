@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,9 +169,19 @@ def test_firecracker_devices_sit_in_the_mmio_gap_in_firecrackers_order(tmp_path:
     assert ids == ["root", "data"]  # the root drive is /dev/vda
 
 
-def _vsock_vm(config: Path) -> subprocess.Popen[str]:
+def _vsock_vm(config: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "dksm", "run", "--config-file", str(config), "--timeout", "60"],
+        [
+            sys.executable,
+            "-m",
+            "dksm",
+            "run",
+            "--config-file",
+            str(config),
+            "--timeout",
+            "60",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -183,15 +195,37 @@ def _wait_for(path: Path, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+CONFINED_ID = 65534  # the user a VMM run as root confines itself to
+
+
+@pytest.fixture
+def vsock_dir() -> Iterator[Path]:
+    """A directory the confined VMM's user may reach (pytest's own is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="dksm-vsock-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
 @requires_kvm
-def test_vsock_connects_both_ways_like_firecracker(tmp_path: Path) -> None:
-    uds = tmp_path / "v.sock"
+@pytest.mark.parametrize("confined", [True, False], ids=["confined", "unconfined"])
+def test_vsock_connects_both_ways_like_firecracker(
+    tmp_path: Path, vsock_dir: Path, confined: bool
+) -> None:
+    """Both directions, with the VMM confined (its threads within the seccomp filter,
+    the guest's connection made as the confined user, the socket removed by the
+    process that stayed privileged) and without."""
+    uds = vsock_dir / "v.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(f"{uds}_60")  # the guest connects to host port 60
+    if confined and os.geteuid() == 0:  # the confined VMM connects as its own user
+        os.chown(f"{uds}_60", CONFINED_ID, CONFINED_ID)
     listener.listen(1)
     listener.settimeout(30)
     config = write_config(tmp_path, "vsockconnect=60", vsock={"guest_cid": 7, "uds_path": str(uds)})
-    vm = _vsock_vm(config)
+    vm = _vsock_vm(config, *([] if confined else ["--no-confine"]))
     try:
         conn, _ = listener.accept()
         conn.settimeout(30)
@@ -228,7 +262,8 @@ def test_vsock_connects_both_ways_like_firecracker(tmp_path: Path) -> None:
     assert "vsock cid 7" in lines
     assert 'vsock host said "hi guest"' in lines
     assert any(x.startswith("vsock accepted port 52 from host port ") for x in lines)
-    assert not uds.exists()  # the VMM removed the socket it made
+    assert not uds.exists()  # the VMM (or its guardian) removed the socket it made
+    assert "Bad system call" not in err and vm.returncode != -31
 
 
 @requires_kvm
@@ -285,7 +320,7 @@ BAD_DEVICES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown field": (
         {"drives": [{"drive_id": "a", "path_on_host": "/x", "is_root_device": False, "speed": 9}]},
-        "drives[0] has unknown field 'speed'",
+        "drives[0].speed: unknown field",
     ),
     "two roots": (
         {
@@ -309,7 +344,10 @@ BAD_DEVICES: dict[str, tuple[dict[str, Any], str]] = {
         {"drives": [{"drive_id": "no/slash", "path_on_host": "/x", "is_root_device": False}]},
         "drive id 'no/slash' must be 1 to 64 letters, digits or underscores",
     ),
-    "cid 2": ({"vsock": {"guest_cid": 2, "uds_path": "/tmp/x"}}, "vsock guest_cid must be 3 to"),
+    "cid 2": (
+        {"vsock": {"guest_cid": 2, "uds_path": "/tmp/x"}},
+        "vsock.guest_cid: Input should be greater than or equal to 3",
+    ),
     "too many devices": (
         {
             "drives": [
@@ -324,6 +362,18 @@ BAD_DEVICES: dict[str, tuple[dict[str, Any], str]] = {
         },
         "20 virtio devices are too many: at most 19",
     ),
+    "cid above 32 bits": (
+        {"vsock": {"guest_cid": 1 << 32, "uds_path": "/tmp/x"}},
+        "vsock guest_cid must be 3 to 4294967295",
+    ),
+    "NUL in a drive path": (
+        {"drives": [{"drive_id": "a", "path_on_host": "/x\u0000y", "is_root_device": False}]},
+        "drive a: path_on_host path '/x\\x00y' contains a NUL byte",
+    ),
+    "drive is a FIFO": (
+        {"drives": [{"drive_id": "a", "path_on_host": "FIFO", "is_root_device": False}]},
+        "drive file FIFO is not a regular file or a block device",
+    ),
     "vhost-user": (
         {"drives": [{"drive_id": "a", "socket": "/s", "is_root_device": False}]},
         "vhost-user drives are not supported",
@@ -336,7 +386,10 @@ def test_bad_device_configs_end_in_one_line(tmp_path: Path, case: str) -> None:
     devices, message = BAD_DEVICES[case]
     config = write_config(tmp_path)
     doc = json.loads(config.read_text())
-    doc.update(devices)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would block for ever
+    doc.update(json.loads(json.dumps(devices).replace('"FIFO"', json.dumps(str(fifo)))))
+    message = message.replace("FIFO", str(fifo))
     config.write_text(json.dumps(doc))
     result = dksm("run", "--config-file", str(config))
     assert result.returncode == 1, result.stderr
@@ -388,7 +441,7 @@ def test_firecracker_device_sections_become_config_fields_and_survive_a_fleet_sp
         vsock={"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"},
         entropy={"rate_limiter": None},
     )  # fmt: skip
-    config = from_firecracker_json(str(path))
+    config = from_firecracker_json(str(path)).vm
     assert config.drives == (
         DriveConfig("rootfs", "/images/rootfs.ext4", True, False, None, "Writeback"),
     )

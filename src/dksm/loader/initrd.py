@@ -15,10 +15,10 @@ Like images, ramdisks can be read once in a launcher before it forks
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
 from dksm.arch import layout
+from dksm.loader.host_file import read_regular_file
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
 
@@ -37,30 +37,16 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def read_initrd(path: str, mem_size: int) -> Initrd:
-    """Read ``path``, refusing anything that is not a regular file no larger than RAM."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LoaderError(f"cannot read initrd {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LoaderError(f"initrd {path} is not a regular file")
-        if st.st_size > mem_size:
-            raise LoaderError(
-                f"initrd {path} ({st.st_size} bytes) is larger than guest RAM ({mem_size} bytes)"
-            )
-        cached = _preloaded.get(path)
-        if cached is not None and cached[0] == _identity(st):
-            return cached[1]
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(st.st_size + 1)
-    except OSError as exc:
-        raise LoaderError(f"cannot read initrd {path}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    if len(data) != st.st_size:
-        raise LoaderError(f"initrd {path} changed size while it was read")
+    """Read ``path``: a regular file no larger than guest RAM (the host-file rules of
+    :mod:`dksm.loader.host_file`), or the preloaded bytes of that same file."""
+    cached = _preloaded.get(path)
+    if cached is not None:
+        try:
+            if cached[0] == _identity(os.stat(path)) and cached[1].size <= mem_size:
+                return cached[1]
+        except OSError:
+            pass  # gone or unreadable: read_regular_file says why
+    data = read_regular_file(path, "initrd", mem_size, f"guest RAM of {mem_size >> 20} MiB")
     padded = data + bytes(-len(data) % PAGE_SIZE)
     return Initrd(path, padded, len(data))
 

@@ -121,11 +121,15 @@ def build(
     threads: list[DeviceThreads] = list(devices)
     machine = MicroVm(kvm, vm, memory, vcpus, bus, console, mmio_bus, threads)
     bus.register(serial.COM1_PORT, serial.PORT_COUNT, console)
-    bus.register(
-        i8042.DATA_PORT,
-        i8042.PORT_COUNT,
-        i8042.I8042(lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset")),
+
+    def raise_keyboard_irq() -> None:
+        vm.irq_line(i8042.KEYBOARD_IRQ, 1)
+        vm.irq_line(i8042.KEYBOARD_IRQ, 0)
+
+    machine.keyboard = i8042.I8042(
+        lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset"), raise_keyboard_irq
     )
+    bus.register(i8042.DATA_PORT, i8042.PORT_COUNT, machine.keyboard)
     bus.register(rtc.INDEX_PORT, rtc.PORT_COUNT, rtc.CmosRtc())
     bus.register(ACPI_SHUTDOWN_PORT, 2, _PortSink(machine))
     return machine

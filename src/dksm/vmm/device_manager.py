@@ -33,6 +33,7 @@ from dksm.devices.virtio.net import Net, parse_mac
 from dksm.devices.virtio.transport import QUEUE_NOTIFY, MmioTransport
 from dksm.devices.virtio.vsock import Vsock, VsockListener
 from dksm.kvm.system import Vm
+from dksm.vmm import socket_cleanup
 from dksm.vmm.config import VmConfig
 from dksm.vmm.device_config import DriveConfig, NetworkInterfaceConfig
 
@@ -73,6 +74,21 @@ def cmdline_additions(config: VmConfig) -> str:
     return "".join(f" {w}" for w in words)
 
 
+def device_kinds(config: VmConfig) -> set[str]:
+    """The kinds of virtio device ``config`` has (what their threads' seccomp rules
+    are keyed by)."""
+    kinds = set()
+    if config.drives:
+        kinds.add("block")
+    if config.network_interfaces:
+        kinds.add("net")
+    if config.vsock is not None:
+        kinds.add("vsock")
+    if config.entropy is not None:
+        kinds.add("entropy")
+    return kinds
+
+
 @dataclass
 class Backends:
     """The host side of every device, opened before the VM exists."""
@@ -108,6 +124,8 @@ def open_backends(config: VmConfig) -> Backends:
             backends.taps.append((interface, open_tap(interface.host_dev_name)))
         if config.vsock is not None:
             backends.vsock = VsockListener(config.vsock.uds_path)
+            # A confined VMM cannot remove it at the end: its guardian will.
+            socket_cleanup.report(backends.vsock.path, backends.vsock.inode)
     except BaseException:
         backends.close()
         raise

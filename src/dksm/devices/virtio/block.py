@@ -67,21 +67,20 @@ class BackingFile:
 
 def open_backing_file(path: str, read_only: bool) -> BackingFile:
     """Open ``path`` for a drive: a regular file or a block device, read-write unless
-    ``read_only``."""
+    ``read_only``.  The path is checked with ``stat`` before it is opened, so that no
+    other kind of file is ever opened (a FIFO would block the open, a character
+    device may act on it), and the opened file again with ``fstat``."""
+    mode = "read-only" if read_only else "read-write"
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        fd = os.open(path, flags)
+        _check_kind(os.stat(path).st_mode, path)
+        fd = os.open(path, flags | os.O_NONBLOCK)  # no effect on files and disks
     except OSError as exc:
-        mode = "read-only" if read_only else "read-write"
         raise BackingFileError(f"cannot open drive file {path} {mode}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        elif stat.S_ISBLK(st.st_mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        else:
-            raise BackingFileError(f"drive file {path} is not a regular file or a block device")
+        _check_kind(st.st_mode, path)
+        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
     except BaseException:
         os.close(fd)
         raise
@@ -95,6 +94,11 @@ def open_backing_file(path: str, read_only: bool) -> BackingFile:
             size % SECTOR_SIZE,
         )
     return BackingFile(path, fd, size, read_only)
+
+
+def _check_kind(st_mode: int, path: str) -> None:
+    if not (stat.S_ISREG(st_mode) or stat.S_ISBLK(st_mode)):
+        raise BackingFileError(f"drive file {path} is not a regular file or a block device")
 
 
 class Block(VirtioDevice):

@@ -263,7 +263,16 @@ class Vsock(VirtioDevice):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             sock.connect(f"{self.uds_path}_{port}")
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # say why: a host may fix it
+                log.warning(
+                    "%s: the guest's connection to %s_%d is refused: %s (a confined VMM "
+                    "connects as its own user)",
+                    self.label,
+                    self.uds_path,
+                    port,
+                    exc.strerror,
+                )
             sock.close()
             self._reset_guest(port, peer_port)  # nobody listens for that port
             return
