@@ -40,6 +40,7 @@ import gen_bank  # noqa: E402
 PAGE = 4096
 APPS = (
     "hello", "idle", "compute", "cowprobe", "sseprobe", "vecprobe", "smpprobe", "platprobe", "echo",
+    "virtioprobe",
 )
 #: Apps whose own C file is allowed to use SSE (the library part never is).
 SSE_APPS = frozenset({"sseprobe", "vecprobe"})

@@ -174,14 +174,36 @@ CONFIGS: dict[str, tuple[str, str]] = {
         "machine-config.mem_size_mib: Input should be a valid integer",
     ),
     "drives": (
+        '{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "root"}]}',
+        "drives[0].is_root_device: required field is missing",
+    ),
+    "drive_without_path": (
         '{"boot-source": {"kernel_image_path": "k"}, '
         '"drives": [{"drive_id": "root", "is_root_device": true}]}',
-        "drives: block devices (virtio-blk) are not supported yet",
+        "drives[0].path_on_host: required field is missing",
+    ),
+    "drive_rate_limiter": (
+        '{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "root", '
+        '"is_root_device": true, "path_on_host": "/d", "rate_limiter": {}}]}',
+        "drives[0].rate_limiter: rate limiters are not supported",
+    ),
+    "drive_async": (
+        '{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "root", '
+        '"is_root_device": true, "path_on_host": "/d", "io_engine": "Async"}]}',
+        "drives[0].io_engine: Async is not supported",
     ),
     "network": (
-        '{"boot-source": {"kernel_image_path": "k"}, '
-        '"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}',
-        "network-interfaces: network devices (virtio-net) are not supported yet",
+        '{"boot-source": {"kernel_image_path": "k"}, "network-interfaces": [{"iface_id": "eth0"}]}',
+        "network-interfaces[0].host_dev_name: required field is missing",
+    ),
+    "network_mtu": (
+        '{"boot-source": {"kernel_image_path": "k"}, "network-interfaces": '
+        '[{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1400}]}',
+        "network-interfaces[0].mtu: advertising an MTU (VIRTIO_NET_F_MTU) is not supported",
+    ),
+    "entropy_rate_limiter": (
+        '{"boot-source": {"kernel_image_path": "k"}, "entropy": {"rate_limiter": {}}}',
+        "entropy.rate_limiter: rate limiters are not supported",
     ),
     "too_many_vcpus": (
         '{"boot-source": {"kernel_image_path": "k"}, '

@@ -29,7 +29,8 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "PitConfig": (abi.PitConfig, "struct kvm_pit_config"),
     "LapicState": (abi.LapicState, "struct kvm_lapic_state"),
     "IrqLevel": (abi.IrqLevel, "struct kvm_irq_level"),
-    "Irqfd": (abi.Irqfd, "struct kvm_irqfd"),
+    "IrqFd": (abi.IrqFd, "struct kvm_irqfd"),
+    "IoEventFd": (abi.IoEventFd, "struct kvm_ioeventfd"),
     "Translation": (abi.Translation, "struct kvm_translation"),
     "Xsave": (abi.Xsave, "struct kvm_xsave"),
     "Xcr": (abi.Xcr, "struct kvm_xcr"),
@@ -162,6 +163,7 @@ def test_ioctl_numbers_match_docs_boot_md() -> None:
     assert abi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
     assert abi.KVM_CREATE_PIT2 == 0x4040AE77
     assert abi.KVM_IRQFD == 0x4020AE76
+    assert abi.KVM_IOEVENTFD == 0x4040AE79
     assert abi.KVM_RUN == 0xAE80
     assert (abi.KVM_GET_REGS, abi.KVM_SET_REGS) == (0x8090AE81, 0x4090AE82)
     assert (abi.KVM_GET_SREGS, abi.KVM_SET_SREGS) == (0x8138AE83, 0x4138AE84)

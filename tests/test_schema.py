@@ -20,7 +20,7 @@ def test_every_problem_of_a_document_is_reported_at_once() -> None:
         {
             "boot-source": {"kernel_image_path": 7, "colour": "red"},
             "machine-config": {"vcpu_count": 33, "mem_size_mib": "64"},
-            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+            "pmem": [{"id": "p", "path_on_host": "/p"}],
             "mystery": {},
         }
     )
@@ -30,7 +30,7 @@ def test_every_problem_of_a_document_is_reported_at_once() -> None:
         "cfg: machine-config.vcpu_count: Input should be less than or equal to 32",
         "cfg: machine-config.mem_size_mib: Input should be a valid integer",
         "cfg: mystery: unknown field",
-        "cfg: network-interfaces: network devices (virtio-net) are not supported yet",
+        "cfg: pmem: pmem devices are not supported",
     ]
 
 
@@ -46,13 +46,29 @@ def test_well_formed_but_unsupported_fields_are_refused_by_name() -> None:
                 "huge_pages": "2M",
                 "track_dirty_pages": True,
             },
-            "entropy": {},
-            "drives": [],
+            "entropy": {"rate_limiter": {}},
+            "drives": [
+                {"drive_id": "a", "is_root_device": True, "path_on_host": "/a"},
+                {"drive_id": "b", "is_root_device": False, "socket": "/s"},
+                {"drive_id": "c", "is_root_device": False, "io_engine": "Async",
+                 "path_on_host": "/c", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}},
+            ],
+            "network-interfaces": [
+                {"iface_id": "n", "host_dev_name": "tap0", "mtu": 1500,
+                 "rx_rate_limiter": {}, "tx_rate_limiter": {}},
+            ],
+            "vsock": {"guest_cid": 3, "uds_path": "/v"},
             "balloon": None,
         }
-    )
+    )  # fmt: skip
     assert [line.split(":")[0] for line in unsupported(doc)] == [
-        "entropy",
+        "drives[1].socket",
+        "drives[2].rate_limiter",
+        "drives[2].io_engine",
+        "network-interfaces[0].rx_rate_limiter",
+        "network-interfaces[0].tx_rate_limiter",
+        "network-interfaces[0].mtu",
+        "entropy.rate_limiter",
         "machine-config.smt",
         "machine-config.track_dirty_pages",
         "machine-config.cpu_template",

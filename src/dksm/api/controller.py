@@ -4,10 +4,13 @@ about when they may ask it.
 Before ``InstanceStart`` the controller only collects validated bodies (boot source,
 machine configuration, logger, metrics, serial, dksm's settings); ``InstanceStart``
 builds the VM from them (an :class:`~dksm.fleet.instance.Instance`, with its pool
-lease) and starts its vCPUs.  After that only actions, ``PATCH /vm`` and the GETs are
-allowed, as on Firecracker.  Device bodies (drives, network interfaces, vsock,
-entropy...) are validated like any other and then refused by name: dksm does not have
-those devices yet.
+lease) and starts its vCPUs.  After that only actions, ``PATCH /vm``, the device
+PATCHes Firecracker allows after start and the GETs are allowed, as on Firecracker.
+The virtio devices (drives, network interfaces, vsock, entropy) are collected like
+the rest, keyed by their ids as Firecracker keys them (a PUT with a known id
+replaces that device); a field dksm does not implement (a rate limiter, the Async
+I/O engine...) is refused by name, never ignored.  Devices dksm does not have at all
+(balloon, pmem...) are validated and then refused by name.
 
 Every method runs on the API thread; the VMM thread (the process's main thread) waits
 for :attr:`VmmController.started` and then for the VM to end.
@@ -25,19 +28,36 @@ from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
 from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, ConfigError, VmConfig
 from dksm.vmm.console_output import ConsoleOutput, open_console_output
+from dksm.vmm.device_config import (
+    DeviceConfigError,
+    EntropyConfig,
+    drive_config,
+    network_interface_config,
+    vsock_config,
+)
 from dksm.vmm.schema import (
     UNSUPPORTED_SECTIONS,
     BootSource,
     DksmSettings,
+    Drive,
+    EntropyDevice,
     InstanceActionInfo,
     Logger,
     MachineConfiguration,
     MachineConfigurationUpdate,
+    NetworkInterface,
+    PartialDrive,
+    PartialNetworkInterface,
     SerialDevice,
     VmConfigDocument,
     VmState,
+    Vsock,
+    drive_refusals,
+    entropy_refusals,
     logger_refusals,
     machine_refusals,
+    network_refusals,
+    partial_drive_refusals,
     serial_refusals,
 )
 from dksm.vmm.schema import (
@@ -62,6 +82,11 @@ NOT_BEFORE_START = "The requested operation is not supported before starting the
 
 class ApiError(DksmError):
     """A request that cannot be carried out; answered 400 with its message."""
+
+
+def _refuse(lines: list[str]) -> None:
+    if lines:
+        raise ApiError("; ".join(lines))
 
 
 def _version() -> str:
@@ -120,6 +145,11 @@ class VmmController:
         self.metrics_body: MetricsBody | None = None
         self.serial = SerialDevice()
         self.dksm = DksmSettings()
+        # Devices by id, in the order first PUT (Firecracker's order on the MMIO bus).
+        self.drives: dict[str, Drive] = {}
+        self.network_interfaces: dict[str, NetworkInterface] = {}
+        self.vsock: Vsock | None = None
+        self.entropy: EntropyDevice | None = None
         self.instance: Instance | None = None
         self.started = threading.Event()
         self._serial_sink: ConsoleOutput | None = None
@@ -206,6 +236,98 @@ class VmmController:
                 pool_root(body.pool_root)  # a root that cannot be a pool is refused now
             self.dksm = body
 
+    # -- virtio devices -------------------------------------------------------------
+
+    def put_drive(self, body: Drive) -> None:
+        with self._lock:
+            self._pre_boot()
+            _refuse(drive_refusals(body, "drive"))
+            drives = {**self.drives, body.drive_id: body}
+            self._check_devices(drives=drives)
+            self._check_backend(drives=(drive_config(body),))
+            self.drives = drives
+
+    def patch_drive(self, body: PartialDrive) -> None:
+        with self._lock:
+            self._post_boot()
+            if body.drive_id not in self.drives:
+                raise ApiError(f"drive {body.drive_id} does not exist")
+            _refuse(partial_drive_refusals(body, "drive"))
+            # Nothing else to change: a body of only drive_id changes nothing.
+
+    def put_network_interface(self, body: NetworkInterface) -> None:
+        with self._lock:
+            self._pre_boot()
+            _refuse(network_refusals(body, "network-interface"))
+            interfaces = {**self.network_interfaces, body.iface_id: body}
+            self._check_devices(network_interfaces=interfaces)
+            self._check_backend(network_interfaces=(network_interface_config(body),))
+            self.network_interfaces = interfaces
+
+    def patch_network_interface(self, body: PartialNetworkInterface) -> None:
+        with self._lock:
+            self._post_boot()
+            if body.iface_id not in self.network_interfaces:
+                raise ApiError(f"network interface {body.iface_id} does not exist")
+            _refuse(network_refusals(body, "network-interface"))
+
+    def put_vsock(self, body: Vsock) -> None:
+        with self._lock:
+            self._pre_boot()
+            self._check_devices(vsock=body)
+            self._check_backend(vsock=vsock_config(body))
+            self.vsock = body
+
+    def put_entropy(self, body: EntropyDevice) -> None:
+        with self._lock:
+            self._pre_boot()
+            _refuse(entropy_refusals(body))
+            self._check_devices(entropy=body)
+            self.entropy = body
+
+    def _post_boot(self) -> None:
+        if self.state == NOT_STARTED:
+            raise ApiError(NOT_BEFORE_START)
+
+    def _device_config(
+        self,
+        drives: dict[str, Drive] | None = None,
+        network_interfaces: dict[str, NetworkInterface] | None = None,
+        vsock: Vsock | None = None,
+        entropy: EntropyDevice | None = None,
+    ) -> VmConfig:
+        """A VM config of the devices as they would be with the given ones replaced
+        (the machine's own fields are the defaults: only the devices are judged)."""
+        drives = self.drives if drives is None else drives
+        interfaces = self.network_interfaces if network_interfaces is None else network_interfaces
+        vsock = self.vsock if vsock is None else vsock
+        entropy = self.entropy if entropy is None else entropy
+        return VmConfig(
+            kernel_path="",
+            drives=tuple(drive_config(d) for d in drives.values()),
+            network_interfaces=tuple(network_interface_config(n) for n in interfaces.values()),
+            vsock=None if vsock is None else vsock_config(vsock),
+            entropy=None if entropy is None else EntropyConfig(),
+        )
+
+    def _check_devices(self, **changed: Any) -> None:
+        try:
+            self._device_config(**changed).validate_devices()
+        except (ConfigError, DeviceConfigError) as exc:
+            raise ApiError(str(exc)) from None
+
+    @staticmethod
+    def _check_backend(**devices: Any) -> None:
+        """What building would refuse about the device's host side (a missing drive
+        file, a tap that is down, a vsock path in use), said now, as Firecracker
+        does when it opens them at the PUT."""
+        from dksm.vmm.device_manager import check_backends
+
+        try:
+            check_backends(VmConfig(kernel_path="", **devices))
+        except DksmError as exc:
+            raise ApiError(str(exc)) from None
+
     def refuse_device(self, section: str) -> None:
         """A well-formed body for a device dksm does not have (yet)."""
         with self._lock:
@@ -224,6 +346,14 @@ class VmmController:
             self.put_dksm(doc.dksm)
         if doc.machine_config is not None:
             self.put_machine_config(doc.machine_config)
+        for drive in doc.drives:
+            self.put_drive(drive)
+        for interface in doc.network_interfaces:
+            self.put_network_interface(interface)
+        if doc.vsock is not None:
+            self.put_vsock(doc.vsock)
+        if doc.entropy is not None:
+            self.put_entropy(doc.entropy)
         self.put_boot_source(doc.boot_source)
 
     # -- actions --------------------------------------------------------------------
@@ -278,7 +408,10 @@ class VmmController:
                 self._console.__enter__()  # character mode, while the process may
             if self.confinement is not None:
                 try:
-                    self.confinement.apply()  # from here on, no new file and no privilege
+                    from dksm.vmm.device_manager import device_kinds
+
+                    # From here on, no new file and no privilege.
+                    self.confinement.apply(devices=device_kinds(config))
                 except DksmError as exc:
                     self.close()
                     raise ApiError(f"Cannot start microvm: {exc}") from None
@@ -297,6 +430,7 @@ class VmmController:
 
         assert self.boot_source is not None
         boot = self.boot_source
+        devices = self._device_config()
         config = VmConfig(
             kernel_path=resolve_image_path(boot.kernel_image_path),
             boot_args=DEFAULT_BOOT_ARGS if boot.boot_args is None else boot.boot_args,
@@ -304,10 +438,14 @@ class VmmController:
             vcpu_count=self.machine.vcpu_count,
             initrd_path=boot.initrd_path,
             tsc_frequency_leaf=self.dksm.tsc_leaf,
+            drives=devices.drives,
+            network_interfaces=devices.network_interfaces,
+            vsock=devices.vsock,
+            entropy=devices.entropy,
         )
         try:
             config.validate()
-        except ConfigError as exc:
+        except (ConfigError, DeviceConfigError) as exc:
             raise ApiError(str(exc)) from None
         return config
 
@@ -353,10 +491,14 @@ class VmmController:
     def full_config(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "machine-config": self.machine.document(),
-            "drives": [],
-            "network-interfaces": [],
+            "drives": [d.document() for d in self.drives.values()],
+            "network-interfaces": [n.document() for n in self.network_interfaces.values()],
             "dksm": self.dksm.document(),
         }
+        if self.vsock is not None:
+            doc["vsock"] = self.vsock.document()
+        if self.entropy is not None:
+            doc["entropy"] = self.entropy.document()
         if self.boot_source is not None:
             doc["boot-source"] = self.boot_source.document()
         if self.logger_body is not None:

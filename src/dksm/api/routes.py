@@ -138,7 +138,7 @@ def _dksm(c: VmmController, body: Any, ident: str) -> None:
     c.put_dksm(body)
 
 
-# -- devices dksm does not have yet: validated, then refused by name ---------------
+# -- virtio devices ------------------------------------------------------------------
 
 
 def _same_id(path_id: str, body_id: str) -> None:
@@ -149,35 +149,38 @@ def _same_id(path_id: str, body_id: str) -> None:
 @route("PUT", "/drives/{id}", "drive", schema.Drive)
 def _drive(c: VmmController, body: Any, ident: str) -> None:
     _same_id(ident, body.drive_id)
-    c.refuse_device("drives")
+    c.put_drive(body)
 
 
 @route("PATCH", "/drives/{id}", "drive", schema.PartialDrive)
 def _patch_drive(c: VmmController, body: Any, ident: str) -> None:
     _same_id(ident, body.drive_id)
-    raise ApiError(f"drives: {schema.UNSUPPORTED_SECTIONS['drives']}")
+    c.patch_drive(body)
 
 
 @route("PUT", "/network-interfaces/{id}", "network", schema.NetworkInterface)
 def _network(c: VmmController, body: Any, ident: str) -> None:
     _same_id(ident, body.iface_id)
-    c.refuse_device("network-interfaces")
+    c.put_network_interface(body)
 
 
 @route("PATCH", "/network-interfaces/{id}", "network", schema.PartialNetworkInterface)
 def _patch_network(c: VmmController, body: Any, ident: str) -> None:
     _same_id(ident, body.iface_id)
-    raise ApiError(f"network-interfaces: {schema.UNSUPPORTED_SECTIONS['network-interfaces']}")
+    c.patch_network_interface(body)
 
 
 @route("PUT", "/vsock", "vsock", schema.Vsock)
 def _vsock(c: VmmController, body: Any, ident: str) -> None:
-    c.refuse_device("vsock")
+    c.put_vsock(body)
 
 
 @route("PUT", "/entropy", "entropy", schema.EntropyDevice)
 def _entropy(c: VmmController, body: Any, ident: str) -> None:
-    c.refuse_device("entropy")
+    c.put_entropy(body)
+
+
+# -- devices dksm does not have: validated, then refused by name ------------------
 
 
 @route("PUT", "/pmem/{id}", "pmem", schema.Pmem)

@@ -36,6 +36,15 @@ HIMEM_START = 0x100000
 # Firecracker 1.x's 32-bit MMIO gap: guest RAM never overlaps it.
 MMIO_GAP_START = 0xD000_0000
 MMIO_GAP_END = 1 << 32
+# virtio-mmio devices: one 4 KiB register window each, from the start of the MMIO gap
+# upwards, in the order they are attached (Firecracker's MMIO_LEN and mmio_base).
+VIRTIO_MMIO_BASE = MMIO_GAP_START
+VIRTIO_MMIO_SIZE = 0x1000
+# Interrupt lines for them: 0-4 belong to the legacy devices (PIT, keyboard, cascade,
+# serial ports), and the IOAPIC has 24 pins (Firecracker's IRQ_BASE and IRQ_MAX).
+VIRTIO_IRQ_BASE = 5
+VIRTIO_IRQ_MAX = 23
+VIRTIO_MAX_DEVICES = VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1
 # KVM_SET_TSS_ADDR: three pages just below the 4 GiB boundary's BIOS area.
 TSS_ADDR = 0xFFFBD000
 

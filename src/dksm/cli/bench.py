@@ -90,6 +90,63 @@ def register(sub: Any) -> None:
     layouts.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
     layouts.add_argument("--json", action="store_true", help="print the results as JSON")
     layouts.set_defaults(handler=_layouts)
+    _register_devices(bsub)
+
+
+def _register_devices(bsub: Any) -> None:
+    block = bsub.add_parser(
+        "block", help="virtio-block sequential throughput against the host's own IO"
+    )
+    block.add_argument("--size-mib", type=int, default=128, help="bytes moved per pass")
+    block.add_argument("--runs", type=int, default=5, help="passes to time (5)")
+    block.add_argument("--dir", default=None, help="where the test file lives (default: TMPDIR)")
+    block.add_argument("--json", action="store_true", help="print the result as JSON")
+    block.set_defaults(handler=_devices, device_bench="block")
+    net = bsub.add_parser(
+        "net", help="round trips to a guest: ICMP and UDP over a tap, and vsock (root)"
+    )
+    net.add_argument("--count", type=int, default=200, help="round trips per path")
+    net.add_argument("--json", action="store_true", help="print the result as JSON")
+    net.set_defaults(handler=_devices, device_bench="net")
+    initrd = bsub.add_parser(
+        "initrd-sharing", help="fleet memory of VMs given one initrd, without and with the pool"
+    )
+    initrd.add_argument("--instances", type=int, default=16, help="VMs per run (16)")
+    initrd.add_argument("--initrd-mib", type=int, default=4, help="initrd size (4 MiB)")
+    initrd.add_argument(
+        "--vms-per-process", type=int, default=8, metavar="K", help="VMs per worker (8)"
+    )
+    initrd.add_argument("--json", action="store_true", help="print the result as JSON")
+    initrd.set_defaults(handler=_devices, device_bench="initrd")
+    drive = bsub.add_parser(
+        "drive-sharing", help="the host page cache of one read-only drive that many VMs read"
+    )
+    drive.add_argument("--instances", type=int, default=16, help="VMs per run (16)")
+    drive.add_argument("--drive-mib", type=int, default=64, help="drive size (64 MiB)")
+    drive.add_argument(
+        "--vms-per-process", type=int, default=8, metavar="K", help="VMs per worker (8)"
+    )
+    drive.add_argument("--dir", default=None, help="where the drive file lives (default: TMPDIR)")
+    drive.add_argument("--json", action="store_true", help="print the result as JSON")
+    drive.set_defaults(handler=_devices, device_bench="drive")
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from dksm.bench import virtio
+
+    result: virtio.BlockResult | virtio.NetResult | virtio.InitrdResult | virtio.DriveResult
+    if args.device_bench == "block":
+        result = virtio.bench_block(args.size_mib, args.runs, args.dir)
+    elif args.device_bench == "net":
+        result = virtio.bench_net(args.count)
+    elif args.device_bench == "initrd":
+        result = virtio.bench_initrd_sharing(args.instances, args.initrd_mib, args.vms_per_process)
+    else:
+        result = virtio.bench_drive_sharing(
+            args.instances, args.drive_mib, args.vms_per_process, args.dir
+        )
+    print(json.dumps(virtio.to_json(result), indent=2) if args.json else result.table())
+    return ExitStatus.OK
 
 
 def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:

@@ -127,6 +127,7 @@ def instance_specs(
     from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, InstanceSpec
     from dksm.guests import resolve_image
     from dksm.loader.elf import load_elf
+    from dksm.vmm import device_manager
     from dksm.vmm.config import (
         DEFAULT_BOOT_ARGS,
         DEFAULT_MEM_MIB,
@@ -165,6 +166,7 @@ def instance_specs(
         kinds.append((config, from_file.dedup, from_file.domain, from_file.pool_root))
     roots: dict[str, Any] = {}
     specs: list[tuple[str, InstanceSpec]] = []
+    users: dict[str, int] = {}
     for config, file_dedup, file_domain, file_root in kinds:
         mode = DedupMode.parse(_first(dedup, file_dedup, DedupMode.DKSM.value))
         root_text = _first(pool_root, file_root)
@@ -173,9 +175,18 @@ def instance_specs(
         root = None if root_text is None else roots[root_text]
         config.validate()
         load_elf(config.kernel_path, config.mem_size)  # bad images fail here, not in N VMs
+        device_manager.check_backends(config)  # and missing drives or taps too
+        for resource in device_manager.exclusive_resources(config):
+            users[resource] = users.get(resource, 0) + instances
         spec = InstanceSpec(config, mode, _first(domain, file_domain, DEFAULT_DOMAIN), root)
         label = Path(config.kernel_path).stem
         specs.extend((label, spec) for _ in range(instances))
+    for resource, count in users.items():
+        if count > 1:
+            raise DksmError(
+                f"{resource} would serve {count} VMs, but it serves one VM at a time "
+                "(a fleet shares only read-only drives)"
+            )
     return specs
 
 

@@ -161,13 +161,36 @@ def _first(*values: Any) -> Any:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
-    from dksm.vmm.console_input import ConsoleInput
-
     if args.timeout is not None and not 0 < args.timeout < math.inf:
         raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config, config_file = _config(args)
     target = confinement_credentials(args)
+    if target is not None and config.vsock is not None:
+        # The vsock device's socket file outlives what the confined VMM may remove.
+        from dksm.cli.guardian import run_guarded
+
+        return run_guarded(lambda: _reported(_run, args, config, config_file, target))
+    return _run(args, config, config_file, target)
+
+
+def _reported(run: Any, *args: Any) -> int:
+    """``run(*args)`` in a guarded child, its errors said as the command line says them."""
+    try:
+        status: int = run(*args)
+        return status
+    except DksmError as exc:
+        for line in exc.lines():
+            print(f"dksm: error: {line}", file=sys.stderr)
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        print("dksm: interrupted", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+
+
+def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -> int:
+    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
+    from dksm.vmm.console_input import ConsoleInput
+
     # A flag given wins over the file's "dksm" object, which wins over the defaults.
     dedup = _first(args.dedup, config_file and config_file.dedup, DedupMode.DKSM.value)
     domain = _first(args.domain, config_file and config_file.domain, DEFAULT_DOMAIN)
@@ -191,8 +214,10 @@ def handle(args: argparse.Namespace) -> int:
         with ConsoleInput(sys.stdin.fileno(), instance.vm.serial) as console:
             if target is not None:
                 from dksm.vmm.confinement import Confinement
+                from dksm.vmm.device_manager import device_kinds
 
-                Confinement(target).apply()  # from here on, no new file and no privilege
+                # From here on, no new file and no privilege.
+                Confinement(target).apply(devices=device_kinds(config))
             console.start()
             outcome = instance.run(timeout=args.timeout)
     status = status_for(outcome.cause)

@@ -170,7 +170,7 @@ def run(argv: list[str], prog: str = "dksm-firecracker") -> int:
         return _fail("--no-api requires --config-file", FcExit.ARG_PARSING)
     if args.http_api_max_payload_size < 1:
         return _fail("--http-api-max-payload-size must be positive", FcExit.ARG_PARSING)
-    if not args.no_api and not args.no_confine:
+    if not args.no_confine:
         return _guarded(args)
     return _run_vmm(args)
 
@@ -183,43 +183,31 @@ def _run_vmm(args: argparse.Namespace) -> int:
 
 
 def _guarded(args: argparse.Namespace) -> int:
-    """Run the VMM in a child and remove its API socket once it has ended.
+    """Run the VMM in a child and remove its API socket (and vsock sockets) once it
+    has ended.
 
-    A confined VMM may no longer remove the socket file it created (it is another
+    A confined VMM may no longer remove the socket files it created (it is another
     user by then, and its filter allows no unlink), so the process the client started
-    stays privileged for that one job, as a jailer does: it forwards SIGTERM and
-    SIGINT to the VMM, waits, removes the socket if the VMM made it, and exits with
-    the VMM's status."""
-    import signal
+    stays privileged for that one job (:mod:`dksm.cli.guardian`)."""
     import stat
 
-    existed = os.path.lexists(args.api_sock)
-    pid = os.fork()
-    if pid == 0:
+    from dksm.cli.guardian import run_guarded
+
+    serves_api = not args.no_api and args.api_sock is not None
+    existed = serves_api and os.path.lexists(args.api_sock)
+
+    def vmm() -> int:
         global _guardian_pid
         _guardian_pid = os.getppid()
-        status = 1
-        try:
-            status = _run_vmm(args)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        return _run_vmm(args)
 
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+    def remove_api_sock() -> None:
+        if serves_api and not existed:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(args.api_sock).st_mode):
+                    os.unlink(args.api_sock)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    _, wait_status = os.waitpid(pid, 0)
-    if not existed:
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(args.api_sock).st_mode):
-                os.unlink(args.api_sock)
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    return os.WEXITSTATUS(wait_status)
+    return run_guarded(vmm, remove_api_sock)
 
 
 def _confinement(args: argparse.Namespace) -> Any:

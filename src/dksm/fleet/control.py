@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ def runtime_root() -> Path:
 def spec_to_json(label: str, spec: InstanceSpec) -> dict[str, Any]:
     return {
         "label": label,
-        "config": asdict(spec.config),
+        "config": spec.config.to_dict(),
         "dedup": spec.dedup.value,
         "domain": spec.domain,
         "pool_root": None if spec.pool_root is None else str(spec.pool_root),
@@ -52,7 +52,7 @@ def spec_to_json(label: str, spec: InstanceSpec) -> dict[str, Any]:
 def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
     root = doc.get("pool_root")
     return doc["label"], InstanceSpec(
-        config=VmConfig(**doc["config"]),
+        config=VmConfig.from_dict(doc["config"]),
         dedup=DedupMode(doc["dedup"]),
         domain=doc["domain"],
         pool_root=None if root is None else Path(root),

@@ -53,9 +53,11 @@ from dksm.error import DksmError
 from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.loader.elf import load_elf, preload_images
-from dksm.loader.segment import shareable_span
+from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
+from dksm.loader.segment import Segment, shareable_span
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.confinement import Confinement
+from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
 from dksm.vmm.machine import ExitCause
 
@@ -308,9 +310,10 @@ class FleetLauncher:
         self._pools: dict[tuple[str, Path | None], PagePool] = {}
         self._pages_fds: dict[tuple[str, Path | None], int] = {}
         self._leases: dict[int, tuple[PagePool, Lease]] = {}  # by VM index
-        # Per image and domain: the pages referenced for its first VM in launch().
+        # Per image (with its initrd) and domain: the pages referenced for its first VM
+        # in launch().
         self._first_of_image: dict[
-            tuple[str, Path | None, str, int], dict[bytes, ReferencedPages]
+            tuple[str, Path | None, str, int, str | None], dict[bytes, ReferencedPages]
         ] = {}
 
     def launch(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
@@ -324,7 +327,7 @@ class FleetLauncher:
         sharers = {i: self._reference_pages(i, spec) for i, _, spec in indexed}
         gc.collect()
         gc.freeze()
-        go_pipes: list[tuple[int, list[int]]] = []
+        go_pipes: list[tuple[int, list[int], set[str]]] = []
         for start in range(0, len(indexed), self.vms_per_worker):
             group = indexed[start : start + self.vms_per_worker]
             hosted = [(i, spec, sharers[i]) for i, _, spec in group]
@@ -339,11 +342,14 @@ class FleetLauncher:
             members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
             self.members.extend(members)
             self.workers[pid] = members
-            go_pipes.append((go_w, [i for i, _, _ in group]))
-        for go_w, indexes in go_pipes:
+            kinds = {kind for _, _, spec in group for kind in device_kinds(spec.config)}
+            go_pipes.append((go_w, [i for i, _, _ in group], kinds))
+        for go_w, indexes, kinds in go_pipes:
             pid = self.members[indexes[0]].pid
             self._hand_over(pid, indexes)
-            program = b"" if self.confinement is None else self.confinement.filter_program(pid)
+            program = b""
+            if self.confinement is not None:  # with the calls of the group's devices
+                program = self.confinement.filter_program(pid, kinds)
             with contextlib.suppress(BrokenPipeError):  # a worker that already died
                 os.write(go_w, GO_HEADER.pack(GO, len(program)) + program)
             os.close(go_w)
@@ -371,7 +377,8 @@ class FleetLauncher:
         pool = self._pool(spec)
         lease = pool.lease()
         self._leases[index] = (pool, lease)
-        key = (spec.domain, spec.pool_root, spec.config.kernel_path, spec.config.mem_size)
+        config = spec.config
+        key = (spec.domain, spec.pool_root, config.kernel_path, config.mem_size, config.initrd_path)
         first = self._first_of_image.get(key)
         by_content: dict[bytes, ReferencedPages] = {}
         if first is not None:
@@ -380,8 +387,12 @@ class FleetLauncher:
                 if referenced is not None:  # None: the pool's run switch is off
                     by_content[content] = referenced
         else:
-            image = load_elf(spec.config.kernel_path, spec.config.mem_size)  # preloaded
-            for segment in image.segments:
+            image = load_elf(config.kernel_path, config.mem_size)  # preloaded
+            segments: list[Segment] = list(image.segments)
+            if config.initrd_path:  # preloaded too: its pages are shared like the image's
+                initrd = read_initrd(config.initrd_path, config.mem_size)
+                segments.append(place_initrd(initrd, config.mem_size, image))
+            for segment in segments:
                 start, end = shareable_span(segment)
                 if end > start:
                     offset = start - segment.guest_addr
@@ -413,6 +424,9 @@ class FleetLauncher:
         from dksm.vmm.builder import preload_host_cpuid
 
         preload_images({(s.config.kernel_path, s.config.mem_size) for _, s in specs})
+        preload_initrds(
+            {(s.config.initrd_path, s.config.mem_size) for _, s in specs if s.config.initrd_path}
+        )
         preload_host_cpuid()
         if self.confinement is not None:
             self.confinement.prepare()

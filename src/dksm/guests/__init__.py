@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "smpprobe": "starts every CPU of the MP table; all count on one shared counter",
     "sseprobe": "uses SSE on purpose (exercises the emulation fallback on PVM hosts)",
     "vecprobe": "runs code gcc vectorised itself, as a stock-compiled unikernel does",
+    "virtioprobe": "drives the virtio-mmio block, net, entropy and vsock devices it finds",
 }
 
 

@@ -43,6 +43,8 @@ def _iowr(number: int, struct: type[ctypes.Structure]) -> int:
 
 
 # KVM_CHECK_EXTENSION capabilities dksm asks about.
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SYNC_REGS = 74
 
 # kvm_run.kvm_valid_regs / kvm_dirty_regs bits (x86): which register classes KVM
@@ -234,7 +236,34 @@ class IrqLevel(ctypes.Structure):
     _fields_ = (("irq", ctypes.c_uint32), ("level", ctypes.c_uint32))
 
 
-class Irqfd(ctypes.Structure):
+# struct kvm_ioeventfd.flags: match the written value, port IO instead of MMIO, remove.
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class IoEventFd(ctypes.Structure):
+    """``struct kvm_ioeventfd``: a guest write of ``len`` bytes at ``addr`` (matching
+    ``datamatch`` if asked) signals eventfd ``fd`` inside KVM, with no exit."""
+
+    _fields_ = (
+        ("datamatch", ctypes.c_uint64),
+        ("addr", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 36),
+    )
+
+
+# struct kvm_irqfd.flags.
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
+class IrqFd(ctypes.Structure):
+    """``struct kvm_irqfd``: a write to eventfd ``fd`` raises interrupt line ``gsi``
+    inside KVM (an edge: asserted, then released)."""
+
     _fields_ = (
         ("fd", ctypes.c_uint32),
         ("gsi", ctypes.c_uint32),
@@ -393,8 +422,9 @@ KVM_SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, IrqLevel)
-KVM_IRQFD = _iow(0x76, Irqfd)
+KVM_IRQFD = _iow(0x76, IrqFd)
 KVM_CREATE_PIT2 = _iow(0x77, PitConfig)
+KVM_IOEVENTFD = _iow(0x79, IoEventFd)
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, Regs)
 KVM_SET_REGS = _iow(0x82, Regs)

@@ -141,6 +141,22 @@ class Vm:
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, abi.KVM_IRQ_LINE, abi.IrqLevel(irq=irq, level=level), "KVM_IRQ_LINE")
 
+    def register_ioeventfd(self, fd: int, address: int, length: int, datamatch: int) -> None:
+        """Make a guest write of ``datamatch`` (``length`` bytes) at MMIO ``address``
+        signal eventfd ``fd`` inside KVM, without an exit to the VMM."""
+        request = abi.IoEventFd(
+            datamatch=datamatch,
+            addr=address,
+            len=length,
+            fd=fd,
+            flags=abi.KVM_IOEVENTFD_FLAG_DATAMATCH,
+        )
+        _ioctl(self.fd, abi.KVM_IOEVENTFD, request, "KVM_IOEVENTFD")
+
+    def register_irqfd(self, fd: int, gsi: int) -> None:
+        """Make a write to eventfd ``fd`` raise interrupt ``gsi`` (an edge) inside KVM."""
+        _ioctl(self.fd, abi.KVM_IRQFD, abi.IrqFd(fd=fd, gsi=gsi), "KVM_IRQFD")
+
     def create_vcpu(self, index: int) -> Vcpu:
         fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         return Vcpu(fd, index, self.kvm.vcpu_mmap_size())

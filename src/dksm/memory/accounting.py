@@ -109,6 +109,17 @@ def process_mappings(pid: int) -> list[MappingMemory]:
     return found
 
 
+def page_cache_bytes(path: Path) -> int:
+    """Bytes of the file at ``path`` held in the host's page cache right now."""
+    from dksm.memory.host_mapping import PAGE_SIZE, resident_pages
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return resident_pages(fd, os.fstat(fd).st_size) * PAGE_SIZE
+    finally:
+        os.close(fd)
+
+
 def tmpfs_bytes(path: Path) -> int:
     """Bytes allocated by every file under ``path`` (0 if it does not exist)."""
     total = 0

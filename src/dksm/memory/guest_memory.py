@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from dksm.loader.segment import KernelImage, shareable_span
+from dksm.loader.segment import KernelImage, Segment, shareable_span
 from dksm.memory import host_mapping
 
 
@@ -55,17 +55,22 @@ class GuestMemory:
     def load_image(self, image: KernelImage, sharer: PageSharer | None = None) -> None:
         """Place every segment; whole read-only pages go through ``sharer`` if given."""
         for segment in image.segments:
-            start, end = shareable_span(segment)
-            if sharer is not None and end > start:
-                lo = start - segment.guest_addr
-                hi = end - segment.guest_addr
-                content = memoryview(segment.data)[lo:hi]
-                if sharer.map_pages(self.host_address + start, content).mapped:
-                    self.pages_shared += (end - start) // host_mapping.PAGE_SIZE
-                    self.write(segment.guest_addr, segment.data[:lo])
-                    self.write(end, segment.data[hi:])
-                    continue
-            self.write(segment.guest_addr, segment.data)
+            self.load_segment(segment, sharer)
+
+    def load_segment(self, segment: Segment, sharer: PageSharer | None = None) -> None:
+        """Place one segment (an image's, or the initrd); its whole read-only pages go
+        through ``sharer`` if given."""
+        start, end = shareable_span(segment)
+        if sharer is not None and end > start:
+            lo = start - segment.guest_addr
+            hi = end - segment.guest_addr
+            content = memoryview(segment.data)[lo:hi]
+            if sharer.map_pages(self.host_address + start, content).mapped:
+                self.pages_shared += (end - start) // host_mapping.PAGE_SIZE
+                self.write(segment.guest_addr, segment.data[:lo])
+                self.write(end, segment.data[hi:])
+                return
+        self.write(segment.guest_addr, segment.data)
 
     def advise_mergeable(self) -> None:
         """Offer all of RAM to Linux KSM (``MADV_MERGEABLE``), as QEMU and Cloud

@@ -45,6 +45,9 @@ _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.restype = ctypes.c_int
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+MAP_SHARED = 0x01
 
 
 class HostMappingError(DksmError):
@@ -102,6 +105,24 @@ def unmap(address: int, length: int) -> None:
 def advise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(address, length, advice) != 0:
         raise _fail(f"madvise({advice}) of {length} bytes at {address:#x}")
+
+
+def resident_pages(fd: int, length: int) -> int:
+    """How many of the first ``length`` bytes' pages of file ``fd`` are in the page
+    cache (``mincore`` of a read-only shared mapping, which faults nothing in)."""
+    if length <= 0:
+        return 0
+    addr = _libc.mmap(None, length, PROT_READ, MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        raise _fail(f"mapping {length} bytes of fd {fd} to look at its page cache")
+    try:
+        pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+        vector = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, length, vector) != 0:
+            raise _fail("mincore")
+        return sum(b & 1 for b in vector)
+    finally:
+        _libc.munmap(addr, length)
 
 
 def view(address: int, length: int) -> memoryview:

@@ -1,10 +1,12 @@
 """Build a microVM from a :class:`VmConfig`, step by step in docs/BOOT.md's ioctl order.
 
-Everything that can be wrong with the input (config, image, initrd, command line)
-is checked before ``/dev/kvm`` is opened, so bad input costs nothing and leaves
-nothing behind.  What the build acquires (the KVM handles, RAM, vCPUs and their
-``kvm_run`` mappings) is entered on one exit stack: a failure at any step releases
-all of it, in reverse order.
+Everything that can be wrong with the input (config, image, initrd, command line,
+the devices' drive files and taps) is checked before ``/dev/kvm`` is opened, so bad
+input costs nothing and leaves nothing behind.  What the build acquires (device
+backends, the KVM handles, RAM, vCPUs and their ``kvm_run`` mappings, the virtio
+devices' eventfds) is entered on one exit stack: a failure at any step releases
+all of it, in reverse order.  Every file, tap and socket the VM will use is open
+when :func:`build` returns.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import contextlib
 
 from dksm.arch import boot_state, cpuid, layout, mptable
 from dksm.devices import i8042, rtc, serial
-from dksm.devices.bus import PortBus
+from dksm.devices.bus import MmioBus, PortBus
 from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu
 from dksm.loader.boot_params import BootParams, encode_cmdline
-from dksm.loader.elf import load_elf, page_ceil, page_floor
-from dksm.loader.host_file import read_regular_file
-from dksm.loader.segment import KernelImage, LoaderError
+from dksm.loader.elf import load_elf
+from dksm.loader.initrd import place_initrd, read_initrd
+from dksm.loader.segment import Segment
 from dksm.memory.guest_memory import GuestMemory, PageSharer
+from dksm.vmm import device_manager
 from dksm.vmm.config import VmConfig
-from dksm.vmm.machine import ExitCause, MicroVm
+from dksm.vmm.machine import DeviceThreads, ExitCause, MicroVm
 
 ACPI_SHUTDOWN_PORT = 0x604
 
@@ -41,17 +44,6 @@ class _PortSink:
         self.vm.finish(ExitCause.GUEST_SHUTDOWN, "ACPI power off")
 
 
-def _place_initrd(path: str, mem_size: int, image: KernelImage) -> tuple[int, bytes]:
-    data = read_regular_file(path, "initrd", mem_size, f"guest RAM of {mem_size >> 20} MiB")
-    top = min(mem_size, layout.MMIO_GAP_START)
-    addr = page_floor(top - len(data))
-    if addr < page_ceil(image.end):
-        raise LoaderError(
-            f"initrd {path} ({len(data)} bytes) does not fit in guest RAM above the kernel"
-        )
-    return addr, data
-
-
 def build(
     config: VmConfig,
     *,
@@ -60,13 +52,19 @@ def build(
 ) -> MicroVm:
     # 1. Validate all input before touching KVM.
     config.validate()
-    cmdline = encode_cmdline(config.boot_args)
+    cmdline = encode_cmdline(config.boot_args + device_manager.cmdline_additions(config))
     image = load_elf(config.kernel_path, config.mem_size)
-    initrd: tuple[int, bytes] | None = None
+    initrd: Segment | None = None
+    initrd_size = 0
     if config.initrd_path:
-        initrd = _place_initrd(config.initrd_path, config.mem_size, image)
+        ramdisk = read_initrd(config.initrd_path, config.mem_size)
+        initrd = place_initrd(ramdisk, config.mem_size, image)
+        initrd_size = ramdisk.size
 
     with contextlib.ExitStack() as acquired:
+        # The devices' host side (drive files, taps) is input too: opened first.
+        backends = device_manager.open_backends(config)
+        acquired.callback(backends.close)
         kvm = acquired.enter_context(Kvm())
         # 2. The VM, its RAM as one slot, TSS, in-kernel irqchip and PIT.
         vm = kvm.create_vm()
@@ -83,10 +81,10 @@ def build(
             vcpu = vm.create_vcpu(index)
             acquired.callback(vcpu.close)
             vcpus.append(vcpu)
-        # 4. The kernel, read-only pages through the sharer.
+        # 4. The kernel and the initrd, read-only pages through the sharer.
         memory.load_image(image, sharer)
         if initrd is not None:
-            memory.write(initrd[0], initrd[1])
+            memory.load_segment(initrd, sharer)
         # 5. Per-vCPU state.
         policy = _cpuid_policy(kvm, vcpus[0], config)
         for vcpu in vcpus:
@@ -100,13 +98,19 @@ def build(
         params = BootParams(
             mem_size=config.mem_size,
             cmdline=cmdline,
-            initrd_addr=initrd[0] if initrd else 0,
-            initrd_size=len(initrd[1]) if initrd else 0,
+            initrd_addr=initrd.guest_addr if initrd else 0,
+            initrd_size=initrd_size,
         )
         memory.write(layout.ZERO_PAGE_ADDR, params.encode())
+        # 7. virtio devices in the MMIO gap: eventfds registered with KVM, backends
+        # handed over to them.
+        mmio_bus = MmioBus()
+        devices = device_manager.attach(config, vm, memory.view(), mmio_bus, backends)
+        for device in devices:
+            acquired.callback(device.close)
         acquired.pop_all()  # the machine owns all of it from here
 
-    # 7. Devices on the port bus.
+    # 8. Legacy devices on the port bus.
     bus = PortBus()
 
     def raise_serial_irq() -> None:
@@ -114,7 +118,8 @@ def build(
         vm.irq_line(serial.COM1_IRQ, 0)
 
     console = serial.Serial(serial_sink, raise_serial_irq)
-    machine = MicroVm(kvm, vm, memory, vcpus, bus, console)
+    threads: list[DeviceThreads] = list(devices)
+    machine = MicroVm(kvm, vm, memory, vcpus, bus, console, mmio_bus, threads)
     bus.register(serial.COM1_PORT, serial.PORT_COUNT, console)
 
     def raise_keyboard_irq() -> None:

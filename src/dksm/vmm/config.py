@@ -2,9 +2,10 @@
 
 :class:`VmConfig` is the one value the builder consumes.  ``from_firecracker_json``
 reads Firecracker's ``--config-file`` format (the schema is :mod:`dksm.vmm.schema`,
-shared with the API socket) so existing configs carry over unchanged; what dksm
-cannot do yet (block and network devices, MMDS...) is refused by name, one line per
-feature, rather than ignored.  Reading the file is :func:`read_config_file` alone.
+shared with the API socket) so existing configs carry over unchanged, virtio devices
+included (drives, network interfaces, vsock, entropy: :mod:`dksm.vmm.device_config`);
+what dksm cannot do (a balloon, MMDS, rate limiters...) is refused by name, one line
+per feature, rather than ignored.  Reading the file is :func:`read_config_file` alone.
 
 A config file, like an API body, is untrusted input: its size, nesting depth and
 integer lengths are bounded before :mod:`json` sees it (:func:`parse_json`), so that
@@ -14,12 +15,22 @@ conversion error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from dksm.arch import layout
 from dksm.error import DksmError, one_line
 from dksm.loader.host_file import HostFileError, check_path, read_regular_file
+from dksm.vmm.device_config import (
+    DeviceConfigError,
+    DriveConfig,
+    EntropyConfig,
+    NetworkInterfaceConfig,
+    VsockConfig,
+    drive_config,
+    network_interface_config,
+    vsock_config,
+)
 
 if TYPE_CHECKING:
     from dksm.vmm.schema import VmConfigDocument
@@ -42,12 +53,33 @@ class VmConfig:
     initrd_path: str | None = None
     # Announce the TSC frequency in CPUID 0x40000010 (guests then skip calibration).
     tsc_frequency_leaf: bool = True
+    # virtio devices, attached in Firecracker's order: drives (the root one first),
+    # network interfaces, vsock, entropy.
+    drives: tuple[DriveConfig, ...] = ()
+    network_interfaces: tuple[NetworkInterfaceConfig, ...] = ()
+    vsock: VsockConfig | None = None
+    entropy: EntropyConfig | None = None
+
+    @property
+    def virtio_device_count(self) -> int:
+        return (
+            len(self.drives)
+            + len(self.network_interfaces)
+            + (self.vsock is not None)
+            + (self.entropy is not None)
+        )
 
     @property
     def mem_size(self) -> int:
         return self.mem_mib * layout.MIB
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` (machine) or :class:`DeviceConfigError` (a
+        device, named in the message) for the first problem found."""
+        self.validate_machine()
+        self.validate_devices()
+
+    def validate_machine(self) -> None:
         if self.mem_size < layout.MIN_MEM_SIZE:
             raise ConfigError(
                 f"memory size {self.mem_mib} MiB is too small: at least "
@@ -60,6 +92,51 @@ class VmConfig:
             )
         if not 1 <= self.vcpu_count <= MAX_VCPUS:
             raise ConfigError(f"vcpu_count must be 1 to {MAX_VCPUS}, not {self.vcpu_count}")
+
+    def validate_devices(self) -> None:
+        for drive in self.drives:
+            drive.validate()
+        for interface in self.network_interfaces:
+            interface.validate()
+        if self.vsock is not None:
+            self.vsock.validate()
+        for what, ids in (
+            ("drive", [d.drive_id for d in self.drives]),
+            ("network interface", [n.iface_id for n in self.network_interfaces]),
+            ("tap", [n.host_dev_name for n in self.network_interfaces]),
+            ("MAC address", [n.guest_mac.lower() for n in self.network_interfaces if n.guest_mac]),
+        ):
+            seen = {i for i in ids if ids.count(i) > 1}
+            if seen:
+                raise ConfigError(f"{what} '{sorted(seen)[0]}' is given twice")
+        roots = [d.drive_id for d in self.drives if d.is_root_device]
+        if len(roots) > 1:
+            raise ConfigError(f"only one drive may be the root device, not {', '.join(roots)}")
+        if self.virtio_device_count > layout.VIRTIO_MAX_DEVICES:
+            raise ConfigError(
+                f"{self.virtio_device_count} virtio devices are too many: at most "
+                f"{layout.VIRTIO_MAX_DEVICES} (one interrupt line each, "
+                f"{layout.VIRTIO_IRQ_BASE} to {layout.VIRTIO_IRQ_MAX})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (for a fleet's spec file); :meth:`from_dict` reverses it."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> VmConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in doc.items() if k in known}
+        values["drives"] = tuple(DriveConfig(**d) for d in doc.get("drives", ()))
+        values["network_interfaces"] = tuple(
+            NetworkInterfaceConfig(**n) for n in doc.get("network_interfaces", ())
+        )
+        vsock = doc.get("vsock")
+        values["vsock"] = VsockConfig(**vsock) if vsock is not None else None
+        values["entropy"] = EntropyConfig() if doc.get("entropy") is not None else None
+        return cls(**values)
 
 
 class ConfigProblemsError(ConfigError):
@@ -249,6 +326,10 @@ def vm_config(document: VmConfigDocument) -> VmConfig:
         vcpu_count=1 if machine is None else machine.vcpu_count,
         initrd_path=boot.initrd_path,
         tsc_frequency_leaf=True if settings is None else settings.tsc_leaf,
+        drives=tuple(drive_config(d) for d in document.drives),
+        network_interfaces=tuple(network_interface_config(n) for n in document.network_interfaces),
+        vsock=None if document.vsock is None else vsock_config(document.vsock),
+        entropy=None if document.entropy is None else EntropyConfig(),
     )
 
 
@@ -269,9 +350,13 @@ def accept_document(doc: Any, where: str, *, refuse: dict[str, str] | None = Non
         raise ConfigProblemsError(where, refused)
     config = vm_config(document)
     try:
-        config.validate()
+        config.validate_machine()
     except ConfigError as exc:
         raise ConfigProblemsError(where, [f"machine-config: {exc}"]) from None
+    try:
+        config.validate_devices()
+    except (ConfigError, DeviceConfigError) as exc:
+        raise ConfigProblemsError(where, [str(exc)]) from None
     settings = document.dksm
     return ConfigFile(
         vm=config,

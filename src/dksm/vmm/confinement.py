@@ -210,19 +210,22 @@ class Confinement:
         if os.path.exists(_PVM_MODULE):
             _load_emulation_fallback()
 
-    def filter_program(self, pid: int) -> bytes:
-        """The seccomp program of VMM process ``pid``, compiled in this process."""
+    def filter_program(self, pid: int, devices: Iterable[str] = ()) -> bytes:
+        """The seccomp program of VMM process ``pid``, compiled in this process;
+        ``devices``: the kinds of virtio device its VMs have (their threads' calls)."""
         self.prepare()
-        return seccomp_filter.compile_program(seccomp_filter.rules_for(pid, self.extra_rules))
+        extra = (*self.extra_rules, *seccomp_filter.device_rules(devices))
+        return seccomp_filter.compile_program(seccomp_filter.rules_for(pid, extra))
 
-    def apply(self, program: bytes | None = None) -> None:
+    def apply(self, program: bytes | None = None, devices: Iterable[str] = ()) -> None:
         """Confine this process (irreversibly) with ``program``, by default compiled
-        here; raise :class:`ConfinementError` if any step fails, in which case the
-        caller must not run the guest."""
+        here for a VM with ``devices`` (kinds of virtio device); raise
+        :class:`ConfinementError` if any step fails, in which case the caller must not
+        run the guest."""
         if not self.seccomp:
             program = b""
         elif program is None:
-            program = self.filter_program(os.getpid())
+            program = self.filter_program(os.getpid(), devices)
         else:
             self.prepare()
         _drop_bounding_set()

@@ -1,8 +1,10 @@
 """A built microVM and its vCPU loops.
 
 Each vCPU runs ``KVM_RUN`` on a thread of its own and dispatches its exits to the
-port bus; the thread that calls :meth:`MicroVm.run` (or the fleet's worker) waits for
-them and is the one that stops them.  The application processors start blocked
+port and MMIO buses; the thread that calls :meth:`MicroVm.run` (or the fleet's
+worker) waits for them and is the one that stops them.  The virtio devices' queues
+are served on threads of their own, started with the vCPUs and stopped after them,
+before guest RAM is unmapped.  The application processors start blocked
 inside ``KVM_RUN``: the in-kernel LAPIC holds them until the guest's bootstrap
 processor sends INIT and SIPI, as on a PC.
 
@@ -44,9 +46,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from dksm.devices.bus import PortBus
+from dksm.devices.bus import MmioBus, PortBus
 from dksm.devices.i8042 import I8042
 from dksm.devices.serial import Serial
 from dksm.kvm import abi
@@ -68,6 +70,15 @@ class _VmmHold:
 
 
 _VMM_HOLD = _VmmHold()
+
+
+class DeviceThreads(Protocol):
+    """A device served on threads of its own: started with the vCPUs, closed once
+    they are all out of the guest and before guest RAM is unmapped."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ExitCause(enum.Enum):
@@ -235,9 +246,15 @@ class VcpuThread:
             if reason == abi.ExitReason.MMIO:
                 mmio = run.exit.mmio
                 self._count("MMIO_WRITE" if mmio.is_write else "MMIO_READ")
-                if not mmio.is_write:
-                    for i in range(mmio.len):
-                        mmio.data[i] = 0  # nothing claims MMIO: reads as zeros, like ports
+                size = min(mmio.len, 8)
+                if mmio.is_write:
+                    machine.mmio_bus.write(
+                        mmio.phys_addr, size, int.from_bytes(bytes(mmio.data[:size]), "little")
+                    )
+                else:
+                    value = machine.mmio_bus.read(mmio.phys_addr, size)
+                    for i in range(size):
+                        mmio.data[i] = (value >> (8 * i)) & 0xFF
                 continue
             self._count(_exit_name(reason))
             if reason == abi.ExitReason.SHUTDOWN:
@@ -309,6 +326,8 @@ class MicroVm:
         vcpus: list[Vcpu],
         bus: PortBus,
         serial: Serial,
+        mmio_bus: MmioBus | None = None,
+        devices: list[DeviceThreads] | None = None,
     ) -> None:
         if not vcpus:
             raise ValueError("a VM needs at least one vCPU")
@@ -318,6 +337,8 @@ class MicroVm:
         self.vcpus = vcpus
         self.bus = bus
         self.serial = serial
+        self.mmio_bus = mmio_bus if mmio_bus is not None else MmioBus()
+        self.devices = devices if devices is not None else []
         self.keyboard: I8042 | None = None  # set by the builder
         self.threads = [VcpuThread(self, vcpu) for vcpu in vcpus]
         self._outcome: Outcome | None = None
@@ -485,6 +506,8 @@ class MicroVm:
         """Start the vCPU threads; the guest runs until :meth:`stop` or its own end."""
         install_kick_handler()
         self._started = True
+        for device in self.devices:
+            device.start()
         for thread in self.threads:
             thread.start()
 
@@ -526,6 +549,9 @@ class MicroVm:
     def close(self) -> None:
         if any(thread.alive() for thread in self.threads):
             self.stop(ExitCause.VMM_ERROR, "closed while running")
+        for device in self.devices:  # their threads touch guest RAM: stop them first
+            device.close()
+        self.devices = []
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()

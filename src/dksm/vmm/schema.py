@@ -5,8 +5,9 @@ The shapes, names, defaults and limits are those of Firecracker's API descriptio
 (its swagger ``firecracker.yaml``): unknown fields are errors, types are strict (a
 ``"2"`` is not a vCPU count), and every problem of a document is reported at once.
 Validation says only whether a body is well formed.  Whether dksm can *do* what a
-well-formed body asks is decided where it is used (:func:`unsupported`), so that a
-device dksm gains later only needs its line there removed and its builder step added.
+well-formed body asks is decided in one place (:func:`unsupported` and the
+``*_refusals`` functions, shared by the config file and the API), one line per field
+dksm does not implement, so that nothing asked for is silently ignored.
 
 dksm's own settings (dedup mode, sharing domain, pool root, the TSC leaf) live in one
 extra object, ``"dksm"``, at the top of the config file and at ``/dksm`` on the API:
@@ -227,10 +228,6 @@ class VmConfigDocument(Body):
 # Sections whose mere presence asks for a device or service dksm does not have, and
 # why.  A device that lands removes its line here and adds its builder step.
 UNSUPPORTED_SECTIONS = {
-    "drives": "block devices (virtio-blk) are not supported yet",
-    "network-interfaces": "network devices (virtio-net) are not supported yet",
-    "vsock": "vsock devices are not supported yet",
-    "entropy": "entropy devices (virtio-rng) are not supported yet",
     "balloon": "balloon devices are not supported",
     "mmds-config": "the microVM metadata service (MMDS) is not supported",
     "cpu-config": "custom CPU templates are not supported",
@@ -268,6 +265,55 @@ def logger_refusals(logger: Logger, where: str = "logger") -> list[str]:
     return []
 
 
+RATE_LIMITERS = "rate limiters are not supported"
+
+
+def drive_refusals(drive: Drive, where: str) -> list[str]:
+    """One line per field of a drive that dksm cannot honour."""
+    lines = []
+    if drive.socket is not None:
+        lines.append(f"{where}.socket: vhost-user drives are not supported")
+    elif drive.path_on_host is None:
+        lines.append(f"{where}.path_on_host: required field is missing (no vhost-user socket)")
+    if drive.rate_limiter is not None:
+        lines.append(f"{where}.rate_limiter: {RATE_LIMITERS}")
+    if drive.io_engine != "Sync":
+        lines.append(f"{where}.io_engine: {drive.io_engine} is not supported (only Sync)")
+    return lines
+
+
+def partial_drive_refusals(drive: PartialDrive, where: str) -> list[str]:
+    lines = []
+    if drive.path_on_host is not None:
+        lines.append(
+            f"{where}.path_on_host: changing a drive's file after start is not supported "
+            "(the confined VMM opens no file)"
+        )
+    if drive.rate_limiter is not None:
+        lines.append(f"{where}.rate_limiter: {RATE_LIMITERS}")
+    return lines
+
+
+def network_refusals(
+    interface: NetworkInterface | PartialNetworkInterface, where: str
+) -> list[str]:
+    """One line per field of a network interface that dksm cannot honour."""
+    lines = [
+        f"{where}.{name}: {RATE_LIMITERS}"
+        for name in ("rx_rate_limiter", "tx_rate_limiter")
+        if getattr(interface, name) is not None
+    ]
+    if isinstance(interface, NetworkInterface) and interface.mtu is not None:
+        lines.append(f"{where}.mtu: advertising an MTU (VIRTIO_NET_F_MTU) is not supported")
+    return lines
+
+
+def entropy_refusals(entropy: EntropyDevice, where: str = "entropy") -> list[str]:
+    if entropy.rate_limiter is not None:
+        return [f"{where}.rate_limiter: {RATE_LIMITERS}"]
+    return []
+
+
 def unsupported(doc: VmConfigDocument) -> list[str]:
     """One line per feature the document asks for that dksm does not implement."""
     lines = []
@@ -275,6 +321,12 @@ def unsupported(doc: VmConfigDocument) -> list[str]:
         value = getattr(doc, name.replace("-", "_"))
         if value:  # null and [] ask for nothing
             lines.append(f"{name}: {reason}")
+    for i, drive in enumerate(doc.drives):
+        lines += drive_refusals(drive, f"drives[{i}]")
+    for i, interface in enumerate(doc.network_interfaces):
+        lines += network_refusals(interface, f"network-interfaces[{i}]")
+    if doc.entropy is not None:
+        lines += entropy_refusals(doc.entropy)
     if doc.machine_config is not None:
         lines += machine_refusals(doc.machine_config)
     if doc.serial is not None:

@@ -18,6 +18,12 @@ makes, ``clone`` only for threads, ``mmap``/``mprotect`` never executable,
 ``tgkill`` only to threads of this process, ``fallocate`` only to punch holes,
 ``fcntl`` only to read or set descriptor flags and record locks.
 
+The virtio devices' worker threads add their own calls (:data:`DEVICE_RULES`), only
+for a VM that has that kind of device.  One thing they do not get: ``unlink``.  The
+vsock device's listening socket is removed at the end by a process that stayed
+privileged (:mod:`dksm.vmm.socket_cleanup`), not by the confined VMM, which is another
+user by then anyway.
+
 The table is for x86-64, the only architecture dksm runs on; other system-call
 ABIs (i386, x32) kill the process.  Whoever adds a thread or a device that makes
 a system call not listed here adds its line (the confinement tests show it at
@@ -45,6 +51,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 TCGETS = 0x5401  # asm-generic/ioctls.h: isatty()
 TCSETSW = 0x5403  # tcsetattr(TCSADRAIN): the console's terminal restored at the end
 FIONBIO = 0x5421  # asm-generic/ioctls.h: set a descriptor (non-)blocking
+AF_UNIX = 1  # linux/socket.h
 _LOW_32_BITS = 0xFFFF_FFFF  # ioctl requests and fcntl commands are C ints
 
 
@@ -216,6 +223,58 @@ API_SERVER_RULES: tuple[Rule, ...] = (
     _allow("shutdown", "API server: closing a connection"),
     _ioctl(FIONBIO, "API server: new connections made non-blocking"),
 )
+
+
+# What the virtio devices' worker threads add: they start with the vCPUs, after
+# confinement, and serve the descriptors opened at build (queue eventfds, drive
+# files, taps, the vsock listener).  Each kind of device adds only its own calls, and
+# only a VM that has such a device gets them.  Eventfds and taps are read and written
+# with read/write, allowed above.
+_DEVICE_WORKER_RULES: tuple[Rule, ...] = (
+    _allow("epoll_wait", "virtio device threads: waiting for queue notifications"),
+    _allow("epoll_pwait", "virtio device threads: epoll_wait as some C libraries make it"),
+    _allow("epoll_ctl", "virtio-net (tap back-pressure), vsock (connections come and go)"),
+)
+DEVICE_RULES: dict[str, tuple[Rule, ...]] = {
+    "block": (
+        _allow("preadv", "virtio-block: guest reads, straight into guest RAM"),
+        _allow("pwritev", "virtio-block: guest writes, straight from guest RAM"),
+        # glibc makes os.preadv/os.pwritev as preadv2/pwritev2; never with RWF_ flags.
+        _allow("preadv2", "virtio-block: guest reads (glibc's preadv)", ArgIs(5, 0)),
+        _allow("pwritev2", "virtio-block: guest writes (glibc's pwritev)", ArgIs(5, 0)),
+        _allow("fsync", "virtio-block: the guest's flush (cache_type Writeback)"),
+    ),
+    "net": (),
+    "entropy": (_allow("getrandom", "virtio-rng: the host's random bytes"),),
+    "vsock": (
+        _allow("accept4", "vsock: the host connects to the listening socket"),
+        _allow("getsockname", "vsock: Python's socket object of an accepted connection"),
+        _allow(
+            "socket",
+            "vsock: the guest connects to a host port (Unix sockets only)",
+            ArgIs(0, AF_UNIX),
+        ),
+        # The address is a path the filter cannot read: <uds_path>_<port>, which the
+        # confined user must be allowed to connect to (as with Firecracker's jailer).
+        _allow("connect", "vsock: the guest connects to <uds_path>_<port>"),
+        _allow("recvfrom", "vsock: host to guest bytes"),
+        _allow("sendto", "vsock: guest to host bytes"),
+        _allow("shutdown", "vsock: a side of a stream closed"),
+        _ioctl(FIONBIO, "vsock: accepted connections made non-blocking"),
+    ),
+}
+
+
+def device_rules(kinds: Iterable[str]) -> tuple[Rule, ...]:
+    """What the worker threads of devices of ``kinds`` ("block", "net", "entropy",
+    "vsock") need; nothing for a VM without devices."""
+    wanted = set(kinds)
+    if not wanted:
+        return ()
+    rules = list(_DEVICE_WORKER_RULES)
+    for kind in sorted(wanted):
+        rules += DEVICE_RULES[kind]
+    return tuple(rules)
 
 
 def rules_for(pid: int, extra: Iterable[Rule] = ()) -> tuple[Rule, ...]:
