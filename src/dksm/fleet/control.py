@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dksm.dedup.owner import ProcessIdentity
-from dksm.fleet.instance import DedupMode, InstanceSpec
+from dksm.fleet.instance import DedupMode, InstanceSpec, KsmScope
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
 from dksm.vmm.config import VmConfig
 
@@ -48,6 +48,7 @@ def spec_to_json(label: str, spec: InstanceSpec) -> dict[str, Any]:
         "dedup": spec.dedup.value,
         "domain": spec.domain,
         "pool_root": None if spec.pool_root is None else str(spec.pool_root),
+        "ksm_scope": spec.ksm_scope.value,
     }
 
 
@@ -58,6 +59,7 @@ def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
         dedup=DedupMode(doc["dedup"]),
         domain=doc["domain"],
         pool_root=None if root is None else Path(root),
+        ksm_scope=KsmScope(doc.get("ksm_scope", KsmScope.RAM.value)),
     )
 
 
