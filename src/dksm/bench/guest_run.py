@@ -1,0 +1,56 @@
+"""One measured run of ``dksm bench runtime``: a VMM process of its own, as each
+Firecracker process is, running one microVM from start to shutdown.
+
+Started as ``python -m dksm.bench.guest_run ORDER.json``, where the order holds the
+VM (a fleet member spec: config, dedup mode, pool domain, KSM scope), a timeout, and
+where to write the guest's console and the result.  The VM is built and run exactly
+as ``dksm run`` builds and runs one (:class:`dksm.fleet.instance.Instance`); what this
+adds is the one measurement only the process itself can take: how long the guest ran,
+from its first instruction to its shutdown, without the interpreter's start-up and
+the VM's construction and teardown around it.  Everything else about the process
+(faults, context switches, CPU time, hardware counters) the parent reads from
+outside.  Exit status: the one ``dksm run`` would give for the same ending.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    from dksm.fleet.control import spec_from_json
+    from dksm.fleet.instance import Instance
+    from dksm.vmm.exit_status import CAUSE_STATUS
+
+    order = json.loads(Path(argv[0]).read_text())
+    _, spec = spec_from_json(order["spec"])
+    with open(order["console"], "wb", buffering=0) as console:
+        began = time.monotonic()
+        with Instance(spec, console) as instance:
+            built = time.monotonic()
+            outcome = instance.run(timeout=float(order["timeout"]))
+            ended = time.monotonic()
+    status = CAUSE_STATUS[outcome.cause]
+    result = {
+        "ending": outcome.describe(),
+        "status": int(status),
+        "build_s": built - began,
+        "run_s": ended - built,
+    }
+    Path(order["result"]).write_text(json.dumps(result))
+    return int(status)
+
+
+if __name__ == "__main__":
+    from dksm.error import DksmError
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except DksmError as error:
+        print(f"dksm: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole foreground process group
+        sys.exit(130)
