@@ -468,14 +468,21 @@ class HostRecord:
 
     thp_enabled: str  # transparent huge pages during the run
     thp_enabled_found: str  # ... and before it (the run may have switched them off)
+    # The host's load when the run began (1, 5, 15 min): other work competes for the
+    # CPUs and shows in every timing, so results say how busy the machine was.
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @classmethod
     def now(cls) -> HostRecord:
         found = huge_pages.read_thp_enabled()
-        return cls(found, found)
+        return cls(found, found, os.getloadavg())
 
-    def to_json(self) -> dict[str, str]:
-        return {"thp_enabled": self.thp_enabled, "thp_enabled_found": self.thp_enabled_found}
+    def to_json(self) -> dict[str, object]:
+        return {
+            "thp_enabled": self.thp_enabled,
+            "thp_enabled_found": self.thp_enabled_found,
+            "load_average_at_start": [round(x, 2) for x in self.load_average],
+        }
 
 
 def apply_host_settings(session: ksm.KsmSession, thp: str | None) -> HostRecord:
@@ -483,7 +490,7 @@ def apply_host_settings(session: ksm.KsmSession, thp: str | None) -> HostRecord:
     found = huge_pages.read_thp_enabled()
     if thp is not None and thp != found:
         session.set_thp_enabled(thp)
-    return HostRecord(huge_pages.read_thp_enabled(), found)
+    return HostRecord(huge_pages.read_thp_enabled(), found, os.getloadavg())
 
 
 # How each mode is drawn: colour, line style, marker, width.  Distinct in every

@@ -242,6 +242,7 @@ class RuntimeRow:
     ksm_setting: str
     background_vms: int
     samples: list[RunSample] = field(default_factory=list)
+    load_average_1m: float = 0.0  # the host's, when the row began (other work competes)
 
     def spread(self, values: Sequence[float]) -> dict[str, float]:
         return {
@@ -258,6 +259,7 @@ class RuntimeRow:
             "ksm_setting": self.ksm_setting,
             "background_vms": self.background_vms,
             "runs": len(self.samples),
+            "load_average_1m": round(self.load_average_1m, 2),
         }
         for name, read in METRICS.items():
             for stat, value in self.spread([read(s) for s in self.samples]).items():
@@ -336,7 +338,7 @@ def _run_row(
             for _ in range(cfg.background_instances)
         ]
     )
-    row = RuntimeRow(mode.value, placement, setting, len(specs))
+    row = RuntimeRow(mode.value, placement, setting, len(specs), [], os.getloadavg()[0])
     handle: control.FleetHandle | None = None
     try:
         if specs:
@@ -598,6 +600,7 @@ def table(doc: Mapping[str, object]) -> object:
         "ctx switches",
         "user (s)",
         "sys (s)",
+        "host load",
     ):
         t.add_column(col, justify="right")
     for r in doc["rows"]:  # type: ignore[attr-defined]
@@ -615,5 +618,6 @@ def table(doc: Mapping[str, object]) -> object:
             f"{r['context_switches_median']:.0f}",
             f"{r['user_s_median']:.3f}",
             f"{r['system_s_median']:.3f}",
+            f"{r['load_average_1m']:.1f}",
         )
     return t
