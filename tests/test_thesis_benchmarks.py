@@ -189,6 +189,32 @@ def test_duplicates_grow_step_by_step(
     assert all(d["settled"] for d in doc["detail"]["none"])
 
 
+def test_duplicates_and_thesis_merge_cost_commands_print_their_json(
+    tmp_path: Path, host_unchanged: tuple[dict[str, str], str, set[int]]
+) -> None:
+    done = dksm(
+        "bench", "duplicates", "--image", "idle", "--steps", "1", "--modes", "none,ksm",
+        "--settle", "0.5", "--ksm-pages-to-scan", "2000", "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    (step,) = doc["steps"]
+    assert step["instances_per_image"] == 1 and set(step["modes"]) == {"none", "ksm"}
+    assert all(memory > MIB for memory in step["modes"].values())
+    assert doc["vms_per_process"] == 1 and doc["images"] == ["idle"]
+    done = dksm(
+        "bench", "merge-cost", "--thesis", "--processes", "2", "--pages", "8:24:16",
+        "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert [(r["method"], r["pages"]) for r in rows] == [
+        (method, pages) for pages in (8, 24) for method in ("none", "ksm", "dksm")
+    ]
+    bad = dksm("bench", "merge-cost", "--thesis", "--pages", "50:10:5", "--out", str(tmp_path))
+    assert bad.returncode == 1 and "ends before it starts" in bad.stderr
+
+
 def test_fleet_from_launch_samples_every_mode_from_the_first_vm(
     tmp_path: Path, host_unchanged: tuple[dict[str, str], str, set[int]]
 ) -> None:
@@ -216,6 +242,32 @@ def test_fleet_from_launch_samples_every_mode_from_the_first_vm(
         assert result.samples[-1].processes == 3 + 1  # a process per VM, and the supervisor
         assert result.failed_vms == 0
     assert (tmp_path / "memory.png").read_bytes()[:8] == PNG
+
+
+def test_interrupted_fleet_from_launch_stops_the_booting_fleet(
+    tmp_path: Path, host_unchanged: tuple[dict[str, str], str, set[int]]
+) -> None:
+    fleets = Path(os.environ["DKSM_RUN_DIR"])
+    known = set(fleets.glob("*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dksm", "bench", "fleet", "--image", "idle", "--instances", "4",
+         "--vms-per-process", "1", "--from-launch", "--duration", "60", "--modes", "dksm",
+         "--thp", "never", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not [d for d in set(fleets.glob("*")) - known if (d / "fleet.json").exists()]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    assert huge_pages.read_thp_enabled() == "never"
+    proc.send_signal(signal.SIGINT)  # while the fleet boots, or just after
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    for directory in set(fleets.glob("*")) - known:
+        state = json.loads((directory / "fleet.json").read_text())
+        assert not Path(f"/proc/{state['supervisor_pid']}").exists()
+        for member in state["members"]:
+            assert not Path(f"/proc/{member['pid']}").exists(), err
 
 
 def test_thesis_shaped_merge_cost_times_the_whole_program(

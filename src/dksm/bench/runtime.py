@@ -115,12 +115,14 @@ class RuntimeConfig:
 
     def knobs(self, setting: str) -> dict[str, int | str]:
         pages, sleep_ms = self.aggressive if setting == "aggressive" else KSM_SETTINGS[setting]
-        return {
-            "advisor_mode": "none",
+        knobs: dict[str, int | str] = {
             "pages_to_scan": pages,
             "sleep_millisecs": sleep_ms,
             "run": ksm.RUN_MERGE,
         }
+        if (ksm.KSM_SYSFS / "advisor_mode").exists():  # kernels before 6.9 have none
+            knobs["advisor_mode"] = "none"  # the rate is ours, not the advisor's
+        return knobs
 
     def describe_setting(self, setting: str) -> str:
         if setting == KSM_OFF:
