@@ -59,6 +59,7 @@ def test_runtime_rows_measure_each_run_of_the_vmm(
         image="compute",
         rounds=3,
         runs=2,
+        passes=2,  # each row twice, a run each time
         modes=[DedupMode.NONE, DedupMode.DKSM_KSM],
         placements=["same-core", "alone"],
         ksm_settings=["aggressive"],
@@ -98,6 +99,8 @@ def test_runtime_rows_measure_each_run_of_the_vmm(
             assert sample["minor_faults"] > 100
             assert sample["context_switches"] > 0
             assert sample["ksmd_cpu_s"] >= 0
+            off_cpu = sample["elapsed_s"] - sample["user_s"] - sample["system_s"]
+            assert sample["waiting_s"] == pytest.approx(max(0.0, off_cpu))
         assert row["run_time_s_min"] <= row["run_time_s_median"] <= row["run_time_s_max"]
         assert row["run_time_s_stdev"] >= 0
         if mode == "none":

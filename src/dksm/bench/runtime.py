@@ -108,6 +108,9 @@ class RuntimeConfig:
     ksm_scope: KsmScope = KsmScope.RAM
     thp: str | None = None
     settle: float = 2.0  # seconds between the background's boot and the first run
+    # Rows are run in this many passes, each doing its share of the runs with a fresh
+    # background, so that a change in the host's load spreads over every row.
+    passes: int = 1
     timeout: float = 300.0  # per measured run
     use_perf: bool = True  # count hardware events with perf stat where available
     out_dir: Path = Path("out/runtime")
@@ -173,6 +176,10 @@ class RuntimeConfig:
     def validate(self) -> None:
         if self.runs < 1:
             raise RuntimeBenchError(f"--runs must be at least 1, not {self.runs}")
+        if not 1 <= self.passes <= self.runs:
+            raise RuntimeBenchError(
+                f"--passes must be 1 to --runs ({self.runs}), not {self.passes}"
+            )
         if self.rounds < 1:
             raise RuntimeBenchError(f"--rounds must be at least 1, not {self.rounds}")
         if self.background_instances < 0:
@@ -222,6 +229,12 @@ class RunSample:
     def context_switches(self) -> int:
         return self.voluntary_switches + self.involuntary_switches
 
+    @property
+    def waiting_s(self) -> float:
+        """Time the process spent off its CPU: for a compute-bound VMM, waiting for a
+        CPU that something else (ksmd, the background, the rest of the host) held."""
+        return max(0.0, self.elapsed_s - self.user_s - self.system_s)
+
 
 # The per-run figures a row summarises, with how they are read off a sample.
 METRICS: Final[dict[str, Callable[[RunSample], float]]] = {
@@ -233,6 +246,8 @@ METRICS: Final[dict[str, Callable[[RunSample], float]]] = {
     "involuntary_switches": lambda s: s.involuntary_switches,
     "user_s": lambda s: s.user_s,
     "system_s": lambda s: s.system_s,
+    "cpu_s": lambda s: s.user_s + s.system_s,
+    "waiting_s": lambda s: s.waiting_s,
     "ksmd_cpu_s": lambda s: s.ksmd_cpu_s,
 }
 
@@ -274,7 +289,8 @@ class RuntimeRow:
             for event in events
         }
         doc["samples"] = [
-            {**asdict(s), "context_switches": s.context_switches} for s in self.samples
+            {**asdict(s), "context_switches": s.context_switches, "waiting_s": s.waiting_s}
+            for s in self.samples
         ]
         return doc
 
@@ -301,18 +317,20 @@ def run_runtime_bench(
     measured.validate()
     background = cfg.background_fleet().vm_configs() if cfg.background_instances else []
     probe = perf_counters.probe() if cfg.use_perf else perf_counters.PerfProbe((), "not asked")
-    rows: list[RuntimeRow] = []
+    rows: dict[tuple[DedupMode, str, str], RuntimeRow] = {}
     with ksm.KsmSession() as session, tempfile.TemporaryDirectory(prefix="dksm-rt-") as scratch:
         host = apply_host_settings(session, cfg.thp)
-        for mode, placement, setting in cfg.rows():
-            row = _run_row(
-                cfg, session, mode, placement, setting, (label, measured), background,
-                probe, Path(scratch),
-            )  # fmt: skip
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-    return rows, host, probe
+        for done in range(cfg.passes):
+            runs = cfg.runs * (done + 1) // cfg.passes - cfg.runs * done // cfg.passes
+            for key in cfg.rows():
+                row = _run_row(
+                    cfg, session, *key, (label, measured), background, probe,
+                    Path(scratch), runs, rows.get(key),
+                )  # fmt: skip
+                rows[key] = row
+                if on_row is not None and done == cfg.passes - 1:
+                    on_row(row)
+    return list(rows.values()), host, probe
 
 
 def _run_row(
@@ -325,7 +343,10 @@ def _run_row(
     background: Sequence[tuple[str, VmConfig]],
     probe: perf_counters.PerfProbe,
     scratch: Path,
+    runs: int,
+    row: RuntimeRow | None,
 ) -> RuntimeRow:
+    """``runs`` more runs of a row (a new one, or ``row`` of an earlier pass)."""
     fleet_cpu, apart_cpu = cfg.cpus
     measured_cpu = fleet_cpu if placement == "same-core" else apart_cpu
     domain = mode_domain(mode, "runtime")
@@ -340,7 +361,8 @@ def _run_row(
             for _ in range(cfg.background_instances)
         ]
     )
-    row = RuntimeRow(mode.value, placement, setting, len(specs), [], os.getloadavg()[0])
+    if row is None:
+        row = RuntimeRow(mode.value, placement, setting, len(specs), [], os.getloadavg()[0])
     handle: control.FleetHandle | None = None
     try:
         if specs:
@@ -353,8 +375,8 @@ def _run_row(
                 )
         time.sleep(cfg.settle)
         spec = InstanceSpec(measured[1], mode, domain, cfg.pool_root, cfg.ksm_scope)
-        for index in range(cfg.runs):
-            work = scratch / f"{domain}-{placement}-{setting}-{index}"
+        for _ in range(runs):
+            work = scratch / f"{domain}-{placement}-{setting}-{len(row.samples)}"
             work.mkdir()
             row.samples.append(_measure_once(cfg, spec, measured_cpu, probe, work))
     finally:
@@ -533,10 +555,10 @@ def plot(doc: Mapping[str, object], path: Path, perf_events: Sequence[str] = ())
         else [
             ("run_time_s", "guest run time (s)"),
             ("ksmd_cpu_s", "ksmd CPU during the run (s)"),
-            ("system_s", "VMM system time (s)"),
+            ("cpu_s", "VMM CPU time, user + system (s)"),
+            ("waiting_s", "VMM off its CPU: elapsed - CPU (s)"),
             ("minor_faults", "VMM minor page faults"),
-            ("context_switches", "VMM context switches"),
-            ("involuntary_switches", "of which involuntary"),
+            ("involuntary_switches", "VMM involuntary context switches"),
         ]
     )
     columns = 3 if len(panels) > 4 else 2
@@ -602,6 +624,7 @@ def table(doc: Mapping[str, object]) -> object:
         "ctx switches",
         "user (s)",
         "sys (s)",
+        "off CPU (s)",
         "host load",
     ):
         t.add_column(col, justify="right")
@@ -620,6 +643,7 @@ def table(doc: Mapping[str, object]) -> object:
             f"{r['context_switches_median']:.0f}",
             f"{r['user_s_median']:.3f}",
             f"{r['system_s_median']:.3f}",
+            f"{r['waiting_s_median']:.3f}",
             f"{r['load_average_1m']:.1f}",
         )
     return t

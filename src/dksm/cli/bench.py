@@ -218,6 +218,13 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         help="work of the shipped compute (rounds=N; about 25 ms each on a PVM host)",
     )
     parser.add_argument("--runs", type=int, default=10, help="measured runs per row (thesis: 10)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="do the rows this many times over, each with its share of the runs and a fresh "
+        "background, so that changes in the host's load spread over every row",
+    )
     parser.add_argument("--modes", default="none,ksm,dksm,dksm+ksm")
     parser.add_argument(
         "--placements",
@@ -414,6 +421,7 @@ def _runtime(args: argparse.Namespace) -> int:
         boot_args=args.boot_args,
         rounds=args.rounds,
         runs=args.runs,
+        passes=args.passes,
         modes=[DedupMode.parse(m.strip()) for m in args.modes.split(",") if m.strip()],
         placements=[p.strip() for p in args.placements.split(",") if p.strip()],
         ksm_settings=[k.strip() for k in args.ksm_settings.split(",") if k.strip()],
