@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -259,7 +260,7 @@ def plot(doc: dict[str, object], path: Path) -> None:
         ax.bar(xs, heights, width, label=mode, color=color)
     images: list[str] = doc["images"]  # type: ignore[assignment]
     ax.set_xticks([int(s["instances_per_image"]) for s in steps])  # type: ignore[call-overload]
-    ax.set_xlabel(f"instances of each image ({', '.join(images)})")
+    ax.set_xlabel(textwrap.fill(f"instances of each image ({', '.join(images)})", 110))
     ax.set_ylabel("MiB: Pss_Anon of the VMs'\nprocesses + the page pool")
     ax.set_title(
         f"memory after each step ({doc['vms_per_process']} VM(s) per process, KSM {doc['ksm']},"

@@ -31,6 +31,7 @@ import contextlib
 import csv
 import json
 import os
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -538,10 +539,10 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
     total = len(labels) * cfg.instances
     touched = f", {cfg.touch_kib // 1024} MiB touched each" if cfg.touch_kib else ""
     per_process = f", {cfg.vms_per_worker} VM(s) per process"
-    ax.set_title(
-        f"{total} microVMs ({', '.join(labels)}{touched}{per_process}), KSM {cfg.knobs.describe()}",
-        fontsize=9,
+    title = (
+        f"{total} microVMs ({', '.join(labels)}{touched}{per_process}), KSM {cfg.knobs.describe()}"
     )
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.set_xlabel(
         "seconds since the first VM started" if cfg.from_launch else "seconds since every VM booted"
     )
