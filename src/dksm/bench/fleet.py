@@ -548,7 +548,8 @@ def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
     )
     ax.set_ylabel("MiB: Pss_Anon summed over the fleet's\nprocesses + the page pool on tmpfs")
     ax.set_xlim(left=0, right=max(end, 1.0))
-    ax.set_ylim(bottom=0)
+    peak = max((s.memory_bytes for r in results for s in r.samples), default=MIB) / MIB
+    ax.set_ylim(bottom=0, top=peak * 1.08)  # room above the highest curve, not on the frame
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
