@@ -262,11 +262,14 @@ class RuntimeRow:
     load_average_1m: float = 0.0  # the host's, when the row began (other work competes)
 
     def spread(self, values: Sequence[float]) -> dict[str, float]:
+        first, third = _quartiles(values)
         return {
             "median": statistics.median(values),
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values),
             "max": max(values),
+            "q1": first,
+            "q3": third,
         }
 
     def to_json(self) -> dict[str, object]:
@@ -289,10 +292,18 @@ class RuntimeRow:
             for event in events
         }
         doc["samples"] = [
-            {**asdict(s), "context_switches": s.context_switches, "waiting_s": s.waiting_s}
+            {**asdict(s), **{name: read(s) for name, read in METRICS.items()}}
             for s in self.samples
         ]
         return doc
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (inclusive method: never beyond the values)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, third
 
 
 @contextlib.contextmanager
@@ -567,7 +578,7 @@ def plot(doc: Mapping[str, object], path: Path, perf_events: Sequence[str] = ())
     width = 0.8 / max(1, len(bars))
     for ax, (key, title) in zip(axes.flat, panels, strict=False):
         for b, bar in enumerate(bars):
-            heights, errors, xs = [], [], []
+            heights, below, above, xs = [], [], [], []
             for p, placement in enumerate(placements):
                 match = [r for r in rows if r["placement"] == placement and _bar_label(r) == bar]
                 if not match:
@@ -576,15 +587,21 @@ def plot(doc: Mapping[str, object], path: Path, perf_events: Sequence[str] = ())
                 if key.startswith("perf:"):
                     value = row["perf_median"].get(key[5:])  # type: ignore[attr-defined]
                     heights.append(float(value or 0))
-                    errors.append(0.0)
+                    below.append(0.0)
+                    above.append(0.0)
                 else:
-                    heights.append(float(row[f"{key}_median"]))  # type: ignore[arg-type]
-                    errors.append(float(row[f"{key}_stdev"]))  # type: ignore[arg-type]
+                    # Whiskers: the middle half of the runs, from the samples themselves.
+                    values = [float(s[key]) for s in row["samples"]]  # type: ignore[attr-defined]
+                    median = statistics.median(values)
+                    first, third = _quartiles(values)
+                    heights.append(median)
+                    below.append(median - first)
+                    above.append(third - median)
                 xs.append(p - 0.4 + width * (b + 0.5))
             mode = bar.split("\n")[0]
             color = MODE_STYLE.get(mode, ("black", "", "", 0.0))[0]
             ax.bar(
-                xs, heights, width, yerr=errors, capsize=2, color=color,
+                xs, heights, width, yerr=[below, above], capsize=2, color=color,
                 hatch="//" if "aggressive" in bar else None, edgecolor="white",
                 label=bar.replace("\n", " "),
             )  # fmt: skip
@@ -597,7 +614,7 @@ def plot(doc: Mapping[str, object], path: Path, perf_events: Sequence[str] = ())
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(bars)), fontsize=8)
     background = doc["background"]
     fig.suptitle(
-        f"{doc['image']}: {doc['runs']} runs per bar (median, bars: standard deviation), "
+        f"{doc['image']}: {doc['runs']} runs per bar (median; whiskers: the middle half), "
         f"background {background['instances_per_image']} x "  # type: ignore[index]
         f"{', '.join(background['images']) or 'none'}",  # type: ignore[index]
         fontsize=10,
