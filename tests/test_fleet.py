@@ -246,3 +246,45 @@ def test_fleet_from_a_firecracker_config(tmp_path: Path) -> None:
         dksm("fleet", "down", fleet_id)
     bad = dksm("fleet", "up", "--instances", "2")
     assert bad.returncode == 1 and "at least one --image or --config-file" in bad.stderr
+
+
+def test_fleet_of_multi_vcpu_vms_starts_every_cpu_and_stops_cleanly() -> None:
+    """Each VM of the fleet has two vCPUs: every guest starts its second CPU (smpprobe
+    says so), stays up (then=idle) on both, and `fleet down` stops all of them."""
+    up = dksm(
+        "fleet", "up", "--image", "smpprobe", "--instances", "3", "--vcpus", "2",
+        "--domain", "fleet-smp", "--boot-args", "then=idle",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        for vm in range(3):
+            log = logs_when(fleet_id, vm, "dksm: idle")
+            assert "smpprobe: 2 cpus online, counter 2000 ok, wide 20050 ok" in log.splitlines()
+        assert [m["state"] for m in status(fleet_id)["members"]] == ["running"] * 3
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    assert all(m["state"] == "stopped" for m in status(fleet_id)["members"])
+    assert leases("fleet-smp") == 0
+
+
+def test_held_fleet_keeps_vms_whose_guests_shut_down_until_down() -> None:
+    """With --hold a guest that shuts down (hello) keeps its memory and its pool
+    pages until `fleet down`; then its VM ends as the guest ended, status 0."""
+    up = dksm(
+        "fleet", "up", "--image", "hello", "--instances", "2", "--hold", "--domain", "fleet-hold"
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        wait_for(lambda: [m["state"] for m in status(fleet_id)["members"]] == ["held"] * 2)
+        members = status(fleet_id)["members"]
+        assert all("guest requested shutdown" in m["reason"] for m in members)
+        assert all(m["pss_bytes"] > 0 for m in members)  # still mapped
+        assert leases("fleet-hold") == 2
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    assert [m["state"] for m in status(fleet_id)["members"]] == ["exited"] * 2
+    assert leases("fleet-hold") == 0

@@ -78,6 +78,7 @@ def test_runtime_rows_measure_each_run_of_the_vmm(
     assert doc == returned
     assert (tmp_path / "runtime.png").read_bytes()[:8] == PNG
     assert (doc["thp_enabled"], doc["thp_enabled_found"]) == ("never", host_unchanged[1])
+    assert doc["confined"] is True  # every VMM as dksm run and fleet up leave it
     assert doc["hardware_counters"]["available"] == bool(doc["hardware_counters"]["events"])
     if not probe.available:
         assert "not" in probe.reason  # says plainly why there are none

@@ -66,6 +66,7 @@ from dksm.error import DksmError
 from dksm.fleet import control
 from dksm.fleet.instance import DedupMode, InstanceSpec, KsmScope
 from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+from dksm.vmm.confinement import credentials
 
 PLACEMENTS: Final = ("same-core", "other-core", "alone")
 # KSM's settings in the KSM modes.  "default" is the kernel's; "aggressive" is
@@ -113,6 +114,7 @@ class RuntimeConfig:
     passes: int = 1
     timeout: float = 300.0  # per measured run
     use_perf: bool = True  # count hardware events with perf stat where available
+    confine: bool = True  # every VMM confined once built, as dksm run and fleet up do
     out_dir: Path = Path("out/runtime")
     pool_root: Path | None = None
 
@@ -136,10 +138,11 @@ class RuntimeConfig:
     def measured(self) -> tuple[str, VmConfig]:
         """(label, config) of the measured guest."""
         from dksm.guests import IMAGES_DIR, resolve_image
-        from dksm.vmm.config import from_firecracker_json
+        from dksm.vmm.config import FLEET_REFUSED_SECTIONS, from_firecracker_json
 
         if self.config_file is not None:
-            config = from_firecracker_json(self.config_file)
+            # Its console goes to the run's own log, as a fleet VM's does.
+            config = from_firecracker_json(self.config_file, refuse=FLEET_REFUSED_SECTIONS).vm
             return Path(config.kernel_path).stem, config
         if self.image is None:
             raise RuntimeBenchError("the run-time experiment needs an image or a config file")
@@ -292,8 +295,7 @@ class RuntimeRow:
             for event in events
         }
         doc["samples"] = [
-            {**asdict(s), **{name: read(s) for name, read in METRICS.items()}}
-            for s in self.samples
+            {**asdict(s), **{name: read(s) for name, read in METRICS.items()}} for s in self.samples
         ]
         return doc
 
@@ -383,6 +385,7 @@ def _run_row(
                     boot_timeout=boot_timeout(len(specs)),
                     vms_per_worker=cfg.vms_per_worker,
                     hold=True,
+                    no_confine=not cfg.confine,
                 )
         time.sleep(cfg.settle)
         spec = InstanceSpec(measured[1], mode, domain, cfg.pool_root, cfg.ksm_scope)
@@ -412,6 +415,7 @@ def _measure_once(
         json.dumps(
             {
                 "spec": control.spec_to_json("measured", spec),
+                "confine": control.confinement_to_json(credentials() if cfg.confine else None),
                 "timeout": cfg.timeout,
                 "console": str(console),
                 "result": str(result),
@@ -438,9 +442,10 @@ def _measure_once(
     elapsed = time.monotonic() - started
     ksmd = ksm.ksmd_runtime_seconds() - ksmd_before
     code = os.waitstatus_to_exitcode(status)
-    if code != 0 or not result.exists():
+    written = result.exists() and result.stat().st_size > 0
+    if code != 0 or not written:
         errors = (work / "stderr").read_text(errors="replace").strip().splitlines()
-        ending = json.loads(result.read_text())["ending"] if result.exists() else ""
+        ending = json.loads(result.read_text())["ending"] if written else ""
         raise RuntimeBenchError(
             f"a measured run of {Path(spec.config.kernel_path).name} ended with status {code}"
             f"{': ' + ending if ending else ''}{' (' + errors[-1] + ')' if errors else ''}"
@@ -518,6 +523,7 @@ def to_json(
         "cpus": {"background_and_ksmd": cfg.cpus[0], "measured_apart": cfg.cpus[1]},
         "ksm_settings": {s: cfg.describe_setting(s) for s in (*cfg.ksm_settings, KSM_OFF)},
         "ksm_scope": cfg.ksm_scope.value,
+        "confined": cfg.confine,
         "mem_mib": cfg.mem_mib,
         "hardware_counters": {
             "available": probe.available,

@@ -17,6 +17,19 @@ if TYPE_CHECKING:
 IMAGES_DIR = os.path.join(os.path.dirname(__file__), "images")
 IMAGE_SUFFIX = ".elf"
 
+# What each shipped guest does, in one line (its source, guests/apps/NAME.c, says more).
+DESCRIPTIONS = {
+    "compute": "a fixed amount of real work, then prints a result Python can recompute",
+    "cowprobe": "writes into a page of its own read-only data (copy-on-write), then idles",
+    "echo": "echoes lines typed on the serial console, interrupt-driven",
+    "hello": "prints its command line and e820 map, then powers off (then=idle: idles)",
+    "idle": "says it is ready, then sleeps with interrupts enabled for ever",
+    "platprobe": "prints the CMOS clock, the hypervisor CPUID leaves and RDRAND/RDSEED",
+    "smpprobe": "starts every CPU of the MP table; all count on one shared counter",
+    "sseprobe": "uses SSE on purpose (exercises the emulation fallback on PVM hosts)",
+    "vecprobe": "runs code gcc vectorised itself, as a stock-compiled unikernel does",
+}
+
 
 class GuestNotFoundError(DksmError):
     """No shipped guest has that name."""
