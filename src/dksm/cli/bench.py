@@ -493,13 +493,15 @@ def _runtime(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def progress(row: object) -> None:
+        import statistics
+
         from dksm.bench.runtime import RuntimeRow
 
         assert isinstance(row, RuntimeRow)
-        times = sorted(s.run_time_s for s in row.samples)
+        times = [s.run_time_s for s in row.samples]
         console.print(
             f"{row.placement:>10} {row.mode:>8} KSM {row.ksm_setting:<10} "
-            f"run time median {times[len(times) // 2]:.3f} s over {len(times)} runs"
+            f"run time median {statistics.median(times):.3f} s over {len(times)} runs"
         )
 
     rows, host, probe = run_runtime_bench(cfg, on_row=progress)
