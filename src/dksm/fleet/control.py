@@ -185,6 +185,11 @@ class FleetHandle:
                 time.sleep(0.05)
             if self.supervisor_alive():
                 raise FleetError(f"fleet {self.id}: supervisor {pid} did not stop in {timeout:g} s")
+        if pid is not None:
+            # Where this process started the fleet, the supervisor is its child: reap
+            # it now, or it stays a zombie for as long as this process lives.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         self._stop_orphans(timeout)
         return self.state()
 
