@@ -290,6 +290,8 @@ def test_interrupted_fleet_from_launch_stops_the_booting_fleet(
         assert not Path(f"/proc/{state['supervisor_pid']}").exists()
         for member in state["members"]:
             assert not Path(f"/proc/{member['pid']}").exists(), err
+    # ... and its pool domain is gone with it
+    assert not (Path(os.environ["DKSM_POOL_ROOT"]) / f"bench-dksm-{proc.pid}").exists()
 
 
 def test_thesis_shaped_merge_cost_times_the_whole_program(

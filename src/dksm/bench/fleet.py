@@ -404,10 +404,16 @@ def _run_mode_from_launch(
         ]
         if not result.samples:
             raise FleetBenchError("no sample was taken after the first VM started")
-    finally:
+    except BaseException:
         if pool is not None:
             pool.close()
-        fleet = launch.stop()
+        launch.stop()
+        if mode.uses_pool:  # an interrupted run leaves no pool of its own behind
+            check_pool_emptied(domain, cfg.pool_root)
+        raise
+    if pool is not None:
+        pool.close()
+    fleet = launch.stop()
     if fleet is not None:
         result.failed_vms = sum(m["state"] == "failed" for m in fleet.state().get("members", []))
         check_nothing_left(fleet, domain, cfg.pool_root, mode)
