@@ -15,7 +15,7 @@ DEBIAN_SECCOMP := /usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linu
 # a C program to check dksm's KVM structs and ioctl numbers; the test skips without them.
 KVM_HEADER := /usr/include/linux/kvm.h
 
-.PHONY: demo test lint guests check-guests clean seccomp-binding kernel-headers
+.PHONY: demo test lint guests check-guests clean seccomp-binding kernel-headers perf
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(MAKE) --no-print-directory seccomp-binding
 	$(MAKE) --no-print-directory kernel-headers
+	@$(MAKE) --no-print-directory perf
 	touch $(STAMP)
+
+# perf counts hardware events for `dksm bench runtime` where the machine has them;
+# optional, so a host without apt or root only gets a note.
+perf:
+	@command -v perf >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -qq linux-perf >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -qq linux-perf >/dev/null 2>&1; }; }; } \
+	  || echo "note: perf (Debian: linux-perf) is not installed; benchmarks will count no hardware events"
 
 seccomp-binding:
 	@if [ ! -e $(DEBIAN_SECCOMP) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

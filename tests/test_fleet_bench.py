@@ -42,8 +42,9 @@ def test_small_fleet_in_every_mode(tmp_path: Path) -> None:
         out_dir=tmp_path,
         settle_seconds=2.0,
     )
-    results = {r.mode: r for r in run_fleet_bench(cfg, show_progress=False)}
-    summary = write_outputs(cfg, list(results.values()))
+    runs, host = run_fleet_bench(cfg, show_progress=False)
+    results = {r.mode: r for r in runs}
+    summary = write_outputs(cfg, runs, host)
     assert ksm.read_settings() == before
 
     none, ksm_run, dksm, both = (results[m] for m in ("none", "ksm", "dksm", "dksm+ksm"))

@@ -56,7 +56,7 @@ def test_an_outcome_not_yet_written_or_garbled_reads_as_none(tmp_path: Path) -> 
 
 def test_vm_info_reads_what_the_vm_published(tmp_path: Path) -> None:
     files = FleetDirectory(tmp_path)
-    info = VmInfo(12, "/k/hello.elf", 16 << 20, 0x7F00_0000_0000, "dksm", "default", 40)
+    info = VmInfo(12, "/k/hello.elf", 16 << 20, 0x7F00_0000_0000, "dksm", "ram", "default", 40)
     files.vm_info(2).write_text(json.dumps(info.to_json()))
     assert files.read_info(2) == info
 

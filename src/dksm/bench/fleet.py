@@ -12,6 +12,13 @@ an empty pool).  Each mode gets its own pool domain, so no mode starts warm.
 Convergence is the time from the moment every VM has booted until memory stays
 within 1% of its final value.
 
+``from_launch`` measures the DKSM thesis's way instead: time 0 is the moment the first
+VM starts, so booting is on the curve, and every mode is sampled for the whole
+``duration`` (the thesis: every second for 60 s).  The fleet is then started from a
+thread while this one samples it.  ``thp`` sets transparent huge pages for the run
+(the thesis: ``never``); the setting found is recorded in the results either way and
+put back with KSM's settings, on every exit.
+
 The fleet is started holding its VMs: a guest that shuts down (a run-to-completion
 unikernel, such as the real Unikraft apps) stays mapped as it was at its end until
 the mode is over, so every mode measures the same standing fleet.  The kit's own
@@ -24,16 +31,19 @@ import contextlib
 import csv
 import json
 import os
+import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dksm.dedup import ksm
+from dksm.dedup import huge_pages, ksm
 from dksm.dedup.pool import PagePool, pool_directory
 from dksm.error import DksmError
 from dksm.fleet import control
-from dksm.fleet.instance import DedupMode, InstanceSpec
+from dksm.fleet.directory import FleetDirectory
+from dksm.fleet.instance import DedupMode, InstanceSpec, KsmScope
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER
 from dksm.memory.accounting import fleet_memory
 from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
@@ -79,7 +89,7 @@ class KsmKnobs:
 
 @dataclass(frozen=True)
 class Sample:
-    t: float  # seconds since every VM booted
+    t: float  # seconds since every VM booted (from launch: since the first VM started)
     memory_bytes: int
     process_bytes: int
     pool_bytes: int
@@ -100,10 +110,13 @@ class ModeResult:
     failed_vms: int = 0
     pool_pages_saved: int = 0  # references - distinct pages, while the fleet ran
     pool_hashtable_entries: int = 0
+    booted_t: float = 0.0  # when every VM had booted, on the samples' time axis
 
     @property
     def memory_at_boot(self) -> int:
-        return self.samples[0].memory_bytes
+        """The first sample once every VM had booted."""
+        booted = [s for s in self.samples if s.t >= self.booted_t]
+        return (booted or self.samples[-1:])[0].memory_bytes
 
     @property
     def final_memory(self) -> int:
@@ -115,6 +128,7 @@ class ModeResult:
 
     @property
     def converge_seconds(self) -> float:
+        """From the samples' time origin until memory stays within 1% of its final value."""
         final = self.final_memory
         converged_at = self.samples[-1].t
         for sample in reversed(self.samples):
@@ -137,6 +151,7 @@ class ModeResult:
             "converge_seconds": round(self.converge_seconds, 2),
             "dedup_cpu_seconds": round(self.dedup_cpu_seconds, 4),
             "boot_seconds": round(self.boot_seconds, 2),
+            "booted_at_t": self.booted_t,
             "failed_vms": self.failed_vms,
             "samples": len(self.samples),
             "final_pages_sharing": self.samples[-1].pages_sharing,
@@ -161,6 +176,9 @@ class FleetBenchConfig:
     touch_kib: int = 0  # guest memory each VM fills with unique pages (guests/README.md)
     configs: Sequence[str] = ()  # Firecracker config files, each one more kind of VM
     boot_args: str | None = None  # for images that are not shipped guests
+    from_launch: bool = False  # time 0 at the first VM's start; every mode sampled `duration`
+    thp: str | None = None  # transparent huge pages for the run ("never"); None: as found
+    ksm_scope: KsmScope = KsmScope.RAM
 
     def vm_configs(self) -> list[tuple[str, VmConfig]]:
         """(label, config) of each kind of VM in the fleet."""
@@ -185,7 +203,7 @@ class FleetBenchConfig:
         return [label for label, _ in self.vm_configs()]
 
 
-def _settled(samples: list[Sample], settle: float, needs_scans: bool, scans0: int) -> bool:
+def settled(samples: list[Sample], settle: float, needs_scans: bool, scans0: int) -> bool:
     if not samples or samples[-1].t < settle:
         return False
     if needs_scans and samples[-1].full_scans - scans0 < KSM_MIN_FULL_SCANS:
@@ -194,88 +212,239 @@ def _settled(samples: list[Sample], settle: float, needs_scans: bool, scans0: in
     return max(window) - min(window) <= CONVERGED_WITHIN * max(window)
 
 
+def take_sample(
+    t: float, pids: Sequence[int], pool_dir: Path | None, pool: PagePool | None
+) -> Sample:
+    """The fleet's memory, KSM's counters and both mergers' CPU time, now."""
+    counters = ksm.read_counters()
+    memory = fleet_memory(pids, [pool_dir] if pool_dir is not None else [])
+    return Sample(
+        t=round(t, 3),
+        memory_bytes=memory.total,
+        process_bytes=memory.process_bytes,
+        pool_bytes=memory.pool_bytes,
+        processes=memory.processes,
+        pages_sharing=counters["pages_sharing"],
+        pages_shared=counters["pages_shared"],
+        full_scans=counters["full_scans"],
+        ksmd_cpu_s=ksm.ksmd_cpu_seconds(),
+        dksm_cpu_s=pool.stats().merge_cpu_ns / 1e9 if pool else 0.0,
+    )
+
+
+def mode_domain(mode: DedupMode, purpose: str = "bench") -> str:
+    """A pool domain of this run's own, so that no mode starts warm."""
+    return f"{purpose}-{mode.value.replace('+', '-')}-{os.getpid()}"
+
+
 def _run_mode(
     cfg: FleetBenchConfig,
     mode: DedupMode,
     session: ksm.KsmSession,
     tick: Callable[[str, float], None],
 ) -> ModeResult:
-    domain = f"bench-{mode.value.replace('+', '-')}-{os.getpid()}"
+    domain = mode_domain(mode)
     session.apply(**cfg.knobs.settings()) if mode.uses_ksm else session.apply(run=ksm.RUN_STOP)
     specs = [
-        (label, InstanceSpec(config, mode, domain, cfg.pool_root))
+        (label, InstanceSpec(config, mode, domain, cfg.pool_root, cfg.ksm_scope))
         for label, config in cfg.vm_configs()
         for _ in range(cfg.instances)
     ]
+    if cfg.from_launch:
+        return _run_mode_from_launch(cfg, mode, domain, specs, tick)
     started = time.monotonic()
     handle = control.up(
         specs,
-        boot_timeout=max(120.0, 2.0 * len(specs)),
+        boot_timeout=boot_timeout(len(specs)),
         vms_per_worker=cfg.vms_per_worker,
         hold=True,
     )
     booted = time.monotonic()
     result = ModeResult(mode.value, len(specs), booted - started)
-    pool_dir = pool_directory(domain, cfg.pool_root)
+    pool_dir = pool_directory(domain, cfg.pool_root) if mode.uses_pool else None
     # One handle for the whole mode: opening the pool sweeps it, not a per-sample job.
     pool = PagePool.open(domain, cfg.pool_root) if mode.uses_pool else None
     try:
         scans0 = ksm.read_counters()["full_scans"]
         while True:
             now = time.monotonic() - booted
-            counters = ksm.read_counters()
-            memory = fleet_memory(handle.process_pids(), [pool_dir] if mode.uses_pool else [])
-            result.samples.append(
-                Sample(
-                    t=round(now, 3),
-                    memory_bytes=memory.total,
-                    process_bytes=memory.process_bytes,
-                    pool_bytes=memory.pool_bytes,
-                    processes=memory.processes,
-                    pages_sharing=counters["pages_sharing"],
-                    pages_shared=counters["pages_shared"],
-                    full_scans=counters["full_scans"],
-                    ksmd_cpu_s=ksm.ksmd_cpu_seconds(),
-                    dksm_cpu_s=pool.stats().merge_cpu_ns / 1e9 if pool else 0.0,
-                )
-            )
+            result.samples.append(take_sample(now, handle.process_pids(), pool_dir, pool))
             tick(mode.value, now)
-            if now >= cfg.duration or _settled(
+            if now >= cfg.duration or settled(
                 result.samples, cfg.settle_seconds, mode.uses_ksm, scans0
             ):
                 break
             time.sleep(max(0.0, cfg.interval - (time.monotonic() - booted - now)))
-        if pool is not None:
-            stats = pool.stats()
-            result.pool_pages_saved = stats.pages_saved
-            result.pool_hashtable_entries = stats.hashtable_entries
+        _count_pool(result, pool)
     finally:
         if pool is not None:
             pool.close()  # before the check below, which purges the pool
         final = handle.down()
         result.failed_vms = sum(m.state == "failed" for m in final.members)
-        _check_nothing_left(handle, domain, cfg.pool_root, mode)
+        check_nothing_left(handle, domain, cfg.pool_root, mode)
     return result
 
 
-def _check_nothing_left(
+def boot_timeout(vms: int) -> float:
+    return max(120.0, 2.0 * vms)
+
+
+def _count_pool(result: ModeResult, pool: PagePool | None) -> None:
+    if pool is not None:
+        stats = pool.stats()
+        result.pool_pages_saved = stats.pages_saved
+        result.pool_hashtable_entries = stats.hashtable_entries
+
+
+class _Launch:
+    """``control.up`` on a thread of its own, so that the caller can sample the fleet
+    while it boots; the fleet's directory is recognised by its (unique) pool domain."""
+
+    def __init__(
+        self, specs: Sequence[tuple[str, InstanceSpec]], vms_per_worker: int, domain: str
+    ) -> None:
+        self.root = control.runtime_root()
+        self.known = set(self.root.glob("*")) if self.root.is_dir() else set()
+        self.domain = domain
+        self.handle: control.FleetHandle | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._directory: Path | None = None
+        self._thread = threading.Thread(
+            target=self._up, args=(specs, vms_per_worker), name="fleet-launch", daemon=True
+        )
+        self._thread.start()
+
+    def _up(self, specs: Sequence[tuple[str, InstanceSpec]], vms_per_worker: int) -> None:
+        try:
+            self.handle = control.up(
+                specs, boot_timeout=boot_timeout(len(specs)), vms_per_worker=vms_per_worker,
+                hold=True, root=self.root,
+            )  # fmt: skip
+        except BaseException as error:  # reported by the sampling thread
+            self.error = error
+        finally:
+            self.done.set()
+
+    def fleet(self) -> control.FleetHandle | None:
+        """The fleet, as soon as its directory exists (before it has booted)."""
+        if self.handle is not None:
+            return self.handle
+        if self._directory is None:
+            for directory in set(self.root.glob("*")) - self.known:
+                try:
+                    spec = FleetDirectory(directory).read_spec()
+                except (OSError, ValueError):
+                    continue
+                if spec["members"][0]["domain"] == self.domain:
+                    self._directory = directory
+        return None if self._directory is None else control.FleetHandle(self._directory)
+
+    def first_vm_started(self) -> float | None:
+        """Wall-clock time the first VM's process was forked (the supervisor's record)."""
+        fleet = self.fleet()
+        starts = [m.started_at for m in fleet.state().members] if fleet else []
+        return min(starts) if starts else None
+
+    def stop(self) -> control.FleetHandle | None:
+        """Wait for ``control.up`` to return, stop the fleet if one was found; the
+        handle of the stopped fleet."""
+        fleet = self.fleet()
+        if fleet is not None and not self.done.is_set():
+            fleet.down()  # an interrupted launch: its wait for boot then ends too
+        while not self.done.wait(0.1):
+            pass
+        fleet = self.handle or self.fleet()
+        if fleet is not None:
+            fleet.down()
+        return fleet
+
+
+def _run_mode_from_launch(
+    cfg: FleetBenchConfig,
+    mode: DedupMode,
+    domain: str,
+    specs: Sequence[tuple[str, InstanceSpec]],
+    tick: Callable[[str, float], None],
+) -> ModeResult:
+    pool_dir = pool_directory(domain, cfg.pool_root) if mode.uses_pool else None
+    result = ModeResult(mode.value, len(specs), 0.0)
+    launched_wall, launched = time.time(), time.monotonic()
+    launch = _Launch(specs, cfg.vms_per_worker, domain)
+    walls: list[float] = []
+    pool: PagePool | None = None
+    fleet: control.FleetHandle | None = None
+    try:
+        while True:
+            now = time.monotonic() - launched
+            if launch.error is not None:
+                raise launch.error
+            if launch.done.is_set() and not result.boot_seconds:
+                result.boot_seconds = now
+            fleet = launch.fleet()
+            if pool is None and mode.uses_pool and fleet is not None:
+                pool = PagePool.open(domain, cfg.pool_root)  # (creating it is safe to race)
+            if fleet is not None:
+                walls.append(time.time())
+                result.samples.append(take_sample(now, fleet.process_pids(), pool_dir, pool))
+            tick(mode.value, now)
+            if now >= cfg.duration:
+                break
+            time.sleep(max(0.0, cfg.interval - (time.monotonic() - launched - now)))
+        if not launch.done.is_set():
+            raise FleetBenchError(f"the fleet had not booted after {cfg.duration:g} s")
+        _count_pool(result, pool)
+        # Time 0 is the first VM's start: the samples before it (the supervisor
+        # preparing) are dropped, the rest shifted onto that origin.
+        origin = launch.first_vm_started() or launched_wall
+        result.booted_t = round(launched_wall + result.boot_seconds - origin, 3)
+        result.samples = [
+            replace(sample, t=round(wall - origin, 3))
+            for sample, wall in zip(result.samples, walls, strict=True)
+            if wall >= origin
+        ]
+        if not result.samples:
+            raise FleetBenchError("no sample was taken after the first VM started")
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        launch.stop()
+        if mode.uses_pool:  # an interrupted run leaves no pool of its own behind
+            check_pool_emptied(domain, cfg.pool_root)
+        raise
+    if pool is not None:
+        pool.close()
+    fleet = launch.stop()
+    if fleet is not None:
+        result.failed_vms = sum(m.state == "failed" for m in fleet.state().members)
+        check_nothing_left(fleet, domain, cfg.pool_root, mode)
+    return result
+
+
+def check_nothing_left(
     handle: control.FleetHandle, domain: str, root: Path | None, mode: DedupMode
 ) -> None:
     alive = [pid for pid in (m.pid for m in handle.members()) if os.path.exists(f"/proc/{pid}")]
     if alive:
         raise FleetBenchError(f"fleet {handle.id} left processes behind: {alive}")
-    if not mode.uses_pool:
-        return
+    if mode.uses_pool:
+        check_pool_emptied(domain, root)
+
+
+def check_pool_emptied(domain: str, root: Path | None) -> None:
+    """Check that every VM of a domain released its pages, then remove its pool."""
     with contextlib.closing(PagePool.open(domain, root)) as pool:
         stats = pool.stats()
         if stats.leases or stats.hashtable_entries or stats.file_blocks_bytes:
             raise FleetBenchError(
-                f"pool domain {domain} not empty after the fleet ended: {stats.to_json()}"
+                f"pool domain {domain} not empty after its VMs ended: {stats.to_json()}"
             )
         pool.purge()
 
 
-def write_outputs(cfg: FleetBenchConfig, results: list[ModeResult]) -> dict[str, object]:
+def write_outputs(
+    cfg: FleetBenchConfig, results: list[ModeResult], host: HostRecord | None = None
+) -> dict[str, object]:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     for result in results:
         with open(
@@ -289,7 +458,11 @@ def write_outputs(cfg: FleetBenchConfig, results: list[ModeResult]) -> dict[str,
         "instances_per_image": cfg.instances,
         "mem_mib": cfg.mem_mib,
         "ksm": cfg.knobs.describe(),
+        "ksm_scope": cfg.ksm_scope.value,
         "touch_kib": cfg.touch_kib,
+        "vms_per_process": cfg.vms_per_worker,
+        "time_origin": "first VM started" if cfg.from_launch else "every VM booted",
+        **(host or HostRecord.now()).to_json(),
         "modes": {r.mode: r.summary() for r in results},
     }
     (cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -297,32 +470,95 @@ def write_outputs(cfg: FleetBenchConfig, results: list[ModeResult]) -> dict[str,
     return summary
 
 
+@dataclass(frozen=True)
+class HostRecord:
+    """Host settings that shape memory results, as they were during the run."""
+
+    thp_enabled: str  # transparent huge pages during the run
+    thp_enabled_found: str  # ... and before it (the run may have switched them off)
+    # The host's load when the run began (1, 5, 15 min): other work competes for the
+    # CPUs and shows in every timing, so results say how busy the machine was.
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @classmethod
+    def now(cls) -> HostRecord:
+        found = huge_pages.read_thp_enabled()
+        return cls(found, found, os.getloadavg())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "thp_enabled": self.thp_enabled,
+            "thp_enabled_found": self.thp_enabled_found,
+            "load_average_at_start": [round(x, 2) for x in self.load_average],
+        }
+
+
+def apply_host_settings(session: ksm.KsmSession, thp: str | None) -> HostRecord:
+    """Set transparent huge pages for the run if asked (restored with KSM's settings)."""
+    found = huge_pages.read_thp_enabled()
+    if thp is not None and thp != found:
+        session.set_thp_enabled(thp)
+    return HostRecord(huge_pages.read_thp_enabled(), found, os.getloadavg())
+
+
+# How each mode is drawn: colour, line style, marker, width.  Distinct in every
+# channel, so overlapping curves (dksm under dksm+ksm, none under ksm at first) and
+# grey-scale prints still tell them apart; wider lines are drawn first, beneath.
+MODE_STYLE: dict[str, tuple[str, str, str, float]] = {
+    "none": ("#4d4d4d", "-", "s", 3.2),
+    "ksm": ("#d95f02", "--", "o", 2.0),
+    "dksm": ("#1b9e77", "-", "D", 4.0),
+    "dksm+ksm": ("#7570b3", "-.", "^", 1.6),
+}
+
+
 def plot(results: list[ModeResult], cfg: FleetBenchConfig, path: Path) -> None:
+    """Memory over time, every mode on one time axis.
+
+    A mode whose sampling stopped early (memory had settled) is extended to the
+    longest mode's end at its final value, drawn dotted and marked where its
+    measurements end, so it neither stops short nor hides under another curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for r in results:
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=110)
+    end = max((r.samples[-1].t for r in results if r.samples), default=0.0)
+    ordered = sorted(results, key=lambda r: -MODE_STYLE.get(r.mode, ("", "", "", 1.0))[3])
+    for r in ordered:
+        if not r.samples:
+            continue
+        color, style, marker, width = MODE_STYLE.get(r.mode, ("black", "-", "x", 1.5))
+        times = [s.t for s in r.samples]
+        mib = [s.memory_bytes / MIB for s in r.samples]
+        label = r.mode
+        last = times[-1]
+        if last < end - cfg.interval:  # it stopped early (memory had settled)
+            label += f" (measured to {last:.0f} s, then held)"
+            ax.plot([last, end], [mib[-1], mib[-1]], color=color, linestyle=":", linewidth=width)
+            ax.plot([last], [mib[-1]], color=color, marker="|", markersize=14, mew=2)
         ax.plot(
-            [s.t for s in r.samples],
-            [s.memory_bytes / MIB for s in r.samples],
-            label=r.mode,
-            linewidth=2,
-        )
+            times, mib, label=label, color=color, linestyle=style, linewidth=width,
+            marker=marker, markevery=max(1, len(times) // 12), markersize=5,
+        )  # fmt: skip
     labels = cfg.labels
     total = len(labels) * cfg.instances
     touched = f", {cfg.touch_kib // 1024} MiB touched each" if cfg.touch_kib else ""
-    ax.set_title(
-        f"{total} microVMs ({', '.join(labels)}{touched}), KSM {cfg.knobs.describe()}",
-        fontsize=10,
+    per_process = f", {cfg.vms_per_worker} VM(s) per process"
+    title = (
+        f"{total} microVMs ({', '.join(labels)}{touched}{per_process}), KSM {cfg.knobs.describe()}"
     )
-    ax.set_xlabel("seconds since every VM booted")
-    ax.set_ylabel("fleet memory (MiB: sum of Pss_Anon + pool)")
-    ax.set_ylim(bottom=0)
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)
+    ax.set_xlabel(
+        "seconds since the first VM started" if cfg.from_launch else "seconds since every VM booted"
+    )
+    ax.set_ylabel("MiB: Pss_Anon summed over the fleet's\nprocesses + the page pool on tmpfs")
+    ax.set_xlim(left=0, right=max(end, 1.0))
+    peak = max((s.memory_bytes for r in results for s in r.samples), default=MIB) / MIB
+    ax.set_ylim(bottom=0, top=peak * 1.08)  # room above the highest curve, not on the frame
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -353,7 +589,9 @@ def table(results: list[ModeResult]) -> object:
     return t
 
 
-def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> list[ModeResult]:
+def run_fleet_bench(
+    cfg: FleetBenchConfig, *, show_progress: bool = True
+) -> tuple[list[ModeResult], HostRecord]:
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     if not ksm.ksm_controllable():
@@ -369,6 +607,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> lis
             transient=True,
         ) as progress,
     ):
+        host = apply_host_settings(session, cfg.thp)
         for mode in cfg.modes:
             task = progress.add_task(f"{mode.value}: starting fleet", total=cfg.duration)
 
@@ -377,4 +616,4 @@ def run_fleet_bench(cfg: FleetBenchConfig, *, show_progress: bool = True) -> lis
 
             results.append(_run_mode(cfg, mode, session, tick))
             progress.update(task, completed=cfg.duration, description=f"{mode.value}: done")
-    return results
+    return results, host

@@ -17,10 +17,24 @@ distinct within one, so that (P - 1) * N pages can be merged.  For each N:
     memory on the host still costs ksmd time: measure on an otherwise quiet host.
 
 Results go to ``merge-cost.csv`` and ``merge-cost.png`` in the output directory.
+
+The thesis's own shape (:func:`run_thesis_sweep`, ``dksm bench merge-cost --thesis``)
+measures something else: the wall time of a whole program in which P forked processes
+each write one word per page into N fresh pages (the page's index: distinct within a
+process, equal across processes), advise them, unmap them and exit, timed from the
+first fork to the last child reaped, for N = 100 ... 10,000 in steps of 100.  Under
+DKSM the advice merges synchronously; under KSM (at the host's untouched scan
+settings, only switched on) it just registers the region, and the processes are gone
+long before ksmd gets to them, so KSM's time is that of a program that merged
+nothing.  ``none`` (no advice at all) is the program's own cost.  Beside each wall
+time: what merging cost in CPU per page (dksm: the workers' CPU inside the merge;
+KSM: ksmd's CPU while the program ran) and how many pages were merged by its end.
+Results go to ``merge-cost-thesis.csv`` and ``merge-cost-thesis.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import multiprocessing
@@ -269,12 +283,203 @@ def _row(
     )
 
 
+# -- the thesis's program shape ---------------------------------------------------------
+
+THESIS_METHODS: Final = ("none", "ksm", "dksm")
+THESIS_CSV_NAME: Final = "merge-cost-thesis.csv"
+THESIS_PLOT_NAME: Final = "merge-cost-thesis.png"
+THESIS_PAGES: Final = tuple(range(100, 10_001, 100))  # the thesis's sweep
+
+
+@dataclass(frozen=True)
+class ThesisRow:
+    """One run of the thesis-shaped program."""
+
+    method: str  # "none" (no advice), "ksm" (MADV_MERGEABLE) or "dksm" (Lease.merge)
+    processes: int
+    pages: int  # per process
+    wall_s: float  # first fork to last child reaped: the thesis's `time` of the program
+    pages_merged: int  # by the time the program ended (KSM: pages_sharing gained)
+    merge_cpu_s: float  # dksm: workers' CPU inside merge; ksm: ksmd's CPU meanwhile
+    cpu_us_per_page: float  # merge_cpu_s per page offered
+
+
+def run_thesis_sweep(
+    processes: int,
+    pages: Sequence[int],
+    out_dir: Path,
+    *,
+    methods: Sequence[str] = THESIS_METHODS,
+    pool_root: Path | None = None,
+    on_row: Callable[[ThesisRow], None] | None = None,
+) -> tuple[list[ThesisRow], dict[str, str]]:
+    """The thesis-shaped program for every N in ``pages`` and every method; writes
+    the CSV and plot; returns the rows and the KSM settings it ran under."""
+    if processes < 1 or not pages or min(pages) < 1:
+        raise MergeCostError("the experiment needs at least one process and one page")
+    unknown = sorted(set(methods) - set(THESIS_METHODS))
+    if unknown:
+        raise MergeCostError(f"unknown method {', '.join(unknown)}; choose from none, ksm, dksm")
+    if "ksm" in methods and not (ksm.ksm_available() and ksm.ksm_controllable()):
+        raise MergeCostError("measuring KSM needs a kernel with KSM and root")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[ThesisRow] = []
+    scratch = Path(tempfile.mkdtemp(prefix="dksm-merge-cost-", dir="/dev/shm"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, scratch, True)
+        session = stack.enter_context(ksm.KsmSession()) if "ksm" in methods else None
+        untouched = ksm.read_settings() if ksm.ksm_available() else {}
+        for count in pages:
+            for method in methods:
+                if session is not None:  # only ksm runs with ksmd on, as the thesis did
+                    session.apply(run=ksm.RUN_MERGE if method == "ksm" else ksm.RUN_STOP)
+                row = _thesis_program(method, processes, count, pool_root or scratch)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    used: dict[str, str] = {
+        k: untouched[k] for k in ("pages_to_scan", "sleep_millisecs") if k in untouched
+    }
+    write_csv(rows, out_dir / THESIS_CSV_NAME)
+    plot_thesis(rows, out_dir / THESIS_PLOT_NAME, used)
+    return rows, used
+
+
+def _thesis_worker(method: str, domain: str, root: Path, count: int, report: Connection) -> None:
+    length = count * PAGE_SIZE
+    address = map_anonymous(length)
+    advise(address, length, MADV_NOHUGEPAGE)  # the thesis ran with huge pages off
+    region = view(address, length)
+    for index in range(count):  # one word per page: its index
+        region[index * PAGE_SIZE : index * PAGE_SIZE + 8] = index.to_bytes(8, "little")
+    region.release()
+    merged, cpu_before = 0, time.process_time()
+    if method == "ksm":
+        ksm.advise_mergeable(address, length)
+    elif method == "dksm":
+        with PagePool.open(domain, root) as pool, pool.lease() as lease:
+            merged = lease.merge(address, length).pages_merged
+            cpu = time.process_time() - cpu_before
+            unmap(address, length)  # before the lease goes
+            report.send((merged, cpu))
+            return
+    cpu = time.process_time() - cpu_before
+    unmap(address, length)
+    report.send((merged, cpu))
+
+
+def _thesis_program(method: str, processes: int, count: int, root: Path) -> ThesisRow:
+    domain = f"merge-cost-thesis-{os.getpid()}-{count}"
+    receive, send = _FORK.Pipe(duplex=False)
+    workers = [
+        _FORK.Process(target=_thesis_worker, args=(method, domain, root, count, send))
+        for _ in range(processes)
+    ]
+    sharing_before = ksm.read_counters().get("pages_sharing", 0) if ksm.ksm_available() else 0
+    ksmd_before = ksm.ksmd_runtime_seconds() if method == "ksm" else 0.0
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        reports = [_receive_pair(receive, workers) for _ in workers]
+    finally:
+        _join(workers)
+    wall = time.monotonic() - started
+    if method == "ksm":
+        merged = ksm.read_counters()["pages_sharing"] - sharing_before
+        cpu = ksm.ksmd_runtime_seconds() - ksmd_before
+    else:
+        merged = sum(report[0] for report in reports)
+        cpu = sum(report[1] for report in reports) if method == "dksm" else 0.0
+    if method == "dksm":
+        with PagePool.open(domain, root) as pool:
+            left = pool.stats()
+            pool.purge()
+        # Fewer than (P - 1) * N pages merge when a process exits before the next one
+        # advises: its pages leave the pool with it (the thesis's kernel, too, only
+        # merged with pages still mapped).  None may stay behind.
+        if left.leases or left.hashtable_entries or left.pages_merged != merged:
+            raise MergeCostError(
+                f"the pool kept {left.hashtable_entries} pages and counted "
+                f"{left.pages_merged} merged (workers saw {merged})"
+            )
+    return ThesisRow(
+        method=method,
+        processes=processes,
+        pages=count,
+        wall_s=wall,
+        pages_merged=max(0, merged),
+        merge_cpu_s=cpu,
+        cpu_us_per_page=cpu / (processes * count) * 1e6,
+    )
+
+
+def _receive_pair(
+    receive: Connection, workers: Sequence[multiprocessing.process.BaseProcess]
+) -> tuple[int, float]:
+    deadline = time.monotonic() + _WORKER_TIMEOUT
+    while not receive.poll(0.05):
+        if any(worker.exitcode not in (None, 0) for worker in workers):
+            raise MergeCostError("a merge-cost worker died; see its error above")
+        if time.monotonic() > deadline:
+            raise MergeCostError(f"merge-cost workers gave no result in {_WORKER_TIMEOUT:g} s")
+    report: tuple[int, float] = receive.recv()
+    return report
+
+
+def plot_thesis(rows: Sequence[ThesisRow], path: Path, ksm_settings: dict[str, str]) -> None:
+    """The thesis's figure (wall time of the program against N) beside CPU per page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (wall_axes, cpu_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"none": ("#4d4d4d", "-"), "ksm": ("#d95f02", "--"), "dksm": ("#1b9e77", "-")}
+    for method in THESIS_METHODS:
+        chosen = sorted((r for r in rows if r.method == method), key=lambda r: r.pages)
+        if not chosen:
+            continue
+        color, style = styles[method]
+        sizes = [r.pages for r in chosen]
+        label = {"none": "no advice (the program alone)", "ksm": "KSM", "dksm": "dksm"}[method]
+        wall_axes.plot(sizes, [r.wall_s for r in chosen], style, color=color, label=label)
+        if method != "none":
+            cpu_axes.plot(
+                sizes, [r.cpu_us_per_page for r in chosen], style, color=color, label=label
+            )
+    processes = rows[0].processes if rows else 0
+    scan = (
+        f"{ksm_settings['pages_to_scan']} pages / {ksm_settings['sleep_millisecs']} ms"
+        if ksm_settings
+        else "n/a"
+    )
+    wall_axes.set(
+        xlabel="pages per process (N)",
+        ylabel="wall time of the whole program (s)",
+        title=f"{processes} processes advise N pages each (KSM at {scan})",
+    )
+    cpu_axes.set(
+        xlabel="pages per process (N)",
+        ylabel="merging CPU per page offered (µs)",
+        title="dksm: workers' CPU in merge; KSM: ksmd's CPU meanwhile",
+    )
+    for axes in (wall_axes, cpu_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
+        axes.title.set_fontsize(9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 # -- output ----------------------------------------------------------------------------
 
 
-def write_csv(rows: Sequence[MergeCostRow], path: Path) -> None:
+def write_csv(rows: Sequence[MergeCostRow] | Sequence[ThesisRow], path: Path) -> None:
+    kind = type(rows[0]) if rows else MergeCostRow
     with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=[field.name for field in fields(MergeCostRow)])
+        writer = csv.DictWriter(out, fieldnames=[field.name for field in fields(kind)])
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))

@@ -30,7 +30,14 @@ def register(sub: Any) -> None:
             "--pool-root", default=None, metavar="DIR", help="the pool root, on tmpfs"
         )
         if name == "stats":
-            action.add_argument("--json", action="store_true", help="print the counters as JSON")
+            form = action.add_mutually_exclusive_group()
+            form.add_argument("--json", action="store_true", help="print the counters as JSON")
+            form.add_argument(
+                "--sysfs",
+                action="store_true",
+                help="the DKSM thesis's six counters, one 'name value' per line, as its "
+                "/sys/kernel/mm/dksm files read",
+            )
         if name == "purge":
             action.add_argument(
                 "--force",
@@ -46,9 +53,25 @@ def _existing_pool(args: argparse.Namespace, *, sweep: bool = True) -> Any:
     return PagePool.open(args.domain, args.pool_root, sweep=sweep, create=False)
 
 
+# The files of the thesis's /sys/kernel/mm/dksm, in its order (docs/THESIS.md says
+# where our counts mean something else, and why).
+SYSFS_COUNTERS = (
+    "run",
+    "pages_scanned",
+    "pages_merged",
+    "merging_failed",
+    "hashtable_entries",
+    "hashtable_size",
+)
+
+
 def _stats(args: argparse.Namespace) -> int:
     with contextlib.closing(_existing_pool(args)) as pool:
         stats = pool.stats().to_json()
+    if args.sysfs:
+        for name in SYSFS_COUNTERS:
+            print(f"{name} {int(stats[name])}")  # run reads 1 or 0, as the file did
+        return ExitStatus.OK
     if args.json:
         print(json.dumps({"domain": args.domain, **stats}, indent=2))
         return ExitStatus.OK

@@ -7,8 +7,14 @@ user) makes LMDB read beyond the end of the file, which the kernel answers with
 SIGBUS: the process dies, and with it every command that opens the pool.  A file
 that is not LMDB's at all is read as garbage.  So the pool reads the meta pages
 itself, through the descriptor it checked (:mod:`dksm.dedup.trust`), and refuses the
-file unless both are meta pages of LMDB's data format and every page the newer one
-(the one LMDB reads through) says is in use lies inside the file.
+file unless both are meta pages of LMDB's data format and the root page of each tree
+of the newer one (the one LMDB reads through) lies inside the file.
+
+The meta's "last page in use" may lie beyond the end of a healthy file: pages a
+transaction allocated at the end and freed again before committing ("loose" pages)
+go to the free list unwritten, and the file grows over them only when a later
+transaction reuses them.  Under many concurrent writers that state is common (seen
+with 64 processes merging into one pool), so it is not taken for truncation.
 
 Deeper damage (a garbled tree page between valid metas) is LMDB's to detect; it
 reports it as an error (``MDB_CORRUPTED``, ``MDB_PAGE_NOTFOUND``), which the index
@@ -102,15 +108,17 @@ def _problem(fd: int) -> str | None:
         return f"it is {size} bytes, shorter than LMDB's two meta pages of {page_size} bytes"
     pages_held = size // page_size
     (last,) = _LAST_PAGE.unpack_from(meta, _LAST_PAGE_AT)
-    if last >= pages_held:
-        return (
-            f"it holds {pages_held} pages of {page_size} bytes, but its meta page "
-            f"{number} says pages up to {last} are in use: it was truncated"
-        )
     for record in _TREE_RECORD_OFFSETS:
         (root,) = _TREE_ROOT.unpack_from(meta, record + _TREE_ROOT_AT)
-        if root != NO_PAGE and root > last:
+        if root == NO_PAGE:
+            continue
+        if root > last:
             return f"its meta page {number} names a root page {root} beyond its last page"
+        if root >= pages_held:
+            return (
+                f"it holds {pages_held} pages of {page_size} bytes, but its meta page "
+                f"{number} has a tree rooted at page {root}: it was truncated"
+            )
     return None
 
 

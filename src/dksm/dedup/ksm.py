@@ -9,6 +9,12 @@ and :func:`restore_if_crashed`, which every session calls on entry, puts the
 settings back once the process that wrote it is dead.  The file names the boot it
 belongs to: after a reboot the kernel has reset KSM and the file is just discarded.
 
+Two more host-wide settings travel with KSM's, saved in the same state file and put
+back the same way, because the experiments that run KSM are the ones that change
+them: the transparent huge pages switch (:mod:`dksm.dedup.huge_pages`), which a run
+may turn off as the DKSM thesis did, and the CPUs ksmd may run on, which a run may
+narrow to put ksmd on the same core as the guest it measures.
+
 The kernel constrains the order of writes (``mm/ksm.c``):
 
 - ``max_page_sharing`` and ``merge_across_nodes`` refuse a change (EBUSY) while any
@@ -33,6 +39,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Final, Self
 
+from dksm.dedup import huge_pages
 from dksm.dedup.owner import ProcessIdentity
 from dksm.error import DksmError
 from dksm.memory.host_mapping import MADV_MERGEABLE, MADV_UNMERGEABLE, advise
@@ -275,16 +282,40 @@ def restore_if_crashed(state_file: Path | None = None, sysfs: Path | None = None
         return False
     if owner.is_alive():
         return False
-    write_settings(saved, sysfs or recorded_sysfs)
+    try:
+        _restore_companions(record)
+    finally:
+        write_settings(saved, sysfs or recorded_sysfs)
     path.unlink(missing_ok=True)
     return True
 
 
-def _write_state_file(path: Path, record: dict[str, object]) -> None:
-    """Create the state file with its whole content at once, or fail if it exists."""
+def _restore_companions(record: Mapping[str, object]) -> None:
+    """Put back ksmd's CPUs and the huge-pages switch if the record saved them."""
+    cpus = record.get("ksmd_cpus")
+    if isinstance(cpus, list):
+        pid = ksmd_pid()
+        if pid is not None:
+            try:
+                os.sched_setaffinity(pid, [int(cpu) for cpu in cpus])
+            except OSError as error:
+                raise KsmError(
+                    f"cannot give ksmd back CPUs {cpus} ({os.strerror(error.errno or 0)})"
+                ) from None
+    thp = record.get("thp_enabled")
+    if isinstance(thp, str):
+        huge_pages.write_thp_enabled(thp, Path(str(record.get("thp_path", huge_pages.THP_ENABLED))))
+
+
+def _write_state_file(path: Path, record: dict[str, object], *, replace: bool = False) -> None:
+    """Create the state file with its whole content at once, or fail if it exists;
+    with ``replace``, swap in new content for the session's own file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     draft = path.with_name(f".{path.name}.{os.getpid()}.draft")
     draft.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if replace:
+        os.replace(draft, path)
+        return
     try:
         os.link(draft, path)  # atomic and exclusive, unlike rename
     except FileExistsError:
@@ -312,10 +343,13 @@ class KsmSession:
         state_file: Path | None = None,
         sysfs: Path = KSM_SYSFS,
         handle_signals: bool = True,
+        thp_path: Path = huge_pages.THP_ENABLED,
     ) -> None:
         self.state_file = state_file_path(state_file)
         self.sysfs = sysfs
+        self.thp_path = thp_path
         self.saved: dict[str, str] = {}
+        self._record: dict[str, object] = {}
         self._handle_signals = handle_signals
         self._previous_handlers: dict[int, object] = {}
         self._active = False
@@ -364,17 +398,15 @@ class KsmSession:
         restore_if_crashed(self.state_file, self.sysfs)
         self.saved = read_settings(self.sysfs)
         me = ProcessIdentity.current()
-        _write_state_file(
-            self.state_file,
-            {
-                "format": _STATE_FORMAT,
-                "boot_id": _boot_id(),
-                "pid": me.pid,
-                "start_time": me.start_time,
-                "sysfs": str(self.sysfs),
-                "settings": self.saved,
-            },
-        )
+        self._record = {
+            "format": _STATE_FORMAT,
+            "boot_id": _boot_id(),
+            "pid": me.pid,
+            "start_time": me.start_time,
+            "sysfs": str(self.sysfs),
+            "settings": self.saved,
+        }
+        _write_state_file(self.state_file, self._record)
         self._active = True
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for signum in _HANDLED_SIGNALS:
@@ -386,6 +418,37 @@ class KsmSession:
             raise KsmError("KSM settings can only be changed inside a session")
         write_settings(settings, self.sysfs)
 
+    def set_thp_enabled(self, value: str) -> None:
+        """Set the transparent huge pages switch for the rest of the session; it is
+        saved first (in the state file too) and restored with KSM's settings."""
+        if not self._active:
+            raise KsmError("huge pages can only be switched inside a session")
+        if "thp_enabled" not in self._record:
+            self._save_companion(
+                thp_enabled=huge_pages.read_thp_enabled(self.thp_path),
+                thp_path=str(self.thp_path),
+            )
+        huge_pages.write_thp_enabled(value, self.thp_path)
+
+    def pin_ksmd(self, cpus: set[int]) -> None:
+        """Let ksmd run only on ``cpus`` for the rest of the session (saved first,
+        restored with KSM's settings)."""
+        if not self._active:
+            raise KsmError("ksmd can only be pinned inside a session")
+        pid = _require_ksmd()
+        if "ksmd_cpus" not in self._record:
+            self._save_companion(ksmd_cpus=sorted(os.sched_getaffinity(pid)))
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError as error:
+            raise KsmError(
+                f"cannot pin ksmd to CPUs {sorted(cpus)} ({os.strerror(error.errno or 0)})"
+            ) from None
+
+    def _save_companion(self, **values: object) -> None:
+        self._record.update(values)
+        _write_state_file(self.state_file, self._record, replace=True)
+
     def restore(self) -> None:
         """Put the saved settings back and end the session (idempotent)."""
         if not self._active:
@@ -394,7 +457,10 @@ class KsmSession:
         # A second signal must not interrupt the restore half-way.
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            write_settings(self.saved, self.sysfs)  # on failure the state file stays
+            try:
+                _restore_companions(self._record)
+            finally:  # KSM's own settings are put back even if a companion was refused
+                write_settings(self.saved, self.sysfs)  # on failure the state file stays
             self.state_file.unlink(missing_ok=True)
             self._active = False
             self._unlock_host()

@@ -179,6 +179,9 @@ class PoolStats:
     # CPU time the loading threads of every process spent hashing, comparing and
     # storing pages (mapping excluded): dksm's counterpart of ksmd's CPU time.
     merge_cpu_ns: int = 0
+    # Slots the pages file spans, in use or free: the size of the pool's page table
+    # (the thesis's is its kernel hash table's bucket count; see docs/THESIS.md).
+    hashtable_size: int = 0
 
     def to_json(self) -> dict[str, int | bool]:
         return asdict(self)
@@ -363,6 +366,7 @@ class PagePool:
             counters = store.index.read_counters(txn)
             entries, leases = store.index.entries(txn)
             run = store.index.run(txn)
+            end = store.index.end(txn)
         references = counters["references"]
         return PoolStats(
             pages_scanned=counters["pages_scanned"],
@@ -376,6 +380,7 @@ class PagePool:
             bytes_saved=(references - entries) * PAGE_SIZE,
             file_blocks_bytes=store.pages.allocated_bytes(),
             run=run,
+            hashtable_size=end,
         )
 
     def verify(self, *, check_hashes: bool = True) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from dksm.dedup.owner import ProcessIdentity
 from dksm.fleet.directory import LIVE_STATES, FleetDirectory, FleetState, Member, VmInfo
-from dksm.fleet.instance import DedupMode, InstanceSpec
+from dksm.fleet.instance import DedupMode, InstanceSpec, KsmScope
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError
 from dksm.vmm.config import VmConfig
 from dksm.vmm.confinement import Confinement, Credentials, credentials
@@ -46,6 +46,7 @@ def spec_to_json(label: str, spec: InstanceSpec) -> dict[str, Any]:
         "dedup": spec.dedup.value,
         "domain": spec.domain,
         "pool_root": None if spec.pool_root is None else str(spec.pool_root),
+        "ksm_scope": spec.ksm_scope.value,
     }
 
 
@@ -56,6 +57,7 @@ def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
         dedup=DedupMode(doc["dedup"]),
         domain=doc["domain"],
         pool_root=None if root is None else Path(root),
+        ksm_scope=KsmScope(doc.get("ksm_scope", KsmScope.RAM.value)),
     )
 
 
@@ -166,6 +168,11 @@ class FleetHandle:
                 time.sleep(0.05)
             if self.supervisor_alive():
                 raise FleetError(f"fleet {self.id}: supervisor {pid} did not stop in {timeout:g} s")
+        if pid is not None:
+            # Where this process started the fleet, the supervisor is its child: reap
+            # it now, or it stays a zombie for as long as this process lives.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         self._stop_orphans(timeout)
         return self.state()
 

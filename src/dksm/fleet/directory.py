@@ -110,6 +110,7 @@ class VmInfo:
     mem_size: int
     ram_host_address: int
     dedup: str
+    ksm_scope: str
     domain: str
     pages_shared: int
 

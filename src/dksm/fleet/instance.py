@@ -60,12 +60,28 @@ class DedupMode(enum.Enum):
             raise DksmError(f"unknown dedup mode '{text}'; choose one of {choices}") from None
 
 
+class KsmScope(enum.Enum):
+    """What of a VM's RAM the KSM modes offer to ksmd (``MADV_MERGEABLE``)."""
+
+    RAM = "ram"  # all guest RAM, as QEMU and Cloud Hypervisor do
+    TEXT = "text"  # only the image's code pages, as the DKSM thesis's Firecracker did
+
+    @classmethod
+    def parse(cls, text: str) -> KsmScope:
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(s.value for s in cls)
+            raise DksmError(f"unknown KSM scope '{text}'; choose one of {choices}") from None
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     config: VmConfig
     dedup: DedupMode = DedupMode.DKSM
     domain: str = DEFAULT_DOMAIN
     pool_root: Path | None = None
+    ksm_scope: KsmScope = KsmScope.RAM
 
 
 class Instance:
@@ -89,7 +105,7 @@ class Instance:
             self.vm: MicroVm = build(spec.config, serial_sink=console, sharer=sharer or self.lease)
             console.on_error = self._console_failed
             if spec.dedup.uses_ksm:
-                self.vm.memory.advise_mergeable()
+                self.vm.memory.advise_mergeable(code_only=spec.ksm_scope is KsmScope.TEXT)
         except BaseException:
             # Keep the error that stopped the build; a lease that cannot be released
             # now (a full tmpfs, say) is swept once this process has exited.
@@ -113,6 +129,7 @@ class Instance:
             mem_size=self.spec.config.mem_size,
             ram_host_address=self.vm.memory.host_address,
             dedup=self.spec.dedup.value,
+            ksm_scope=self.spec.ksm_scope.value,
             domain=self.spec.domain,
             pages_shared=self.vm.memory.pages_shared,
         )

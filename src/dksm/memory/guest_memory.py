@@ -40,6 +40,8 @@ class GuestMemory:
         self.host_address = host_mapping.map_anonymous(size)
         self.ram: memoryview | None = host_mapping.view(self.host_address, size)
         self.pages_shared = 0
+        # Guest ranges of the image's code (read-only executable segments), whole pages.
+        self.code_ranges: list[tuple[int, int]] = []
 
     def view(self) -> memoryview:
         if self.ram is None:
@@ -60,22 +62,32 @@ class GuestMemory:
     def load_segment(self, segment: Segment, sharer: PageSharer | None = None) -> None:
         """Place one segment (an image's, or the initrd); its whole read-only pages go
         through ``sharer`` if given."""
+        page = host_mapping.PAGE_SIZE
+        if segment.executable and not segment.writable:
+            first = segment.guest_addr & ~(page - 1)
+            self.code_ranges.append((first, min(-(-segment.end // page) * page, self.size)))
         start, end = shareable_span(segment)
         if sharer is not None and end > start:
             lo = start - segment.guest_addr
             hi = end - segment.guest_addr
             content = memoryview(segment.data)[lo:hi]
             if sharer.map_pages(self.host_address + start, content).mapped:
-                self.pages_shared += (end - start) // host_mapping.PAGE_SIZE
+                self.pages_shared += (end - start) // page
                 self.write(segment.guest_addr, segment.data[:lo])
                 self.write(end, segment.data[hi:])
                 return
         self.write(segment.guest_addr, segment.data)
 
-    def advise_mergeable(self) -> None:
+    def advise_mergeable(self, *, code_only: bool = False) -> None:
         """Offer all of RAM to Linux KSM (``MADV_MERGEABLE``), as QEMU and Cloud
-        Hypervisor do for their guests; ksmd then scans it in the background."""
-        host_mapping.advise(self.host_address, self.size, host_mapping.MADV_MERGEABLE)
+        Hypervisor do for their guests; ksmd then scans it in the background.  With
+        ``code_only``, only the pages of the image's code, as the DKSM thesis's
+        modified Firecracker advised (call after :meth:`load_image`)."""
+        if not code_only:
+            host_mapping.advise(self.host_address, self.size, host_mapping.MADV_MERGEABLE)
+            return
+        for start, end in self.code_ranges:
+            host_mapping.advise(self.host_address + start, end - start, host_mapping.MADV_MERGEABLE)
 
     def close(self) -> None:
         if self.ram is not None:
