@@ -40,11 +40,13 @@ def register(sub: Any) -> None:
     run.add_argument("--image", action="append", default=[], metavar="NAME_OR_PATH",
                      help="shipped guest name or image path (repeatable)")  # fmt: skip
     run.add_argument("--instances", type=int, default=1, help="VMs per image (1)")
-    run.add_argument("--policy", default="sharing-aware", choices=POLICY_NAMES)
+    run.add_argument("--policy", default="sharing-aware", choices=POLICY_NAMES,
+                     help="where each VM goes (sharing-aware)")  # fmt: skip
     run.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM in MiB (16)")
     run.add_argument("--replace-lost", action="store_true",
                      help="also place again the VMs of hosts that were lost")  # fmt: skip
-    run.add_argument("--boot-timeout", type=float, default=120.0, metavar="S")
+    run.add_argument("--boot-timeout", type=float, default=120.0, metavar="S",
+                     help="seconds to wait for every VM's first console line (120)")  # fmt: skip
     run.add_argument("--seed", type=int, default=0, help="seed of the random policy (0)")
     run.add_argument("--boot-args", default=None, help="kernel command line of every VM")
     run.set_defaults(handler=_run)
@@ -74,7 +76,7 @@ def register(sub: Any) -> None:
                      help="VMM overhead per VM (measured: 626)")  # fmt: skip
     sim.add_argument("--policy", action="append", choices=POLICY_NAMES, default=None,
                      help="only these policies (repeatable; default all)")  # fmt: skip
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=int, default=0, help="seed of the catalogue and fleet (0)")
     sim.add_argument("--json", action="store_true", help="print the result as JSON")
     sim.add_argument("image", nargs="*", metavar="IMAGE",
                      help="real images to build the catalogue from (default: the shipped guests"
