@@ -7,7 +7,6 @@ overlap, it needs no more memory than any other policy)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st

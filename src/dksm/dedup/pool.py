@@ -167,6 +167,7 @@ def page_key(page: bytes | memoryview) -> bytes:
     loading anything, which of its pages a pool already holds."""
     return xxhash.xxh3_64_digest(page)  # the big-endian bytes of the 64-bit hash
 
+
 # Hash matches are confirmed by reading runs of consecutive candidate slots at most
 # this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
 # pages on every call.

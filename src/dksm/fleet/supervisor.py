@@ -26,7 +26,6 @@ from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLaunche
 PR_SET_PDEATHSIG = 1  # prctl(2), linux/prctl.h
 
 
-
 class _StopFlag:
     def __init__(self) -> None:
         self.set = False
