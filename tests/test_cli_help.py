@@ -28,7 +28,7 @@ def test_every_option_has_help() -> None:
         *_parsers(build_parser(), "dksm"),
         ("dksm-firecracker", firecracker_parser()),
     ]:
-        if path.endswith(("fleet supervise", "dksm vmm")):  # internal / delegated
+        if path.endswith(("fleet supervise", "cluster keep", "dksm vmm")):  # internal / delegated
             continue
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):

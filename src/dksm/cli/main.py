@@ -17,7 +17,7 @@ def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-COMMANDS = ("run", "vmm", "guests", "fleet", "pool", "bench", "analyze", "demo")
+COMMANDS = ("run", "vmm", "guests", "fleet", "cluster", "pool", "bench", "analyze", "demo")
 
 
 def install_signal_handlers() -> None:

@@ -87,7 +87,7 @@ class Lease:
         count = len(data) // PAGE_SIZE
         if count == 0:
             return MergeResult(0, 0, 0, True, 0)
-        hash_keys = self.pool.page_keys(data)  # outside the lock: pure CPU
+        hash_keys = self.pool.hash_keys(data)  # outside the lock: pure CPU
         admitted = self._admit(data, hash_keys, started_ns)
         if admitted is None:
             return MergeResult(count, 0, 0, False, 0)
@@ -109,7 +109,7 @@ class Lease:
             raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
         if not data:
             return ReferencedPages((), 0)
-        admitted = self._admit(data, self.pool.page_keys(data), started_ns)
+        admitted = self._admit(data, self.pool.hash_keys(data), started_ns)
         if admitted is None:
             return None
         self._references += len(admitted.slots)

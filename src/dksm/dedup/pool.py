@@ -153,6 +153,7 @@ __all__ = [
     "PoolStats",
     "default_pool_root",
     "force_purge",
+    "page_key",
     "pool_directory",
     "pool_root",
     "validate_domain",
@@ -160,6 +161,13 @@ __all__ = [
 
 PageHash = Callable[[memoryview], int]
 """A page's 64-bit hash.  Pools are shared, so every opener must use the same one."""
+
+
+def page_key(page: bytes | memoryview) -> bytes:
+    """The key under which a pool with the default hash (xxh3-64) indexes ``page``:
+    what a caller compares with :meth:`PagePool.held_keys` to learn, without
+    loading anything, which of its pages a pool already holds."""
+    return xxhash.xxh3_64_digest(page)  # the big-endian bytes of the 64-bit hash
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,7 @@ class PagePool:
         self._closed = False
         self._hash_key: Callable[[memoryview], bytes]
         if page_hash is None:
-            self._hash_key = xxhash.xxh3_64_digest  # the big-endian bytes of the 64-bit hash
+            self._hash_key = page_key
         else:
             custom = page_hash
             self._hash_key = lambda page: (custom(page) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "big")
@@ -320,7 +328,7 @@ class PagePool:
 
     # -- loading -----------------------------------------------------------------------
 
-    def page_keys(self, data: memoryview) -> list[bytes]:
+    def hash_keys(self, data: memoryview) -> list[bytes]:
         """The index key (hash) of each page of ``data``, as every opener computes it."""
         key = self._hash_key
         return [key(data[offset : offset + PAGE_SIZE]) for offset in range(0, len(data), PAGE_SIZE)]
@@ -359,6 +367,14 @@ class PagePool:
         store = self._usable_store()
         with store.index.write() as txn:
             store.index.set_run(txn, run)
+
+    def held_keys(self) -> frozenset[bytes]:
+        """The hash key of every page the pool holds (see :func:`page_key`).  A key
+        only names a candidate: the bytes are compared when a page is loaded, so a
+        caller that plans by keys (placement) can at worst misjudge a collision."""
+        store = self._usable_store()
+        with store.index.read() as txn:
+            return frozenset(key for key, _ in store.index.hash_entries(txn))
 
     def stats(self) -> PoolStats:
         store = self._usable_store()

@@ -218,13 +218,17 @@ def up(
     hold: bool = False,
     confine_as: Credentials | None = None,
     no_confine: bool = False,
+    die_with_caller: bool = False,
 ) -> FleetHandle:
     """Start a supervisor for ``specs`` and return once every VM has booted.
 
     ``hold`` keeps each VM whose guest shuts down mapped, as it was at its end,
     until the fleet is stopped (state ``held``).  Workers are confined (as
     ``confine_as``, by default the ids :func:`dksm.vmm.confinement.credentials`
-    picks) unless ``no_confine``."""
+    picks) unless ``no_confine``.  ``die_with_caller`` ties the fleet to the calling
+    process instead of letting it outlive the command: when the caller dies, however
+    it dies, the supervisor stops every VM as ``down`` would (a host agent whose
+    host is lost takes its VMs with it)."""
     if not specs:
         raise FleetError("a fleet needs at least one instance")
     target = None if no_confine else confine_as or credentials()
@@ -240,6 +244,7 @@ def up(
             "vms_per_worker": vms_per_worker,
             "hold": hold,
             "confine": confinement_to_json(target),
+            "parent_pid": os.getpid() if die_with_caller else None,
             "members": [spec_to_json(label, s) for label, s in specs],
         },
     )

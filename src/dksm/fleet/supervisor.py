@@ -5,6 +5,7 @@ records the fleet as stopped and ends."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -16,6 +17,8 @@ from dksm.fleet.control import confinement_from_json, spec_from_json
 from dksm.fleet.directory import FleetDirectory, FleetState
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
+PR_SET_PDEATHSIG = 1  # prctl(2), linux/prctl.h
+
 
 class _StopFlag:
     def __init__(self) -> None:
@@ -25,6 +28,16 @@ class _StopFlag:
         self.set = True
 
 
+def _stop_with_parent(parent_pid: int, stop: _StopFlag) -> None:
+    """Have the kernel send SIGTERM when the process that started the fleet dies;
+    if it died before this call, stop now."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        stop.set = True
+
+
 def supervise(directory: Path) -> int:
     files = FleetDirectory(directory)
     doc = files.read_spec()
@@ -32,6 +45,8 @@ def supervise(directory: Path) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if doc.get("parent_pid"):
+        _stop_with_parent(int(doc["parent_pid"]), stop)
     launcher = FleetLauncher(
         files,
         int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
