@@ -75,13 +75,17 @@ class VsockListener:
             raise VsockSocketError(
                 f"vsock socket path {path} already exists (remove it, or choose another uds_path)"
             )
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            raise VsockSocketError(f"cannot make vsock socket {path}: {exc.strerror}") from exc
+        self.inode = -1
         try:
             self.sock.bind(path)
-            self.sock.listen(128)
             self.inode = os.stat(path).st_ino
+            self.sock.listen(128)
         except OSError as exc:
-            self.sock.close()
+            self.close()  # removes the name if bind made it
             raise VsockSocketError(f"cannot listen on vsock socket {path}: {exc.strerror}") from exc
 
     def close(self) -> None:
