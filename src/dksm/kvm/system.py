@@ -195,6 +195,9 @@ class Vcpu:
         self._run_addr: int = addr
         self._run_size = mmap_size
         self.run_state = abi.Run.from_address(addr)
+        # All of the mapping as bytes, for exits.decode: an I/O exit's data is a
+        # slice of it (bounded by the mapping) rather than a view made per exit.
+        self.run_bytes = memoryview((ctypes.c_char * mmap_size).from_address(addr)).cast("B")
 
     def run(self) -> bool:
         """Enter the guest until the next exit.
@@ -210,10 +213,6 @@ class Vcpu:
         if err == errno.EAGAIN:
             return False
         raise KvmError(f"KVM_RUN failed: {os.strerror(err)}")
-
-    def io_data(self, offset: int, size: int) -> memoryview:
-        """The bytes of an IO exit, inside the ``kvm_run`` mapping."""
-        return memoryview((ctypes.c_char * size).from_address(self._run_addr + offset)).cast("B")
 
     def get_regs(self) -> abi.Regs:
         regs = abi.Regs()
@@ -296,6 +295,7 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.run_bytes.release()
             _libc.munmap(self._run_addr, self._run_size)
             os.close(self.fd)
             self.fd = -1
