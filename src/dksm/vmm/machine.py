@@ -35,6 +35,11 @@ Pausing.  :meth:`MicroVm.pause` is the same hold taken by the VMM rather than by
 vCPU: every vCPU is kicked out of the guest and parks at its next entry until
 :meth:`MicroVm.resume`.  A paused guest executes nothing (its timers do not fire
 either), and the pause returns only once every vCPU is outside.
+
+Why one module over 500 lines: the vCPU loop and :class:`MicroVm`'s stopping,
+exclusive sections and pausing are one protocol over one condition variable and
+the per-thread kick lock; every rule above is kept by code on both sides of it.
+The instruction emulator it calls on emulation failures lives elsewhere.
 """
 
 from __future__ import annotations

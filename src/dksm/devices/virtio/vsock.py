@@ -15,6 +15,11 @@ it has consumed (``fwd_cnt``); the device sends the guest no more than the guest
 free credit, and refuses (resets) a connection on which the guest sends more than
 the device's.  A packet with the wrong CIDs or type gets a reset; a malformed
 queue is a guest error like on every device.
+
+Why one module over 500 lines: it is one device's state machine.  The packet
+handlers, the host sockets' handlers and the credit accounting all read and change
+the same connection table under the device's lock; apart, each file would hold
+half of every invariant (what a connection's counters mean at each step).
 """
 
 from __future__ import annotations
