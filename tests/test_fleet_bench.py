@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench, write_outputs
+from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench
+from dksm.bench.fleet_report import write_outputs
 from dksm.dedup import ksm
 from dksm.fleet.instance import DedupMode
 

@@ -38,6 +38,30 @@ def test_io_in_data_written_lands_where_kvm_reads_it() -> None:
     assert page[0x900:0x902] == b"\x34\x12"
 
 
+def test_io_data_through_the_mapping_is_the_same_bytes_and_writes_through() -> None:
+    page, run = _run_page()
+    run.exit_reason = abi.ExitReason.IO
+    run.exit.io.direction = abi.KVM_EXIT_IO_IN
+    run.exit.io.size, run.exit.io.port, run.exit.io.count = 4, 0xCFC, 2
+    run.exit.io.data_offset = 0xA00
+    decoded = exits.decode(run, memoryview(page))
+    assert isinstance(decoded, exits.IoExit) and decoded.count == 2
+    decoded.data[:] = bytes(range(8))
+    assert page[0xA00:0xA08] == bytes(range(8))
+
+
+def test_io_data_through_the_mapping_never_reaches_past_it() -> None:
+    """A data offset near the end of the page gives only the bytes inside it."""
+    page, run = _run_page()
+    run.exit_reason = abi.ExitReason.IO
+    run.exit.io.direction = abi.KVM_EXIT_IO_OUT
+    run.exit.io.size, run.exit.io.port, run.exit.io.count = 4, 0x80, 4
+    run.exit.io.data_offset = PAGE - 6
+    decoded = exits.decode(run, memoryview(page))
+    assert isinstance(decoded, exits.IoExit)
+    assert len(decoded.data) == 6
+
+
 def test_mmio_read_data_is_the_runs_own_bytes_cut_to_the_access() -> None:
     _, run = _run_page()
     run.exit_reason = abi.ExitReason.MMIO

@@ -20,10 +20,11 @@ import pytest
 from dksm.bench import perf_counters
 from dksm.bench.duplicates import DuplicatesConfig, run_duplicates
 from dksm.bench.duplicates import write_outputs as write_duplicates
-from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench, write_outputs
+from dksm.bench.fleet import FleetBenchConfig, KsmKnobs, run_fleet_bench
+from dksm.bench.fleet_report import write_outputs
 from dksm.bench.merge_cost import THESIS_CSV_NAME, THESIS_PLOT_NAME, run_thesis_sweep
 from dksm.bench.runtime import RuntimeConfig, run_runtime_bench
-from dksm.bench.runtime import write_outputs as write_runtime
+from dksm.bench.runtime_report import write_outputs as write_runtime
 from dksm.dedup import huge_pages, ksm
 from dksm.fleet.instance import DedupMode
 

@@ -14,6 +14,11 @@ I/O engine...) is refused by name, never ignored.  Devices dksm does not have at
 
 Every method runs on the API thread; the VMM thread (the process's main thread) waits
 for :attr:`VmmController.started` and then for the VM to end.
+
+Why one module over 500 lines: Firecracker's API is one state machine.  Each
+route's rule for before and after ``InstanceStart`` sits beside what the route does,
+as one class over one lock; split by route, the rules about the instance's state
+would be repeated or scattered.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from typing import Final
 
 from dksm.bench.fleet import (
     FINAL_WINDOW_S,
-    MODE_STYLE,
     FleetBenchConfig,
     FleetBenchError,
     HostRecord,
@@ -40,6 +39,7 @@ from dksm.bench.fleet import (
     settled,
     take_sample,
 )
+from dksm.bench.fleet_report import MODE_STYLE
 from dksm.dedup import ksm
 from dksm.dedup.pool import PagePool, pool_directory
 from dksm.fleet import control

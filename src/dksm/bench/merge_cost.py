@@ -30,6 +30,10 @@ nothing.  ``none`` (no advice at all) is the program's own cost.  Beside each wa
 time: what merging cost in CPU per page (dksm: the workers' CPU inside the merge;
 KSM: ksmd's CPU while the program ran) and how many pages were merged by its end.
 Results go to ``merge-cost-thesis.csv`` and ``merge-cost-thesis.png``.
+
+Why one module over 500 lines: its two experiments (CPU per merged page, and the
+thesis's program) run the same forked workers, page filling and hand-over of results
+(``_fill``, ``_receive``, ``_join``); split, that protocol would live in two places.
 """
 
 from __future__ import annotations

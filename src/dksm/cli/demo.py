@@ -8,7 +8,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    from dksm.cli.bench import add_fleet_options
+    from dksm.cli.bench_fleets import add_fleet_options
 
     parser = sub.add_parser("demo", help="the fleet experiment on the shipped guests (~2 min)")
     add_fleet_options(parser, demo=True)
@@ -16,6 +16,6 @@ def register(sub: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dksm.cli.bench import run_fleet_command
+    from dksm.cli.bench_fleets import run_fleet_command
 
     return run_fleet_command(args)

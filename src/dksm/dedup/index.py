@@ -66,6 +66,10 @@ An index that contradicts itself (a lease naming a slot the index lacks, a recor
 the wrong size, LMDB reporting a corrupted page) raises :class:`PoolDamagedError`,
 whose message names the problem and ends with the caller's hint on how to inspect
 or remove the pool, never a ``KeyError`` or ``struct.error``.
+
+Why one module over 500 lines: this is the only module that uses LMDB (checked by
+``tests/test_layering.py``), so every record's layout and every transaction's
+access to it are in one place, beside the schema that explains them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ is created and removed first when it is purged: a directory without it is a
 creation or purge that died half-way, and the next creator clears it.  A creation
 that fails (a full tmpfs, say) removes what it made before it reports the failure,
 so the space it took is given back at once.
+
+Why one module over 500 lines: finding, opening, creating, checking and removing a
+pool all walk the same chain of descriptors opened from the pool root and apply the
+same checks to each; split, a step could reach a file some other way.
 """
 
 from __future__ import annotations

@@ -93,8 +93,7 @@ class Kvm:
             return [abi.CpuidEntry2.from_buffer_copy(entries[i]) for i in range(count)]
 
     def create_vm(self) -> Vm:
-        fd = _ioctl(self.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
-        return Vm(fd, self)
+        return Vm(_ioctl(self.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -112,9 +111,14 @@ class Vm:
     """One KVM virtual machine."""
 
     def __init__(self, fd: int, kvm: Kvm) -> None:
+        """Own ``fd`` from here: it is closed if this raises."""
         self.fd = fd
         self.kvm = kvm
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def set_user_memory_region(self, slot: int, guest_addr: int, size: int, host_addr: int) -> None:
         region = abi.UserspaceMemoryRegion(
@@ -158,8 +162,10 @@ class Vm:
         _ioctl(self.fd, abi.KVM_IRQFD, abi.IrqFd(fd=fd, gsi=gsi), "KVM_IRQFD")
 
     def create_vcpu(self, index: int) -> Vcpu:
+        # The mapping's size is asked first: nothing is held yet if that fails.
+        mmap_size = self.kvm.vcpu_mmap_size()
         fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
-        return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+        return Vcpu(fd, index, mmap_size)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -171,18 +177,27 @@ class Vcpu:
     """One virtual CPU and its shared ``kvm_run`` page."""
 
     def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        """Own ``fd`` from here: it is closed if this raises."""
         self.fd = fd
         self.index = index
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+        except BaseException:
+            os.close(fd)
+            raise
         # Mapped through libc, not the mmap module: ctypes views of a Python mmap
         # pin it (exported buffers) for as long as any of them lives.
         addr = _libc.mmap(None, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
             os.close(fd)
-            raise KvmError(f"mapping kvm_run failed: {os.strerror(ctypes.get_errno())}")
+            raise KvmError(f"mapping kvm_run failed: {os.strerror(err)}")
         self._run_addr: int = addr
         self._run_size = mmap_size
         self.run_state = abi.Run.from_address(addr)
+        # All of the mapping as bytes, for exits.decode: an I/O exit's data is a
+        # slice of it (bounded by the mapping) rather than a view made per exit.
+        self.run_bytes = memoryview((ctypes.c_char * mmap_size).from_address(addr)).cast("B")
 
     def run(self) -> bool:
         """Enter the guest until the next exit.
@@ -198,10 +213,6 @@ class Vcpu:
         if err == errno.EAGAIN:
             return False
         raise KvmError(f"KVM_RUN failed: {os.strerror(err)}")
-
-    def io_data(self, offset: int, size: int) -> memoryview:
-        """The bytes of an IO exit, inside the ``kvm_run`` mapping."""
-        return memoryview((ctypes.c_char * size).from_address(self._run_addr + offset)).cast("B")
 
     def get_regs(self) -> abi.Regs:
         regs = abi.Regs()
@@ -284,6 +295,7 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.run_bytes.release()
             _libc.munmap(self._run_addr, self._run_size)
             os.close(self.fd)
             self.fd = -1

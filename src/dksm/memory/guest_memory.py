@@ -38,7 +38,11 @@ class GuestMemory:
     def __init__(self, size: int) -> None:
         self.size = size
         self.host_address = host_mapping.map_anonymous(size)
-        self.ram: memoryview | None = host_mapping.view(self.host_address, size)
+        try:
+            self.ram: memoryview | None = host_mapping.view(self.host_address, size)
+        except BaseException:
+            host_mapping.unmap(self.host_address, size)
+            raise
         self.pages_shared = 0
         # Guest ranges of the image's code (read-only executable segments), whole pages.
         self.code_ranges: list[tuple[int, int]] = []

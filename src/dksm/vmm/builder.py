@@ -2,11 +2,16 @@
 
 Everything that can be wrong with the input (config, image, initrd, command line,
 the devices' drive files and taps) is checked before ``/dev/kvm`` is opened, so bad
-input costs nothing and leaves nothing behind.  What the build acquires (device
-backends, the KVM handles, RAM, vCPUs and their ``kvm_run`` mappings, the virtio
-devices' eventfds) is entered on one exit stack: a failure at any step releases
-all of it, in reverse order.  Every file, tap and socket the VM will use is open
-when :func:`build` returns.
+input costs nothing and leaves nothing behind.  What the build acquires is entered
+on one exit stack as soon as it is held, in this order: the device backends
+(drive files, taps, the vsock socket), the ``/dev/kvm`` handle, the VM, guest RAM,
+each vCPU with its ``kvm_run`` mapping, each virtio device with its eventfds (and
+their ioeventfd/irqfd registrations) and its worker's epoll set.  A failure at any
+step, up to and including putting the machine together, releases all of it in
+reverse order; the descriptor and mapping counts of the process are what they
+were (``tests/test_build_cleanup.py`` makes a build fail at each step and counts).
+Every file, tap and socket the VM will use is open when :func:`build` returns, and
+no thread is started before :meth:`MicroVm.start`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dksm.arch import boot_state, cpuid, layout, mptable
 from dksm.devices import i8042, rtc, serial
 from dksm.devices.bus import MmioBus, PortBus
 from dksm.kvm import abi
-from dksm.kvm.system import Kvm, KvmError, Vcpu
+from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf
 from dksm.loader.initrd import place_initrd, read_initrd
@@ -62,7 +67,8 @@ def build(
         initrd_size = ramdisk.size
 
     with contextlib.ExitStack() as acquired:
-        # The devices' host side (drive files, taps) is input too: opened first.
+        # The devices' host side (drive files, taps, the vsock socket) is input too:
+        # opened first.  open_backends releases its own part on failure.
         backends = device_manager.open_backends(config)
         acquired.callback(backends.close)
         kvm = acquired.enter_context(Kvm())
@@ -75,13 +81,14 @@ def build(
         vm.set_tss_addr(layout.TSS_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
-        # 3. vCPUs after the irqchip.
+        # 3. vCPUs after the irqchip, each with its kvm_run mapping.
         vcpus: list[Vcpu] = []
         for index in range(config.vcpu_count):
             vcpu = vm.create_vcpu(index)
             acquired.callback(vcpu.close)
             vcpus.append(vcpu)
-        # 4. The kernel and the initrd, read-only pages through the sharer.
+        # 4. The kernel and the initrd, read-only pages through the sharer (whose
+        # lease its caller holds and releases after this RAM is unmapped).
         memory.load_image(image, sharer)
         if initrd is not None:
             memory.load_segment(initrd, sharer)
@@ -102,15 +109,29 @@ def build(
             initrd_size=initrd_size,
         )
         memory.write(layout.ZERO_PAGE_ADDR, params.encode())
-        # 7. virtio devices in the MMIO gap: eventfds registered with KVM, backends
-        # handed over to them.
+        # 7. virtio devices in the MMIO gap: eventfds registered with KVM (ioeventfd,
+        # irqfd), a worker (epoll set, thread started with the vCPUs) each, backends
+        # handed over to them.  attach releases its own part on failure; closing
+        # the VM's descriptor drops its registrations.
         mmio_bus = MmioBus()
         devices = device_manager.attach(config, vm, memory.view(), mmio_bus, backends)
         for device in devices:
             acquired.callback(device.close)
-        acquired.pop_all()  # the machine owns all of it from here
+        # 8. Legacy devices on the port bus, and the machine that owns all of it.
+        machine = _assemble(kvm, vm, memory, vcpus, mmio_bus, devices, serial_sink)
+        acquired.pop_all()  # the machine releases it all from here (MicroVm.close)
+    return machine
 
-    # 8. Legacy devices on the port bus.
+
+def _assemble(
+    kvm: Kvm,
+    vm: Vm,
+    memory: GuestMemory,
+    vcpus: list[Vcpu],
+    mmio_bus: MmioBus,
+    devices: list[device_manager.AttachedDevice],
+    serial_sink: serial.ByteSink,
+) -> MicroVm:
     bus = PortBus()
 
     def raise_serial_irq() -> None:

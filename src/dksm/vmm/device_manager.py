@@ -32,10 +32,15 @@ from dksm.devices.virtio.entropy import Entropy
 from dksm.devices.virtio.net import Net, parse_mac
 from dksm.devices.virtio.transport import QUEUE_NOTIFY, MmioTransport
 from dksm.devices.virtio.vsock import Vsock, VsockListener
+from dksm.error import DksmError
 from dksm.kvm.system import Vm
 from dksm.vmm import socket_cleanup
 from dksm.vmm.config import VmConfig
 from dksm.vmm.device_config import DriveConfig, NetworkInterfaceConfig
+
+
+class DeviceAttachError(DksmError):
+    """A device's host side (its eventfds, its worker's epoll set) cannot be made."""
 
 
 @dataclass(frozen=True)
@@ -217,18 +222,12 @@ def attach(
             where = slot(index)
             item = AttachedDevice(device, where)
             attached.append(item)
-            for queue in range(len(device.queues)):
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                item.queue_events.append(fd)
-                vm.register_ioeventfd(fd, where.address + QUEUE_NOTIFY, 4, queue)
-            item.interrupt_event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            vm.register_irqfd(item.interrupt_event, where.irq)
-            device.interrupt = Interrupt(item.interrupt_event)
-            item.worker = DeviceWorker(device)
-            for queue, fd in enumerate(item.queue_events):
-                item.worker.watch(fd, _queue_handler(device, fd, queue))
-            item.transport = MmioTransport(device, item.queue_events)
-            bus.register(where.address, layout.VIRTIO_MMIO_SIZE, item.transport)
+            try:
+                _wire(item, vm, bus)
+            except OSError as exc:  # eventfd, epoll: out of descriptors, say
+                raise DeviceAttachError(
+                    f"cannot attach {device.label}: {exc.strerror or exc}"
+                ) from exc
     except BaseException:
         for item in attached:
             with contextlib.suppress(OSError):
@@ -237,6 +236,24 @@ def attach(
             device.close()
         raise
     return attached
+
+
+def _wire(item: AttachedDevice, vm: Vm, bus: MmioBus) -> None:
+    """Give ``item``'s device its eventfds (each registered with KVM as soon as it is
+    held by ``item``, which closes them), its worker and its bus window."""
+    device, where = item.device, item.slot
+    for queue in range(len(device.queues)):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        item.queue_events.append(fd)
+        vm.register_ioeventfd(fd, where.address + QUEUE_NOTIFY, 4, queue)
+    item.interrupt_event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    vm.register_irqfd(item.interrupt_event, where.irq)
+    device.interrupt = Interrupt(item.interrupt_event)
+    item.worker = DeviceWorker(device)
+    for queue, fd in enumerate(item.queue_events):
+        item.worker.watch(fd, _queue_handler(device, fd, queue))
+    item.transport = MmioTransport(device, item.queue_events)
+    bus.register(where.address, layout.VIRTIO_MMIO_SIZE, item.transport)
 
 
 def _queue_handler(device: VirtioDevice, fd: int, index: int) -> Callable[[int], None]:

@@ -214,8 +214,17 @@ class DeviceWorker:
     def __init__(self, device: VirtioDevice) -> None:
         self.device = device
         self.epoll = select.epoll()
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.epoll.register(self._stop_fd, select.EPOLLIN)
+        try:
+            self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self.epoll.close()
+            raise
+        try:
+            self.epoll.register(self._stop_fd, select.EPOLLIN)
+        except BaseException:
+            self.epoll.close()
+            os.close(self._stop_fd)
+            raise
         self._handlers: dict[int, Handler] = {}
         self._thread: threading.Thread | None = None
         self._done = threading.Event()

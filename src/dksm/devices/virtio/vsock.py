@@ -15,6 +15,11 @@ it has consumed (``fwd_cnt``); the device sends the guest no more than the guest
 free credit, and refuses (resets) a connection on which the guest sends more than
 the device's.  A packet with the wrong CIDs or type gets a reset; a malformed
 queue is a guest error like on every device.
+
+Why one module over 500 lines: it is one device's state machine.  The packet
+handlers, the host sockets' handlers and the credit accounting all read and change
+the same connection table under the device's lock; apart, each file would hold
+half of every invariant (what a connection's counters mean at each step).
 """
 
 from __future__ import annotations
@@ -75,13 +80,17 @@ class VsockListener:
             raise VsockSocketError(
                 f"vsock socket path {path} already exists (remove it, or choose another uds_path)"
             )
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            raise VsockSocketError(f"cannot make vsock socket {path}: {exc.strerror}") from exc
+        self.inode = -1
         try:
             self.sock.bind(path)
-            self.sock.listen(128)
             self.inode = os.stat(path).st_ino
+            self.sock.listen(128)
         except OSError as exc:
-            self.sock.close()
+            self.close()  # removes the name if bind made it
             raise VsockSocketError(f"cannot listen on vsock socket {path}: {exc.strerror}") from exc
 
     def close(self) -> None:
