@@ -786,7 +786,9 @@ def _boot(args: argparse.Namespace) -> int:
     bare = summary(measured.interpreter_ms)
     if args.json:
         docs = [r.to_json() for r in results]
-        doc = docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        doc: dict[str, object] = (
+            docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        )
         doc["interpreter_ms"] = bare
         doc["first_byte_over_interpreter"] = (
             ratios[results[0].variant] if len(results) == 1 else ratios
