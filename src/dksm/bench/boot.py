@@ -28,6 +28,16 @@ class BootBenchError(DksmError):
     """A benchmark run did not boot as expected."""
 
 
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, extremes and spread of some timings."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
 @dataclass(frozen=True)
 class BootResult:
     guest: str
@@ -38,18 +48,9 @@ class BootResult:
     variant: str = "default"
     flags: tuple[str, ...] = ()  # the variant's extra ``dksm run`` flags
 
-    @staticmethod
-    def _summary(values: tuple[float, ...]) -> dict[str, float]:
-        return {
-            "median": statistics.median(values),
-            "min": min(values),
-            "max": max(values),
-            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-        }
-
     def to_json(self) -> dict[str, object]:
-        first = self._summary(self.first_byte_ms)
-        done = self._summary(self.exit_ms)
+        first = summary(self.first_byte_ms)
+        done = summary(self.exit_ms)
         return {
             "guest": self.guest,
             "variant": self.variant,
@@ -69,7 +70,7 @@ class BootResult:
             "            median    min    max  stdev",
         ]
         for name, values in (("first byte", self.first_byte_ms), ("exit", self.exit_ms)):
-            s = self._summary(values)
+            s = summary(values)
             rows.append(
                 f"{name:>10}  {s['median']:7.1f} {s['min']:6.1f} {s['max']:6.1f} {s['stdev']:6.1f}"
             )
@@ -116,6 +117,21 @@ def _one_run(
     return (first_at - start) * 1000, (done_at - start) * 1000
 
 
+def _bare_interpreter_run(env: dict[str, str]) -> float:
+    """Milliseconds from starting this interpreter with nothing to do to its exit."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+    return (time.perf_counter() - start) * 1000
+
+
+@dataclass(frozen=True)
+class BootMeasurement:
+    """Every variant's boots and the bare interpreter's starts, from the same rounds."""
+
+    results: list[BootResult]
+    interpreter_ms: tuple[float, ...]
+
+
 def measure_boot(
     guest: str,
     runs: int,
@@ -123,20 +139,24 @@ def measure_boot(
     dedup: str = "dksm",
     flags: Sequence[str] = (),
     variants: Mapping[str, Sequence[str]] | None = None,
-) -> list[BootResult]:
-    """Boot ``guest`` ``runs`` times per variant (name -> extra flags), interleaved;
-    ``flags`` go to every run (boot arguments, initrd)."""
+) -> BootMeasurement:
+    """Boot ``guest`` ``runs`` times per variant (name -> extra flags), interleaved
+    with as many bare interpreter starts; ``flags`` go to every run (boot arguments,
+    initrd)."""
     if runs < 1:
         raise BootBenchError(f"--runs must be at least 1, not {runs}")
     chosen = dict(variants) if variants else {"default": ()}
     env = _installed_environment()
+    _bare_interpreter_run(env)  # warm the page cache
     for extra in chosen.values():
-        _one_run(guest, mem_mib, dedup, env, [*flags, *extra])  # warm the page cache
+        _one_run(guest, mem_mib, dedup, env, [*flags, *extra])
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
+    bare: list[float] = []
     for _ in range(runs):
+        bare.append(_bare_interpreter_run(env))
         for name, extra in chosen.items():
             samples[name].append(_one_run(guest, mem_mib, dedup, env, [*flags, *extra]))
-    return [
+    results = [
         BootResult(
             guest=guest,
             runs=runs,
@@ -148,6 +168,14 @@ def measure_boot(
         )
         for name in chosen
     ]
+    return BootMeasurement(results, tuple(bare))
+
+
+def interpreter_ratios(measurement: BootMeasurement) -> dict[str, float]:
+    """Each variant's median time to the first byte over the bare interpreter's
+    median start, both from the same rounds (issue goal: at most 2.5)."""
+    bare = statistics.median(measurement.interpreter_ms)
+    return {r.variant: statistics.median(r.first_byte_ms) / bare for r in measurement.results}
 
 
 def median_differences(results: Sequence[BootResult]) -> dict[str, dict[str, float]]:

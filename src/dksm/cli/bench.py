@@ -299,7 +299,7 @@ _Axis = dict[str, list[tuple[str, list[str]]]]
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from dksm.bench.boot import measure_boot, median_differences
+    from dksm.bench.boot import interpreter_ratios, measure_boot, median_differences, summary
 
     flags = []
     if args.boot_args is not None:
@@ -316,11 +316,20 @@ def _boot(args: argparse.Namespace) -> int:
         for c_name, c_flags in confinement[args.confinement]
         for l_name, l_flags in leaf[args.tsc_leaf]
     }
-    results = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
+    measured = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
+    results = measured.results
     differences = median_differences(results)
+    ratios = interpreter_ratios(measured)
+    bare = summary(measured.interpreter_ms)
     if args.json:
         docs = [r.to_json() for r in results]
-        doc = docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        doc: dict[str, object] = (
+            docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        )
+        doc["interpreter_ms"] = bare
+        doc["first_byte_over_interpreter"] = (
+            ratios[results[0].variant] if len(results) == 1 else ratios
+        )
         print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.table() for r in results))
@@ -329,6 +338,12 @@ def _boot(args: argparse.Namespace) -> int:
                 f"{name}: {diff['first_byte']:+.1f} ms to the first byte, "
                 f"{diff['exit']:+.1f} ms to exit (medians)"
             )
+        print(
+            f"\nbare interpreter (python -c pass), same rounds: median {bare['median']:.1f} ms"
+            f" (min {bare['min']:.1f}, max {bare['max']:.1f})"
+        )
+        for name, ratio in ratios.items():
+            print(f"first byte / bare interpreter ({name}): {ratio:.2f}")
     return ExitStatus.OK
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink, GuardedSink
 from dksm.error import DksmError
-from dksm.fleet.directory import VmInfo
 from dksm.loader.host_file import check_path
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from dksm.dedup.pool import Lease, PagePool
+    from dksm.fleet.directory import VmInfo
 
 DEFAULT_DOMAIN = "default"
 
@@ -123,6 +123,8 @@ class Instance:
 
     def describe(self) -> VmInfo:
         """What another process needs to inspect this VM (e.g. via /proc/PID/mem)."""
+        from dksm.fleet.directory import VmInfo  # json and pathlib: not for every start
+
         return VmInfo(
             pid=os.getpid(),
             kernel=self.spec.config.kernel_path,

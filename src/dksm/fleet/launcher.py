@@ -427,14 +427,17 @@ class FleetLauncher:
         # Everything workers would otherwise each do for themselves is done once
         # here, so that its pages are shared: imports, image parsing, CPUID.
         from dksm.vmm.builder import preload_host_cpuid
+        from dksm.vmm.device_manager import import_device_modules
 
+        if any(s.config.virtio_device_count for _, s in specs):
+            import_device_modules()
         preload_images({(s.config.kernel_path, s.config.mem_size) for _, s in specs})
         preload_initrds(
             {(s.config.initrd_path, s.config.mem_size) for _, s in specs if s.config.initrd_path}
         )
         preload_host_cpuid()
         if self.confinement is not None:
-            self.confinement.prepare()
+            self.confinement.prepare(load_now=True)  # shared by every worker
 
     def _collect_events(self, wait: float) -> None:
         readable, _, _ = select.select([self._events_r], [], [], wait)

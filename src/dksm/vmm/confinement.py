@@ -28,8 +28,12 @@ Firecracker's jailer is given one.  A non-root dksm keeps its own ids and still
 gives up the rest.
 
 A confined process can open no file after :meth:`Confinement.apply`, so code it
-imports lazily must be imported before: :meth:`Confinement.prepare` does it (the
-emulation fallback, on hosts whose KVM needs it).
+imports lazily must be read before: :meth:`Confinement.prepare` does it for the
+emulation fallback, on hosts whose KVM needs it.  It reads the fallback's code
+into memory (:mod:`dksm.vmm.held_modules`), to be run only if a guest needs it: a
+few hundred microseconds instead of the ~12 ms of importing it, which most guests
+never do.  A fleet supervisor imports it instead (``load_now``), once, so that
+all its forked workers share it rather than each running it for itself.
 """
 
 from __future__ import annotations
@@ -196,9 +200,10 @@ class Confinement:
         self.seccomp = seccomp
         self._dropped_groups = False
 
-    def prepare(self) -> None:
+    def prepare(self, *, load_now: bool = False) -> None:
         """Load now what the confined process may need later and could no longer read:
-        libseccomp's binding, and the emulation fallback on hosts that use it."""
+        libseccomp's binding, and on hosts that use it the emulation fallback, its
+        code held in memory (``load_now``: imported, for processes that fork)."""
         try:
             seccomp_filter.binding()
         except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: no libseccomp
@@ -208,7 +213,7 @@ class Confinement:
             ) from exc
 
         if os.path.exists(_PVM_MODULE):
-            _load_emulation_fallback()
+            _load_emulation_fallback(load_now)
 
     def filter_program(self, pid: int, devices: Iterable[str] = ()) -> bytes:
         """The seccomp program of VMM process ``pid``, compiled in this process;
@@ -287,7 +292,20 @@ def _load_filter(program: bytes) -> None:
         raise ConfinementError(f"cannot load the seccomp filter: {reason}")
 
 
-def _load_emulation_fallback() -> None:
+# The emulation fallback, in the order it imports itself; and what it needs of the
+# standard library (imported by every VMM anyway, so importing them costs nothing).
+_EMULATION_FALLBACK = (
+    "dksm.kvm.exits",
+    "dksm.arch.x86_decode",
+    "dksm.arch.x86_execute",
+    "dksm.arch.x86_disassemble",
+    "dksm.vmm.emulation",
+    "dksm.vmm.emulation_unicorn",
+)
+_EMULATION_NEEDS = ("ctypes", "dataclasses", "importlib", "re", "struct", "time", "typing")
+
+
+def _load_emulation_fallback(load_now: bool) -> None:
     """The VMM's emulation fallback and what its messages use (the disassembler, and
     capstone if installed), which the VMM otherwise imports at the first instruction
     the host's KVM cannot emulate.  The Unicorn long tail stays out of reach: it loads
@@ -295,10 +313,16 @@ def _load_emulation_fallback() -> None:
     may not; its instructions then end the VM with a message naming them."""
     import importlib
 
-    from dksm.arch import x86_disassemble  # noqa: F401  (loaded now, used after)
-    from dksm.vmm import emulation, emulation_unicorn  # noqa: F401
+    for name in _EMULATION_NEEDS:
+        importlib.import_module(name)
+    if load_now:
+        for name in _EMULATION_FALLBACK:
+            importlib.import_module(name)
+    else:
+        from dksm.vmm import held_modules
 
-    with contextlib.suppress(ImportError):
+        held_modules.hold(_EMULATION_FALLBACK)
+    with contextlib.suppress(ImportError):  # an extension module: it cannot be held
         importlib.import_module("capstone")
 
 

@@ -14,6 +14,10 @@ forbid).  :func:`attach` creates the devices, one eventfd per queue registered a
 an ioeventfd on the queue-notify register (the value written selects the queue)
 and one eventfd per device registered as an irqfd, and puts the register windows
 on the MMIO bus.
+
+The device modules (and what they import: sockets, logging) are imported by the
+functions that make devices, so that a VM without any, the common ``dksm run``,
+does not pay for them at start.
 """
 
 from __future__ import annotations
@@ -22,21 +26,20 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dksm.arch import layout
-from dksm.devices.bus import MmioBus
-from dksm.devices.tap import check_tap, open_tap
-from dksm.devices.virtio.block import BackingFile, Block, open_backing_file
-from dksm.devices.virtio.device import DeviceWorker, Interrupt, VirtioDevice
-from dksm.devices.virtio.entropy import Entropy
-from dksm.devices.virtio.net import Net, parse_mac
-from dksm.devices.virtio.transport import QUEUE_NOTIFY, MmioTransport
-from dksm.devices.virtio.vsock import Vsock, VsockListener
 from dksm.error import DksmError
-from dksm.kvm.system import Vm
-from dksm.vmm import socket_cleanup
-from dksm.vmm.config import VmConfig
-from dksm.vmm.device_config import DriveConfig, NetworkInterfaceConfig
+
+if TYPE_CHECKING:
+    from dksm.devices.bus import MmioBus
+    from dksm.devices.virtio.block import BackingFile
+    from dksm.devices.virtio.device import DeviceWorker, VirtioDevice
+    from dksm.devices.virtio.transport import MmioTransport
+    from dksm.devices.virtio.vsock import VsockListener
+    from dksm.kvm.system import Vm
+    from dksm.vmm.config import VmConfig
+    from dksm.vmm.device_config import DriveConfig, NetworkInterfaceConfig
 
 
 class DeviceAttachError(DksmError):
@@ -94,6 +97,17 @@ def device_kinds(config: VmConfig) -> set[str]:
     return kinds
 
 
+def import_device_modules() -> None:
+    """Import now what making devices imports (for a fleet supervisor, before it
+    forks: its workers then share the modules instead of each importing them)."""
+    import importlib
+
+    for name in ("tap", "virtio.block", "virtio.device", "virtio.entropy", "virtio.net",
+                 "virtio.transport", "virtio.vsock"):  # fmt: skip
+        importlib.import_module(f"dksm.devices.{name}")
+    importlib.import_module("dksm.vmm.socket_cleanup")
+
+
 @dataclass
 class Backends:
     """The host side of every device, opened before the VM exists."""
@@ -120,6 +134,13 @@ class Backends:
 
 def open_backends(config: VmConfig) -> Backends:
     backends = Backends()
+    if not config.virtio_device_count:
+        return backends
+    from dksm.devices.tap import open_tap
+    from dksm.devices.virtio.block import open_backing_file
+    from dksm.devices.virtio.vsock import VsockListener
+    from dksm.vmm import socket_cleanup
+
     try:
         for drive in ordered_drives(config):
             backends.drives.append(
@@ -140,6 +161,10 @@ def open_backends(config: VmConfig) -> Backends:
 def check_backends(config: VmConfig) -> None:
     """What :func:`open_backends` would refuse, found without keeping anything open
     (for a launcher that checks once before many VMs are built elsewhere)."""
+    from dksm.devices.tap import check_tap
+    from dksm.devices.virtio.block import open_backing_file
+    from dksm.devices.virtio.vsock import VsockListener
+
     for drive in config.drives:
         open_backing_file(drive.path_on_host, drive.is_read_only).close()
     for interface in config.network_interfaces:
@@ -197,6 +222,11 @@ class AttachedDevice:
 
 
 def _devices(config: VmConfig, ram: memoryview, backends: Backends) -> Iterator[VirtioDevice]:
+    from dksm.devices.virtio.block import Block
+    from dksm.devices.virtio.entropy import Entropy
+    from dksm.devices.virtio.net import Net, parse_mac
+    from dksm.devices.virtio.vsock import Vsock
+
     for drive, backing in backends.drives:
         yield Block(drive.drive_id, ram, backing, flush=drive.cache_type == "Writeback")
     for interface, fd in backends.taps:
@@ -214,6 +244,8 @@ def attach(
 ) -> list[AttachedDevice]:
     """Create the devices over ``backends`` (which they own from here), register
     their eventfds with KVM and their windows on ``bus``."""
+    if not config.virtio_device_count:
+        return []
     attached: list[AttachedDevice] = []
     devices = list(_devices(config, ram, backends))
     backends.release()  # owned by the devices now
@@ -241,6 +273,9 @@ def attach(
 def _wire(item: AttachedDevice, vm: Vm, bus: MmioBus) -> None:
     """Give ``item``'s device its eventfds (each registered with KVM as soon as it is
     held by ``item``, which closes them), its worker and its bus window."""
+    from dksm.devices.virtio.device import DeviceWorker, Interrupt
+    from dksm.devices.virtio.transport import QUEUE_NOTIFY, MmioTransport
+
     device, where = item.device, item.slot
     for queue in range(len(device.queues)):
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

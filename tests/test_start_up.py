@@ -1,0 +1,96 @@
+"""What ``dksm run`` loads to start a VM: only the run path, and the emulation
+fallback's code read but not run until a guest needs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_kvm
+
+# Modules a VM without virtio devices, whose guest needs no emulated instruction,
+# must not import (each costs milliseconds of every start).
+NOT_ON_THE_RUN_PATH = (
+    "dksm.vmm.emulation",
+    "dksm.arch.x86_decode",
+    "dksm.arch.x86_disassemble",
+    "dksm.kvm.exits",
+    "dksm.devices.virtio.device",
+    "dksm.devices.tap",
+    "socket",
+    "logging",
+    "pydantic",
+)
+
+
+def _imported(*args: str) -> set[str]:
+    """The modules a ``dksm`` command imported, from ``python -X importtime``."""
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dksm", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}
+
+
+@requires_kvm
+def test_run_imports_neither_devices_nor_emulation_it_does_not_use() -> None:
+    imported = _imported("run", "--kernel", "hello", "--mem-mib", "16")
+    assert "dksm.vmm.builder" in imported  # the probe sees the run path itself
+    assert sorted(imported.intersection(NOT_ON_THE_RUN_PATH)) == []
+
+
+@requires_kvm
+@pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"), reason="needs a PVM host")
+def test_confined_vm_runs_the_held_emulation_fallback_when_its_guest_needs_it() -> None:
+    # sseprobe's SSE instructions exit to the VMM only after confinement, when no
+    # module file can be opened any more: the held code is what runs them.
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dksm", "run", "--kernel", "sseprobe",
+         "--mem-mib", "16", "--verbose"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "sseprobe: done" in ran.stdout
+    assert "instructions emulated in user space: 0 " not in ran.stderr
+    assert "dksm.vmm.emulation" in ran.stderr
+
+
+def test_held_module_runs_from_memory_after_its_file_is_gone(tmp_path: Path) -> None:
+    package = tmp_path / "heldpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "late.py").write_text("import os\nANSWER = 6 * 7\nWHERE = __file__\n")
+    probe = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import heldpkg\n"
+        "from dksm.vmm import held_modules\n"
+        "held_modules.hold(['heldpkg.late'])\n"
+        "assert 'heldpkg.late' not in sys.modules\n"
+        "print(held_modules.held())\n"
+        f"os.remove({str(package / 'late.py')!r})\n"
+        "sys.dont_write_bytecode = True\n"
+        "import importlib; importlib.invalidate_caches()\n"
+        "from heldpkg import late\n"
+        "print(late.ANSWER, os.path.basename(late.WHERE), held_modules.held())\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-B", "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split("\n")[:2] == ["['heldpkg.late']", "42 late.py []"]
+
+
+def test_only_source_modules_can_be_held() -> None:
+    from dksm.vmm import held_modules
+
+    with pytest.raises(ImportError, match="not a Python source module"):
+        held_modules.hold(["dksm.no_such_module_here"])
