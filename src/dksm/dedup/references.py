@@ -76,11 +76,11 @@ def admit(
             lookup = first_slots.get
             none = admission.NO_SLOT
             candidates = [int.from_bytes(lookup(key, none), "big") for key in hash_keys]
-            slots, unconfirmed = admission.confirm(pages.read, data, candidates)
+            slots, unconfirmed = admission.confirm(pages.holds, data, candidates)
             collided: set[int] = set()  # pages whose hash matched a page with other bytes
             for page in unconfirmed:  # try the other slots with that hash
                 others = index.slots_with_hash(txn, hash_keys[page])
-                found = admission.find_equal(pages.read, data, page, others)
+                found = admission.find_equal(pages.holds, data, page, others)
                 if found is None:
                     collided.add(page)
                 else:
