@@ -328,7 +328,13 @@ class PoolIndex:
             self.manifest_users = self.env.open_db(b"manifest_users", create=create)
             self.lease_manifests = self.env.open_db(b"lease_manifests", create=create)
         except lmdb.NotFoundError as error:
+            older = self._older_format()
             self.close()
+            if older is not None:  # tables a later format added: not damage
+                raise PoolError(
+                    f"the pool at {path.parent} has format {older}, and this dksm reads only "
+                    f"format {FORMAT_VERSION}; {hint}"
+                ) from error
             raise PoolDamagedError(
                 f"the pool index at {path} lacks a table ({error}): the pool is damaged; {hint}"
             ) from error
@@ -342,6 +348,17 @@ class PoolIndex:
     def close(self) -> None:
         self.env.close()
         os.close(self.dir_fd)
+
+    def _older_format(self) -> str | None:
+        """The format an index records, if it is another than this dksm's."""
+        try:
+            meta = self.env.open_db(b"meta", create=False)
+            with self.env.begin() as txn:
+                raw = txn.get(b"format", db=meta)
+        except lmdb.Error:
+            return None
+        version = None if raw is None else bytes(raw).decode("ascii", "replace")
+        return version if version not in (None, str(FORMAT_VERSION)) else None
 
     def _failure(self, action: str, error: lmdb.Error) -> DksmError:
         """LMDB's error as a sentence: damage, a full tmpfs, or anything else."""
