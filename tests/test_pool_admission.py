@@ -10,19 +10,21 @@ NONE = admission.NO_SLOT_NUMBER
 
 
 def _pages(*fills: int) -> memoryview:
-    return memoryview(b"".join(bytes([fill]) * PAGE_SIZE for fill in fills))
+    return memoryview(b"".join(bytes([fill % 256]) * PAGE_SIZE for fill in fills))
 
 
 class StoredPages:
-    """Slots holding pages, read as the pages file reads them; counts the reads."""
+    """Slots holding pages, compared as the pages file compares them; counts the
+    comparisons (first slot, pages)."""
 
     def __init__(self, *fills: int) -> None:
         self.data = bytes(_pages(*fills))
         self.reads: list[tuple[int, int]] = []
 
-    def read(self, first: int, count: int) -> bytearray:
+    def read(self, first: int, data: memoryview) -> bool:
+        count = len(data) // PAGE_SIZE
         self.reads.append((first, count))
-        return bytearray(self.data[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
+        return self.data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] == data.tobytes()
 
 
 def test_runs_group_consecutive_slots() -> None:

@@ -76,10 +76,28 @@ def add_lease_naming_a_missing_slot(directory: Path) -> None:
             txn.put(key + struct.pack(">Q", 0), pack_slots([999]), db=chunks)
 
 
+def add_lease_using_a_missing_manifest(directory: Path) -> None:
+    """A lease of a dead owner counting a use of a manifest the index lacks."""
+    me = ProcessIdentity.current()
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    with lmdb.open(str(directory / "index"), max_dbs=16) as env:
+        leases = env.open_db(b"leases", create=False)
+        uses = env.open_db(b"lease_manifests", create=False)
+        with env.begin(write=True) as txn:
+            key = struct.pack(">Q", 78)
+            txn.put(key, struct.pack(">QQQQ", me.pid, me.start_time + 1, namespace, 1), db=leases)
+            manifest = b"\x5a" * 16 + struct.pack(">Q", 1)
+            txn.put(key + manifest, struct.pack(">Q", 1), db=uses)
+
+
 DAMAGE = {
     "truncated index": (truncate_index, "was truncated"),
     "garbage index": (garble_index, "not an LMDB data file"),
     "lease naming a missing slot": (add_lease_naming_a_missing_slot, "slots [999]"),
+    "lease using a missing manifest": (
+        add_lease_using_a_missing_manifest,
+        "lease 78 uses manifest 5a5a",
+    ),
 }
 
 
@@ -102,6 +120,9 @@ def test_a_damaged_pool_is_an_error_then_verified_and_purged(pool_root: Path, da
     assert "problem(s):" in verified.stdout
     if damage == "lease naming a missing slot":
         assert "leases hold slot 999, which is not in the pool" in verified.stdout
+    elif damage == "lease using a missing manifest":
+        assert "lease 78 uses manifest 5a5a" in verified.stdout
+        assert "which does not exist" in verified.stdout
     else:
         assert problem in verified.stdout
     purged = dksm("pool", "purge", "--force", *where)

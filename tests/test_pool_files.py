@@ -168,7 +168,7 @@ def test_a_lease_holds_its_chunks_until_removed(index: PoolIndex) -> None:
         assert record is not None and record.references == 3
         assert [list(chunk) for _, chunk in index.lease_chunks(txn, lease_id)] == [[0, 1], [0]]
     with index.write() as txn:
-        assert index.remove_lease(txn, lease_id) == Counter({0: 2, 1: 1})
+        assert index.remove_lease(txn, lease_id) == (Counter({0: 2, 1: 1}), 3)
         assert index.lease(txn, lease_id) is None
         assert index.lease_ids_with_chunks(txn) == set()
 
@@ -197,6 +197,6 @@ def test_what_was_committed_is_there_when_opened_again(tmpfs: Path) -> None:
         with again.read() as txn:
             assert not again.run(txn)
             assert again.read_counters(txn)["pages_merged"] == 5
-            assert again.meta_text(txn, "format") == "1"
+            assert again.meta_text(txn, "format") == "2"
     finally:
         again.close()

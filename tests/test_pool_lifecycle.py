@@ -120,6 +120,20 @@ def test_an_index_missing_a_table_is_refused(root: Path) -> None:
         PagePool.open("damaged", root)
 
 
+def test_a_pool_of_the_format_before_manifests_is_refused_by_its_format(root: Path) -> None:
+    """Format 1 had no manifest tables: named as an older format, not as damage."""
+    PagePool.open("older", root).close()
+    with lmdb.open(str(root / "older" / "index"), max_dbs=16) as env:
+        meta = env.open_db(b"meta")
+        tables = [env.open_db(name) for name in (b"manifests", b"lease_manifests")]
+        with env.begin(write=True) as txn:
+            for table in tables:
+                txn.drop(table, delete=True)
+            txn.put(b"format", b"1", db=meta)
+    with pytest.raises(PoolError, match="has format 1, and this dksm reads only format 2"):
+        PagePool.open("older", root)
+
+
 def test_an_index_that_is_not_lmdb_is_refused(root: Path) -> None:
     PagePool.open("garbage", root).close()
     (root / "garbage" / "index" / "data.mdb").write_bytes(b"not a database" * 1000)

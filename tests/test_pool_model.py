@@ -1,6 +1,6 @@
 """The pool against a model: random sequences of admit, release, kill and sweep on a
-real PagePool on tmpfs, checked after every step against a dict of page content ->
-expected references.
+real PagePool on tmpfs (loads of content the pool knows whole go through manifests),
+checked after every step against a dict of page content -> expected references.
 
 Admitting maps pages into real anonymous memory (``map_pages``, or ``merge`` over
 memory that already holds them); killing forks a real child that opens the pool,
@@ -89,12 +89,21 @@ class PoolModel(RuleBasedStateMachine):
         self.held: list[LiveLease] = []  # what the "leases" bundle holds, in order
         self.dead_leases = 0
         self.hash: Callable[[memoryview], int] | None = None
+        self.span_hash: Callable[[memoryview], int] | None = None
 
-    @initialize(weak_hash=st.booleans())
-    def open_pool(self, weak_hash: bool) -> None:
+    @initialize(weak_hash=st.booleans(), weak_span_hash=st.booleans())
+    def open_pool(self, weak_hash: bool, weak_span_hash: bool) -> None:
         self.hash = first_byte_parity if weak_hash else None
+        # Loads of as many pages then share a manifest key half the time: only the
+        # comparison of the bytes keeps a manifest from mapping another load's pages.
+        self.span_hash = first_byte_parity if weak_span_hash else None
         self.domain = f"model-{next(_domains)}"
-        self.pool = PagePool.open(self.domain, self.root, page_hash=self.hash)
+        self.pool = self.open()
+
+    def open(self, *, sweep: bool = True) -> PagePool:
+        return PagePool.open(
+            self.domain, self.root, page_hash=self.hash, span_hash=self.span_hash, sweep=sweep
+        )
 
     @property
     def opened(self) -> PagePool:
@@ -130,7 +139,7 @@ class PoolModel(RuleBasedStateMachine):
         if pid == 0:
             try:
                 os.close(reader)
-                pool = PagePool.open(self.domain, self.root, page_hash=self.hash, sweep=False)
+                pool = self.open(sweep=False)
                 load(pool.lease(), pages, merge=False)
                 os.write(writer, b"mapped")
                 signal.pause()

@@ -1,11 +1,11 @@
 """Admission: which of a load's pages the pool already holds, and which to store.
 
 Pure functions over a load's bytes, its pages' hashes and the candidate slots the
-index named; the stored pages are read through a function given by the caller (the
-pages file's ``read``), so nothing here touches the index, a file descriptor or a
-transaction.  :mod:`dksm.dedup.references` runs them inside the write transaction
-that takes the references (the pool's invariant 3: bytes are compared before a page
-is shared).
+index named; the stored pages are compared through a function given by the caller
+(the pages file's ``holds``, which compares in place), so nothing here touches the
+index, a file descriptor or a transaction.  :mod:`dksm.dedup.references` runs them
+inside the write transaction that takes the references (the pool's invariant 3:
+bytes are compared before a page is shared).
 
 Conventions: ``slots[page]`` is a slot number, ``-1`` for a page without one yet, or
 ``-2 - i`` for a page equal to the ``i``-th page the load stores itself.
@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 
 from dksm.memory.host_mapping import PAGE_SIZE
 
-SlotReader = Callable[[int, int], bytearray]
-"""``read(first_slot, count)``: the bytes of ``count`` consecutive stored pages."""
+SlotComparer = Callable[[int, memoryview], bool]
+"""``holds(first_slot, data)``: whether consecutive stored pages from ``first_slot``
+on are exactly ``data`` (whole pages)."""
 
-# Hash matches are confirmed by reading runs of consecutive candidate slots at most
-# this long: 64 KiB buffers stay in the malloc heap instead of faulting in fresh
-# pages on every call.
-COMPARE_RUN = 16
+# Hash matches are confirmed a run of consecutive candidate slots at a time, at most
+# this long (16 MiB): one comparison in place per run, the mapping it needs bounded.
+COMPARE_RUN = 4096
 NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
 NO_SLOT_NUMBER = int.from_bytes(NO_SLOT, "big")
 
@@ -40,13 +40,12 @@ def runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def confirm(
-    read: SlotReader, data: memoryview, candidates: list[int]
+    holds: SlotComparer, data: memoryview, candidates: list[int]
 ) -> tuple[list[int], list[int]]:
     """Compare each page with its candidate slot: (slot or -1 per page, mismatched pages).
 
     ``NO_SLOT_NUMBER`` means no candidate.  Runs of pages whose candidates are
-    consecutive slots -- an image already in the pool -- are read and compared a
-    run at a time.
+    consecutive slots -- an image already in the pool -- are compared a run at a time.
     """
     count = len(candidates)
     slots = [-1] * count
@@ -62,17 +61,11 @@ def confirm(
             stop < count and stop - start < COMPARE_RUN and candidates[stop] == first + stop - start
         ):
             stop += 1
-        stored = read(first, stop - start)
-        # bytearray == memoryview is one memcmp; memoryview == x compares item by item.
-        if stored == data[start * PAGE_SIZE : stop * PAGE_SIZE]:
+        if holds(first, data[start * PAGE_SIZE : stop * PAGE_SIZE]):
             slots[start:stop] = range(first, first + stop - start)
         else:
             for page in range(start, stop):
-                offset = (page - start) * PAGE_SIZE
-                if (
-                    stored[offset : offset + PAGE_SIZE]
-                    == data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
-                ):
+                if holds(first + page - start, data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]):
                     slots[page] = first + page - start
                 else:
                     mismatched.append(page)
@@ -80,11 +73,11 @@ def confirm(
     return slots, mismatched
 
 
-def find_equal(read: SlotReader, data: memoryview, page: int, slots: list[int]) -> int | None:
+def find_equal(holds: SlotComparer, data: memoryview, page: int, slots: list[int]) -> int | None:
     """The first of ``slots`` holding exactly the bytes of ``page``, if any."""
     wanted = data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
     for slot in slots:
-        if read(slot, 1) == wanted:
+        if holds(slot, wanted):
             return slot
     return None
 

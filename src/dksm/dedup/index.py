@@ -6,14 +6,15 @@ mid-transaction loses its transaction and nothing else), and the whole database
 is a memory map, so a lookup costs no system call.  This module owns the byte
 layout; :mod:`dksm.dedup.pool` owns what the records mean for page sharing.
 
-Schema, format 1 (every integer is an unsigned 64-bit big-endian number, so that
+Schema, format 2 (every integer is an unsigned 64-bit big-endian number, so that
 LMDB's byte order of keys is their numeric order):
 
 ``meta``
     ``format`` -> ``b"1"``, ``page_size`` -> ``b"4096"``, ``layout`` -> :data:`LAYOUT`
     (ASCII), ``run`` -> ``b"1"`` or ``b"0"``, ``next_lease`` -> u64 (the next lease
-    id), ``end`` -> u64 (slots ``[0, end)`` exist in the pages file: each is either
-    in ``slots`` or inside one ``free`` range).
+    id), ``next_manifest`` -> u64 (the next manifest id), ``end`` -> u64 (slots
+    ``[0, end)`` exist in the pages file: each is either in ``slots`` or inside one
+    ``free`` range).
 ``counters``
     counter name (ASCII) -> u64: :data:`COUNTERS`.
 ``hashes`` (sorted duplicates of fixed size)
@@ -24,11 +25,22 @@ LMDB's byte order of keys is their numeric order):
     would reach 0 is deleted).
 ``leases``
     lease id -> owner pid || owner start time || owner pid namespace (inode) ||
-    references held (the sum of its chunks' lengths).
+    references held (its chunks' lengths plus, for each use of a manifest, the
+    manifest's length).
 ``lease_slots``
     lease id || chunk number -> the slots of one load call, one u64 per reference
     (a slot appears as often as the lease references it).  A chunk's number is the
     lease's reference count before it, so numbers grow and never repeat.
+``manifests``
+    span key (:data:`SPAN_KEY_SIZE` bytes: a 128-bit hash of a load's whole content
+    || its page count) -> manifest id (u64, never reused) || the slot of each page
+    (one u64 per page).  A manifest holds one reference per page to its slots
+    itself, so they keep their bytes for as long as it exists.
+``manifest_users``
+    span key -> how many uses of the manifest leases hold (u64, never 0: a manifest
+    whose last use is dropped is deleted, its references with it).
+``lease_manifests``
+    lease id || span key -> how many times the lease uses that manifest (u64).
 ``free``
     first slot of a free range -> its length.  Ranges are disjoint, never adjacent
     (adjacent ones are coalesced) and never touch ``end`` (the end moves down
@@ -96,15 +108,20 @@ Transaction: TypeAlias = "lmdb.Transaction[bytes]"
 """A transaction on the index, as this module's context managers give it: callers
 only hand it back to :class:`PoolIndex`'s methods, so LMDB is used here alone."""
 
-FORMAT_VERSION: Final = 1
-LAYOUT: Final = "meta counters hashes:dupsort,dupfixed slots leases lease_slots free"
+FORMAT_VERSION: Final = 2
+LAYOUT: Final = (
+    "meta counters hashes:dupsort,dupfixed slots leases lease_slots free "
+    "manifests manifest_users lease_manifests"
+)
 COUNTERS: Final = (
     "pages_scanned",
     "pages_merged",
     "merging_failed",
     "references",
     "merge_cpu_ns",
+    "manifest_pages",
 )
+SPAN_KEY_SIZE: Final = 24
 
 # The index holds a few dozen bytes per slot and per reference; 1 GiB of address
 # space (sparse on tmpfs) is room for tens of millions of pages.
@@ -153,6 +170,15 @@ class LeaseRecord:
     start_time: int
     pid_namespace: int  # inode of /proc/PID/ns/pid: pids mean something only inside it
     references: int
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """A load's whole content known to the pool: the slot of each of its pages."""
+
+    key: bytes
+    manifest_id: int
+    slots: array.array[int]
 
 
 @dataclass(frozen=True)
@@ -302,8 +328,17 @@ class PoolIndex:
             self.leases = self.env.open_db(b"leases", create=create)
             self.lease_slots = self.env.open_db(b"lease_slots", create=create)
             self.free = self.env.open_db(b"free", create=create)
+            self.manifests = self.env.open_db(b"manifests", create=create)
+            self.manifest_users = self.env.open_db(b"manifest_users", create=create)
+            self.lease_manifests = self.env.open_db(b"lease_manifests", create=create)
         except lmdb.NotFoundError as error:
+            older = self._older_format()
             self.close()
+            if older is not None:  # tables a later format added: not damage
+                raise PoolError(
+                    f"the pool at {path.parent} has format {older}, and this dksm reads only "
+                    f"format {FORMAT_VERSION}; {hint}"
+                ) from error
             raise PoolDamagedError(
                 f"the pool index at {path} lacks a table ({error}): the pool is damaged; {hint}"
             ) from error
@@ -317,6 +352,17 @@ class PoolIndex:
     def close(self) -> None:
         self.env.close()
         os.close(self.dir_fd)
+
+    def _older_format(self) -> str | None:
+        """The format an index records, if it is another than this dksm's."""
+        try:
+            meta = self.env.open_db(b"meta", create=False)
+            with self.env.begin() as txn:
+                raw = txn.get(b"format", db=meta)
+        except lmdb.Error:
+            return None
+        version = None if raw is None else bytes(raw).decode("ascii", "replace")
+        return version if version not in (None, str(FORMAT_VERSION)) else None
 
     def _failure(self, action: str, error: lmdb.Error) -> DksmError:
         """LMDB's error as a sentence: damage, a full tmpfs, or anything else."""
@@ -388,6 +434,7 @@ class PoolIndex:
         txn.put(b"layout", LAYOUT.encode(), db=self.meta)
         txn.put(b"run", b"1", db=self.meta)
         txn.put(b"next_lease", u64(1), db=self.meta)
+        txn.put(b"next_manifest", u64(1), db=self.meta)
         txn.put(b"end", u64(0), db=self.meta)
         for name in COUNTERS:
             txn.put(name.encode(), u64(0), db=self.counters)
@@ -415,6 +462,8 @@ class PoolIndex:
             if delta:
                 key = name.encode()
                 value = from_u64(txn.get(key, b"", db=self.counters)) + delta
+                if value < 0:
+                    raise self.damaged(f"its {name} counter would fall below zero")
                 txn.put(key, u64(value), db=self.counters)
 
     def entries(self, txn: Transaction) -> tuple[int, int]:
@@ -635,15 +684,118 @@ class PoolIndex:
     def lease_ids_with_chunks(self, txn: Transaction) -> set[int]:
         return {from_u64(key[:8]) for key in txn.cursor(db=self.lease_slots).iternext(values=False)}
 
-    def remove_lease(self, txn: Transaction, lease_id: int) -> Counter[int]:
-        """Delete a lease and its chunks; return how often it referenced each slot."""
+    def remove_lease(self, txn: Transaction, lease_id: int) -> tuple[Counter[int], int]:
+        """Delete a lease, its chunks and its uses of manifests (deleting the manifests
+        it was the last user of); return how often each slot loses a reference, and
+        how many references the lease held."""
         counts: Counter[int] = Counter()
         prefix = u64(lease_id)
+        record = self.lease(txn, lease_id)
+        held = 0
         cursor = txn.cursor(db=self.lease_slots)
         positioned = cursor.set_range(prefix)
         while positioned and cursor.key()[:8] == prefix:
-            counts.update(self._chunk(cursor.key(), cursor.value()))
+            chunk = self._chunk(cursor.key(), cursor.value())
+            counts.update(chunk)
+            held += len(chunk)
             cursor.delete()  # moves on to the next record, or unpositions at the end
             positioned = bool(cursor.key())
+        cursor = txn.cursor(db=self.lease_manifests)
+        positioned = cursor.set_range(prefix)
+        while positioned and cursor.key()[:8] == prefix:
+            key, uses = bytes(cursor.key()[8:]), self._count(cursor.key(), cursor.value())
+            manifest = self.manifest(txn, key)
+            users = self.manifest_use_count(txn, key)
+            if manifest is None or users < uses:
+                raise self.damaged(
+                    f"lease {lease_id} uses manifest {key.hex()} {uses} time(s), which "
+                    f"{'does not exist' if manifest is None else f'counts {users} use(s)'}"
+                )
+            held += uses * len(manifest.slots)
+            if users == uses:
+                counts.update(manifest.slots)
+                txn.delete(key, db=self.manifests)
+                txn.delete(key, db=self.manifest_users)
+            else:
+                txn.put(key, u64(users - uses), db=self.manifest_users)
+            cursor.delete()
+            positioned = bool(cursor.key())
         txn.delete(prefix, db=self.leases)
-        return counts
+        return counts, held if record is None else record.references
+
+    # -- manifests -------------------------------------------------------------------
+
+    def _count(self, key: bytes, raw: bytes) -> int:
+        if len(raw) != _U64.size:
+            raise self.damaged(f"record {bytes(key).hex()} holds {len(raw)} bytes, not a count")
+        return from_u64(raw)
+
+    def manifest(self, txn: Transaction, key: bytes) -> ManifestRecord | None:
+        raw = txn.get(key, db=self.manifests)
+        if raw is None:
+            return None
+        return self._manifest_record(key, raw)
+
+    def _manifest_record(self, key: bytes, raw: bytes) -> ManifestRecord:
+        if len(key) != SPAN_KEY_SIZE or len(raw) < _U64.size or len(raw) % _U64.size:
+            raise self.damaged(f"manifest {bytes(key).hex()} has a record of {len(raw)} bytes")
+        slots = unpack_slots(raw[_U64.size :])
+        if len(slots) != from_u64(key[16:]):
+            raise self.damaged(
+                f"manifest {bytes(key).hex()} names {len(slots)} slots for "
+                f"{from_u64(key[16:])} pages"
+            )
+        return ManifestRecord(bytes(key), from_u64(raw[: _U64.size]), slots)
+
+    def manifest_id(self, txn: Transaction, key: bytes) -> int | None:
+        """The id of the manifest ``key``, without reading its slots."""
+        with txn.cursor(db=self.manifests) as cursor:
+            if not cursor.set_key(key):
+                return None
+            raw = cursor.value()
+        if len(raw) < _U64.size:
+            raise self.damaged(f"manifest {key.hex()} has a record of {len(raw)} bytes")
+        return from_u64(raw[: _U64.size])
+
+    def manifest_use_count(self, txn: Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self.manifest_users)
+        return 0 if raw is None else self._count(key, raw)
+
+    def add_manifest(self, txn: Transaction, key: bytes, slots: Sequence[int]) -> int:
+        """Record a manifest naming ``slots``, unused yet; return its id.  The caller
+        has given it one reference per page to those slots."""
+        manifest_id = from_u64(txn.get(b"next_manifest", b"", db=self.meta))
+        txn.put(b"next_manifest", u64(manifest_id + 1), db=self.meta)
+        txn.put(key, u64(manifest_id) + pack_slots(slots), db=self.manifests)
+        return manifest_id
+
+    def use_manifest(self, txn: Transaction, lease: LeaseRecord, key: bytes, pages: int) -> None:
+        """Count one more use of the manifest ``key`` (of ``pages`` pages) by ``lease``."""
+        users = self.manifest_use_count(txn, key)
+        txn.put(key, u64(users + 1), db=self.manifest_users)
+        lease_key = u64(lease.lease_id) + key
+        raw = txn.get(lease_key, db=self.lease_manifests)
+        uses = 0 if raw is None else self._count(lease_key, raw)
+        txn.put(lease_key, u64(uses + 1), db=self.lease_manifests)
+        references = lease.references + pages
+        record = _LEASE_RECORD.pack(lease.pid, lease.start_time, lease.pid_namespace, references)
+        txn.put(u64(lease.lease_id), record, db=self.leases)
+
+    def manifest_records(self, txn: Transaction) -> Iterator[ManifestRecord]:
+        for key, raw in txn.cursor(db=self.manifests):
+            yield self._manifest_record(key, raw)
+
+    def manifest_use_counts(self, txn: Transaction) -> dict[bytes, int]:
+        return {
+            bytes(key): self._count(key, raw) for key, raw in txn.cursor(db=self.manifest_users)
+        }
+
+    def lease_manifest_uses(self, txn: Transaction) -> Iterator[tuple[int, bytes, int]]:
+        """(lease id, span key, uses) of every lease's use of a manifest."""
+        for key, raw in txn.cursor(db=self.lease_manifests):
+            if len(key) != 8 + SPAN_KEY_SIZE:
+                raise self.damaged(f"a lease's use of a manifest has a key of {len(key)} bytes")
+            yield from_u64(key[:8]), bytes(key[8:]), self._count(key, raw)
+
+    def manifest_count(self, txn: Transaction) -> int:
+        return int(txn.stat(self.manifests)["entries"])

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Self
 
 from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
 from dksm.dedup.pool_errors import PoolError
-from dksm.dedup.references import Admission, admit, drop_lease, reference_again
+from dksm.dedup.references import (
+    Admission,
+    admit,
+    drop_lease,
+    find_known,
+    reference_again,
+    use_known,
+)
 from dksm.dedup.store import Store, release_store
 from dksm.memory.host_mapping import PAGE_SIZE, view
 
@@ -77,9 +84,12 @@ class Lease:
         nothing is mapped and ``mapped`` is False; the caller copies the bytes itself.
         """
         self._check_usable()
-        return self._map_pages(address, memoryview(content).cast("B"), time.thread_time_ns())
+        data = memoryview(content).cast("B")
+        return self._map_pages(address, data, time.thread_time_ns(), whole=True)
 
-    def _map_pages(self, address: int, data: memoryview, started_ns: int) -> MergeResult:
+    def _map_pages(
+        self, address: int, data: memoryview, started_ns: int, *, whole: bool
+    ) -> MergeResult:
         if address % PAGE_SIZE:
             raise PoolError(f"address {address:#x} is not page aligned")
         if len(data) % PAGE_SIZE:
@@ -87,16 +97,30 @@ class Lease:
         count = len(data) // PAGE_SIZE
         if count == 0:
             return MergeResult(0, 0, 0, True, 0)
-        hash_keys = self.pool.hash_keys(data)  # outside the lock: pure CPU
-        admitted = self._admit(data, hash_keys, started_ns)
+        admitted = self._admit(data, started_ns, whole=whole)
         if admitted is None:
             return MergeResult(count, 0, 0, False, 0)
         self._references += count
         mmaps = map_slots(self._store.pages.fd, address, admitted.slots)
         return MergeResult(count, count - admitted.pages_new, admitted.pages_new, True, mmaps)
 
-    def _admit(self, data: memoryview, hash_keys: list[bytes], started_ns: int) -> Admission | None:
-        return admit(self._store, self.pool.domain, self.lease_id, data, hash_keys, started_ns)
+    def _admit(self, data: memoryview, started_ns: int, *, whole: bool) -> Admission | None:
+        """Reference ``data``'s pages under this lease: through the manifest of its
+        content when it is a whole load (an image's span) the pool already holds,
+        else page by page (making the manifest of a whole load for next time).
+        Hashing and comparing happen outside the write lock."""
+        store, domain = self._store, self.pool.domain
+        span_key = self.pool.span_key(data) if whole else None
+        if span_key is not None:
+            known = find_known(store, span_key, data)
+            if known is not None:
+                used = use_known(store, domain, self.lease_id, known, started_ns)
+                if used is None:
+                    return None
+                if used:
+                    return Admission(known.slots, 0, known)
+        hash_keys = self.pool.hash_keys(data)
+        return admit(store, domain, self.lease_id, data, hash_keys, started_ns, span_key)
 
     def reference_pages(self, content: bytes | bytearray | memoryview) -> ReferencedPages | None:
         """Find or store ``content`` (whole pages) and reference it under this lease,
@@ -109,11 +133,11 @@ class Lease:
             raise PoolError(f"{len(data)} bytes of content are not a whole number of pages")
         if not data:
             return ReferencedPages((), 0)
-        admitted = self._admit(data, self.pool.hash_keys(data), started_ns)
+        admitted = self._admit(data, started_ns, whole=True)
         if admitted is None:
             return None
         self._references += len(admitted.slots)
-        return ReferencedPages(tuple(admitted.slots), admitted.pages_new)
+        return ReferencedPages(tuple(admitted.slots), admitted.pages_new, admitted.manifest)
 
     def reference_again(self, held: ReferencedPages) -> ReferencedPages | None:
         """Reference, under this lease, pages this process already holds under another
@@ -124,6 +148,15 @@ class Lease:
         self._check_usable()
         started_ns = time.thread_time_ns()
         store, domain = self._store, self.pool.domain
+        if held.manifest is not None:
+            # The manifest still being the one compared (its id unchanged) proves its
+            # slots kept their bytes: one more use of it, nothing per page.
+            used = use_known(store, domain, self.lease_id, held.manifest, started_ns)
+            if used is None:
+                return None
+            if used:
+                self._references += len(held.slots)
+                return ReferencedPages(held.slots, 0, held.manifest)
         if not reference_again(store, domain, self.lease_id, held.slots, started_ns):
             return None
         self._references += len(held.slots)
@@ -148,7 +181,7 @@ class Lease:
             size = min(len(snapshot), length - offset)
             batch = memoryview(snapshot)[:size]
             batch[:] = region[offset : offset + size]
-            result = self._map_pages(address + offset, batch, started_ns)
+            result = self._map_pages(address + offset, batch, started_ns, whole=False)
             if not result.mapped:
                 return MergeResult(pages + result.pages, merged, new, False, mmaps)
             pages += result.pages

@@ -11,11 +11,16 @@ with nothing but ``mmap`` calls.  The invariants that make this safe are the poo
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE, HostMappingError, map_file_private_fixed
+
+if TYPE_CHECKING:
+    from dksm.dedup.index import ManifestRecord
 
 
 class MappingError(DksmError):
@@ -33,36 +38,51 @@ class MergeResult:
     mmaps: int = 0  # mmap calls made (one per run of consecutive slots)
 
 
-def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
-    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
-    mmaps = 0
-    start = 0
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first slot, length, first page) of each run of consecutive slots."""
     count = len(slots)
+    # An image stored at its first load is one run: checked in C, not page by page.
+    if (
+        count
+        and slots[-1] - slots[0] == count - 1
+        and array.array("Q", slots) == array.array("Q", range(slots[0], slots[0] + count))
+    ):
+        return [(slots[0], count, 0)]
+    found: list[tuple[int, int, int]] = []
+    start = 0
     while start < count:
         first = slots[start]
         stop = start + 1
         while stop < count and slots[stop] == first + stop - start:
             stop += 1
+        found.append((first, stop - start, start))
+        start = stop
+    return found
+
+
+def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
+    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
+    runs = slot_runs(slots)
+    for first, length, page in runs:
         try:
             map_file_private_fixed(
-                address + start * PAGE_SIZE, (stop - start) * PAGE_SIZE, pages_fd, first * PAGE_SIZE
+                address + page * PAGE_SIZE, length * PAGE_SIZE, pages_fd, first * PAGE_SIZE
             )
         except HostMappingError as error:
             raise MappingError(
-                f"cannot map pool pages at {address + start * PAGE_SIZE:#x}: {error} "
+                f"cannot map pool pages at {address + page * PAGE_SIZE:#x}: {error} "
                 "(the lease keeps its references until released)"
             ) from error
-        mmaps += 1
-        start = stop
-    return mmaps
+    return len(runs)
 
 
 @dataclass(frozen=True)
 class ReferencedPages:
     """Pages referenced under a lease but not mapped yet: which slot holds each."""
 
-    slots: tuple[int, ...]
+    slots: Sequence[int]
     pages_new: int
+    manifest: ManifestRecord | None = None  # the manifest they were referenced through
 
 
 class SlotMapper:

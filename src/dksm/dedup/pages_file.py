@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from dksm.error import DksmError
-from dksm.memory.host_mapping import PAGE_SIZE
+from dksm.memory.host_mapping import PAGE_SIZE, equals, map_file_readonly, unmap
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -52,6 +52,28 @@ class PagesFile:
         buffer = bytearray(count * PAGE_SIZE)
         self.read_into(buffer, first_slot)
         return buffer
+
+    def holds(self, first_slot: int, data: memoryview) -> bool:
+        """Whether the slots from ``first_slot`` on hold exactly ``data`` (whole pages).
+
+        Compared in place through a read-only mapping of the file, without copying
+        the stored pages out: a hole (a punched slot) reads as zeros and so differs
+        from any page that is not all zeros."""
+        length = len(data)
+        offset = first_slot * PAGE_SIZE
+        if offset + length > self.size():  # reading past the end would be SIGBUS
+            raise PagesFileError(
+                f"slot {first_slot + length // PAGE_SIZE - 1} lies beyond the end of the pool "
+                "file: the pool is damaged (purge it)"
+            )
+        try:
+            address = map_file_readonly(self.fd, offset, length)
+        except DksmError as error:
+            raise PagesFileError(f"cannot read pages of the pool file: {error}") from error
+        try:
+            return equals(address, data)
+        finally:
+            unmap(address, length)
 
     def write(self, first_slot: int, pages: Sequence[memoryview]) -> None:
         """Store ``pages`` (each one page) in consecutive slots from ``first_slot``."""

@@ -49,6 +49,21 @@ commit it maps the slots over the caller's memory, one ``mmap`` per run of
 consecutive slots.  There is no daemon: reclaim happens when a lease is released,
 and the leases of dead processes are swept by whichever process next opens the pool.
 
+Known loads in one step: a load of a whole span (an image's read-only pages) also
+gets a *manifest*, keyed by a 128-bit hash of the whole span (xxh3-128, memory speed)
+and its page count, naming the slot of each page.  The manifest holds one reference
+per page itself, and the loads that use it count one use each under their lease; it
+is deleted, its references with it, when its last use is dropped.  A later load of
+the same span hashes it once, finds the manifest (a read transaction), compares the
+span with the manifest's slots in place, a run of consecutive slots at a time, and
+then takes all its references in one write transaction that does not grow with the
+span: one more use, if the manifest still has the id it had when compared (ids are
+never reused, so it existed throughout and pinned its slots: their bytes are the
+ones compared).  Nothing is hashed, looked up or compared page by page.  A key
+matching other bytes (a collision, a pages file changed behind the pool's back)
+fails the comparison and the load goes page by page.  ``merge`` (the madvise-like
+API, over arbitrary memory) always goes page by page.
+
 Invariants
 ==========
 
@@ -58,7 +73,9 @@ Everything else relies on these:
    are recorded under its lease in the same write transaction that takes them, and
    it maps nothing before that transaction commits.  So every mapping of a slot is
    covered by a reference that outlives it; a process killed at any instant leaves
-   at worst references without mappings, which the sweep returns.
+   at worst references without mappings, which the sweep returns.  A use of a
+   manifest is such a record: it keeps the manifest, and so the manifest's own
+   references to its slots, alive until the lease is dropped.
 2. **A slot is freed only inside the write transaction that drops its last
    reference.**  LMDB admits one writer at a time, and a loader takes its
    references inside a write transaction, so no loader can find (let alone map) a
@@ -156,11 +173,15 @@ __all__ = [
     "page_key",
     "pool_directory",
     "pool_root",
+    "span_key",
     "validate_domain",
 ]
 
 PageHash = Callable[[memoryview], int]
 """A page's 64-bit hash.  Pools are shared, so every opener must use the same one."""
+SpanHash = Callable[[memoryview], int]
+"""A whole load's 128-bit hash (the key of its manifest); the same for every opener."""
+_SPAN_HASH_MASK = (1 << 128) - 1
 
 
 def page_key(page: bytes | memoryview) -> bytes:
@@ -168,6 +189,12 @@ def page_key(page: bytes | memoryview) -> bytes:
     what a caller compares with :meth:`PagePool.held_keys` to learn, without
     loading anything, which of its pages a pool already holds."""
     return xxhash.xxh3_64_digest(page)  # the big-endian bytes of the 64-bit hash
+
+
+def span_key(data: bytes | memoryview) -> bytes:
+    """The key of the manifest of a load of ``data`` (whole pages) in a pool with the
+    default hash: xxh3-128 of all of it (memory speed) and its page count."""
+    return xxhash.xxh3_128_digest(data) + (len(data) // PAGE_SIZE).to_bytes(8, "big")
 
 
 @dataclass(frozen=True)
@@ -190,6 +217,10 @@ class PoolStats:
     # Slots the pages file spans, in use or free: the size of the pool's page table
     # (the thesis's is its kernel hash table's bucket count; see docs/THESIS.md).
     hashtable_size: int = 0
+    # Loads the pool knows whole (their manifests), and the pages referenced through
+    # one with no per-page work (a subset of pages_merged).
+    manifests: int = 0
+    manifest_pages: int = 0
 
     def to_json(self) -> dict[str, int | bool]:
         return asdict(self)
@@ -213,7 +244,13 @@ def _pid_namespace() -> int:
 class PagePool:
     """One sharing domain's page pool, open in this process.  Use :meth:`open`."""
 
-    def __init__(self, store: Store, domain: str, page_hash: PageHash | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        domain: str,
+        page_hash: PageHash | None,
+        span_hash: SpanHash | None = None,
+    ) -> None:
         self._store = store
         self.domain = domain
         self.directory = store.directory
@@ -224,6 +261,15 @@ class PagePool:
         else:
             custom = page_hash
             self._hash_key = lambda page: (custom(page) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "big")
+        self.span_key: Callable[[memoryview], bytes]
+        if span_hash is None:
+            self.span_key = span_key
+        else:
+            whole = span_hash
+            self.span_key = lambda data: (
+                (whole(data) & _SPAN_HASH_MASK).to_bytes(16, "big")
+                + (len(data) // PAGE_SIZE).to_bytes(8, "big")
+            )
 
     @classmethod
     def open(
@@ -232,12 +278,14 @@ class PagePool:
         root: str | os.PathLike[str] | None = None,
         *,
         page_hash: PageHash | None = None,
+        span_hash: SpanHash | None = None,
         sweep: bool = True,
         create: bool = True,
     ) -> PagePool:
         """Open (creating if needed) a domain's pool and sweep the leases of dead owners.
 
-        ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests;
+        ``page_hash`` replaces xxh3-64, e.g. with a deliberately weak hash in tests, and
+        ``span_hash`` the xxh3-128 that keys manifests (the same for every opener);
         ``sweep=False`` leaves the sweep to an explicit :meth:`sweep` call;
         ``create=False`` raises :class:`PoolMissingError` instead of creating a pool.
         A pool (or a way to it) that another user could change is refused
@@ -245,7 +293,7 @@ class PagePool:
         (:class:`PoolDamagedError`).
         """
         store = acquire_store(domain, root, create=create)
-        pool = cls(store, domain, page_hash)
+        pool = cls(store, domain, page_hash, span_hash)
         try:
             if sweep:
                 pool.sweep()
@@ -383,6 +431,7 @@ class PagePool:
             entries, leases = store.index.entries(txn)
             run = store.index.run(txn)
             end = store.index.end(txn)
+            manifests = store.index.manifest_count(txn)
         references = counters["references"]
         return PoolStats(
             pages_scanned=counters["pages_scanned"],
@@ -397,6 +446,8 @@ class PagePool:
             file_blocks_bytes=store.pages.allocated_bytes(),
             run=run,
             hashtable_size=end,
+            manifests=manifests,
+            manifest_pages=counters["manifest_pages"],
         )
 
     def verify(self, *, check_hashes: bool = True) -> list[str]:
@@ -409,7 +460,10 @@ class PagePool:
         with store.index.inspect() as txn:
             try:
                 hash_key = self._hash_key if check_hashes else None
-                return list(consistency.problems(store.index, store.pages, txn, hash_key))
+                key_of_span = self.span_key if check_hashes else None
+                return list(
+                    consistency.problems(store.index, store.pages, txn, hash_key, key_of_span)
+                )
             except PoolDamagedError as error:  # a record too broken to read on
                 return [str(error)]
 

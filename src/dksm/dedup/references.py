@@ -1,6 +1,6 @@
 """The transactions that change what a pool holds: taking page references (finding
-or storing the pages first), dropping a lease's references, and punching space no
-slot uses.
+or storing the pages first, or all at once through a manifest), dropping a lease's
+references, and punching space no slot uses.
 
 :class:`~dksm.dedup.pool.PagePool` (sweep, hand-over) and
 :class:`~dksm.dedup.lease.Lease` (loads, release) both change the pool only through
@@ -12,6 +12,7 @@ that drops its last reference.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import time
 from collections import Counter
@@ -19,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dksm.dedup import admission
-from dksm.dedup.index import Transaction
+from dksm.dedup.index import ManifestRecord, Transaction
+from dksm.dedup.mapping import slot_runs
 from dksm.dedup.pool_errors import PoolError
 from dksm.dedup.store import Store
 from dksm.error import DksmError
@@ -30,8 +32,9 @@ from dksm.memory.host_mapping import PAGE_SIZE
 class Admission:
     """The slot of each page of a load, and how many of them it stored itself."""
 
-    slots: list[int]
+    slots: Sequence[int]
     pages_new: int
+    manifest: ManifestRecord | None = None  # the manifest the load used or made
 
 
 def _gone(lease_id: int, domain: str) -> PoolError:
@@ -48,11 +51,15 @@ def admit(
     data: memoryview,
     hash_keys: list[bytes],
     started_ns: int,
+    span_key: bytes | None = None,
 ) -> Admission | None:
     """Find or store every page and reference it under the lease, in one transaction.
 
     Returns the slot of each page, or None when the run switch is off.  The calling
-    thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.
+    thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.  With a
+    ``span_key`` (the load's whole content is an image's), a manifest of it is made
+    if none has that key yet: it takes the references and the lease uses it, so
+    the next load of the same content needs no per-page work (:func:`use_known`).
     """
     index = store.index
     pages = store.pages
@@ -69,11 +76,11 @@ def admit(
             lookup = first_slots.get
             none = admission.NO_SLOT
             candidates = [int.from_bytes(lookup(key, none), "big") for key in hash_keys]
-            slots, unconfirmed = admission.confirm(pages.read, data, candidates)
+            slots, unconfirmed = admission.confirm(pages.holds, data, candidates)
             collided: set[int] = set()  # pages whose hash matched a page with other bytes
             for page in unconfirmed:  # try the other slots with that hash
                 others = index.slots_with_hash(txn, hash_keys[page])
-                found = admission.find_equal(pages.read, data, page, others)
+                found = admission.find_equal(pages.holds, data, page, others)
                 if found is None:
                     collided.add(page)
                 else:
@@ -95,7 +102,13 @@ def admit(
                 existing = counts
             if existing:
                 index.add_references(txn, existing)
-            index.add_chunk(txn, lease, slots)
+            manifest = None
+            if span_key is not None and index.manifest(txn, span_key) is None:
+                manifest_id = index.add_manifest(txn, span_key, slots)
+                index.use_manifest(txn, lease, span_key, count)
+                manifest = ManifestRecord(span_key, manifest_id, array.array("Q", slots))
+            else:
+                index.add_chunk(txn, lease, slots)
             index.add_to_counters(
                 txn,
                 {
@@ -110,7 +123,59 @@ def admit(
         if wrote:
             _give_back_unindexed_space(store)
         raise
-    return Admission(slots, len(fresh))
+    return Admission(slots, len(fresh), manifest)
+
+
+def find_known(store: Store, span_key: bytes, data: memoryview) -> ManifestRecord | None:
+    """The manifest of ``data``'s content, if the pool has one under ``span_key`` and
+    its slots hold exactly ``data`` (compared in place, a run of slots at a time:
+    a key names a candidate, only the bytes prove it).
+
+    Runs in a read transaction and compares after it: :func:`use_known` then takes
+    the references only if the manifest is still the one compared (same id), i.e.
+    existed, and so pinned its slots, throughout."""
+    with store.index.read() as txn:
+        manifest = store.index.manifest(txn, span_key)
+    if manifest is None:
+        return None
+    slots = manifest.slots
+    for first, length, page in slot_runs(slots):
+        part = data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]
+        if not store.pages.holds(first, part):
+            return None
+    return manifest
+
+
+def use_known(
+    store: Store, domain: str, lease_id: int, manifest: ManifestRecord, started_ns: int
+) -> bool | None:
+    """Take every reference of a load through its manifest, in one write transaction
+    whose work does not grow with the load: one more use of the manifest, counted
+    under the lease.  False if the manifest changed since :func:`find_known`
+    compared it (the caller loads page by page); None when the run switch is off."""
+    index = store.index
+    count = len(manifest.slots)
+    with index.write() as txn:
+        if not index.run(txn):
+            return None
+        lease = index.lease(txn, lease_id)
+        if lease is None:
+            raise _gone(lease_id, domain)
+        current = index.manifest_id(txn, manifest.key)
+        if current != manifest.manifest_id:
+            return False
+        index.use_manifest(txn, lease, manifest.key, count)
+        index.add_to_counters(
+            txn,
+            {
+                "pages_scanned": count,
+                "pages_merged": count,
+                "references": count,
+                "manifest_pages": count,
+                "merge_cpu_ns": time.thread_time_ns() - started_ns,
+            },
+        )
+    return True
 
 
 def reference_again(
@@ -147,15 +212,14 @@ def reference_again(
 def drop_lease(store: Store, txn: Transaction, lease_id: int) -> int:
     """Remove a lease and its references, freeing (and punching) slots that reach
     zero; returns how many were freed."""
-    counts = store.index.remove_lease(txn, lease_id)
-    if not counts:
-        return 0
-    freed = store.index.drop_references(txn, counts)
+    counts, held = store.index.remove_lease(txn, lease_id)
+    freed = store.index.drop_references(txn, counts) if counts else []
+    if held:
+        store.index.add_to_counters(txn, {"references": -held})
     runs = admission.runs(sorted(freed))
     store.index.release_runs(txn, runs)
     for first, length in runs:
         store.pages.punch(first, length)
-    store.index.add_to_counters(txn, {"references": -sum(counts.values())})
     return len(freed)
 
 
