@@ -241,6 +241,9 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     sse(0x0D, NO_PREFIX, "prefetchw", operand=MEMORY_ONLY, group=1)
     sse(0xC3, NO_PREFIX, "movnti", operand=MEMORY_ONLY)
     sse(0xC7, NO_PREFIX, "cmpxchg16b", operand=MEMORY_ONLY, group=1, lockable=True)
+    # Group 9's compacting save (0F C7 /4): Linux saves its FPU state with it when
+    # the CPU has XSAVEC but not XSAVES, as this project's hosts show the guest.
+    sse(0xC7, NO_PREFIX, "xsavec", operand=MEMORY_ONLY, group=4)
     # Group 9's random-number forms (0F C7 /6, /7; 66 selects 16-bit): KVM may not
     # execute them where its CPUID list lacks them, yet dksm offers them to guests.
     for prefix in (NO_PREFIX, P66):

@@ -69,6 +69,10 @@ LEGACY_END = 416  # bytes 416-511 are never written by FXSAVE or XSAVE
 XSTATE_BV = 512
 XCOMP_BV = 520
 HEADER_END = 576
+# XCOMP_BV bit 63: the area is in the compacted format (XSAVEC, XSAVES); bits 62-0
+# say which components it holds, packed in bit order after the header.
+COMPACTED_FORMAT = 1 << 63
+COMPACTED_ALIGNMENT = 64
 YMM_HI = 576  # state component 2 (AVX): the upper halves of YMM0-15
 YMM_HI_END = 832
 XSAVE_AREA_SIZE = 4096
@@ -114,10 +118,18 @@ class VectorState:
     only when it must.
     """
 
-    __slots__ = ("area", "changed", "in_use", "layout")
+    __slots__ = ("aligned", "area", "changed", "in_use", "layout")
 
-    def __init__(self, area: bytearray, layout: dict[int, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        area: bytearray,
+        layout: dict[int, tuple[int, int]] | None = None,
+        aligned: frozenset[int] = frozenset(),
+    ) -> None:
         self.layout = dict(layout) if layout is not None else dict(DEFAULT_LAYOUT)
+        # Components that start 64-byte aligned in the compacted format
+        # (CPUID.(0xD, i):ECX bit 1).
+        self.aligned = aligned
         end = max([HEADER_END, *(offset + size for offset, size in self.layout.values())])
         if len(area) < end:
             raise ValueError(f"an XSAVE area with this layout needs at least {end} bytes")
@@ -147,12 +159,34 @@ class VectorState:
         self.area[XSTATE_BV : XSTATE_BV + 8] = self.in_use.to_bytes(8, "little")
 
     @classmethod
-    def reset(cls, layout: dict[int, tuple[int, int]] | None = None) -> VectorState:
+    def reset(
+        cls, layout: dict[int, tuple[int, int]] | None = None, aligned: frozenset[int] = frozenset()
+    ) -> VectorState:
         """The state after power-on (FCW 0x37f, MXCSR 0x1f80, registers zero)."""
         area = bytearray(XSAVE_AREA_SIZE)
         struct.pack_into("<H", area, FCW, FCW_RESET)
         struct.pack_into("<II", area, MXCSR, MXCSR_RESET, 0xFFFF)
-        return cls(area, layout)
+        return cls(area, layout, aligned)
+
+    def compacted(self, components: int) -> list[tuple[int, int, int, int]]:
+        """Where each extended component of ``components`` lies in a compacted area
+        whose XCOMP_BV holds ``components``: (bit, offset there, offset in the
+        standard-format ``area``, size), in bit order (SDM vol. 1, 13.4.3)."""
+        unknown = components & ~self.components & ~COMPACTED_FORMAT
+        if unknown:
+            raise ExecutionError(
+                "-", f"a compacted XSAVE area with components {unknown:#x}, whose layout is unknown"
+            )
+        placed = []
+        at = HEADER_END
+        for index, (standard, size) in sorted(self.layout.items()):
+            if not components >> index & 1:
+                continue
+            if index in self.aligned:
+                at = -(-at // COMPACTED_ALIGNMENT) * COMPACTED_ALIGNMENT
+            placed.append((1 << index, at, standard, size))
+            at += size
+        return placed
 
     @property
     def components(self) -> int:
@@ -861,8 +895,51 @@ def _xsave(cpu: Cpu, insn: Instruction) -> None:
     cpu.write(address, bytes(image))
 
 
+def _xsavec(cpu: Cpu, insn: Instruction) -> None:
+    """xsavec: the compacted format with the init optimization (SDM vol. 1, 13.10).
+
+    Component i is written only if requested and in use, at the place the
+    compacted format gives it among all requested ones; XSTATE_BV says which
+    were written and XCOMP_BV (bit 63 set) which were requested.  Only those two
+    header fields are written.  SSE counts as in use when MXCSR is not at its
+    reset value, as the CPU's XINUSE tracks it, so MXCSR is never lost.
+    """
+    _check_xsave(cpu, insn)
+    vec = cpu.vector()
+    rfbm = _requested(cpu, insn, vec)
+    address = _aligned(cpu, insn, 64)
+    area = vec.area
+    in_use = vec.in_use | (SSE_COMPONENT if vec.mxcsr != MXCSR_RESET else 0)
+    written = rfbm & in_use
+    placed = vec.compacted(rfbm)
+    end = max([HEADER_END, *(offset + size for _, offset, _, size in placed)])
+    image = bytearray(cpu.read(address, end))
+    if written & X87_COMPONENT:
+        image[0:MXCSR] = _x87_image(area, insn.rex_w)
+        image[ST0:XMM0] = area[ST0:XMM0]
+    if rfbm & SSE_COMPONENT:
+        image[MXCSR:ST0] = area[MXCSR:ST0]
+    if written & SSE_COMPONENT:
+        image[XMM0:LEGACY_END] = area[XMM0:LEGACY_END]
+    for bit, offset, standard, size in placed:
+        if written & bit:
+            image[offset : offset + size] = area[standard : standard + size]
+    image[XSTATE_BV:HEADER_END] = (
+        written.to_bytes(8, "little")
+        + (rfbm | COMPACTED_FORMAT).to_bytes(8, "little")
+        + image[XCOMP_BV + 8 : HEADER_END]
+    )
+    cpu.write(address, bytes(image))
+
+
 def _xrstor(cpu: Cpu, insn: Instruction) -> None:
-    """xrstor, standard format: load what XSTATE_BV marks, initialise the rest of RFBM."""
+    """xrstor: load what XSTATE_BV marks, initialise the rest of RFBM.
+
+    The area's XCOMP_BV bit 63 chooses the standard or the compacted form (SDM
+    vol. 1, 13.8), which differ in where extended components lie and in MXCSR:
+    the standard form loads it whenever SSE or AVX is requested, the compacted
+    form only with SSE's state, and resets it when SSE is initialised.
+    """
     _check_xsave(cpu, insn)
     vec = cpu.vector()
     rfbm = _requested(cpu, insn, vec)
@@ -870,19 +947,42 @@ def _xrstor(cpu: Cpu, insn: Instruction) -> None:
     header = cpu.read(address + XSTATE_BV, 64)
     xstate_bv = int.from_bytes(header[0:8], "little")
     xcomp_bv = int.from_bytes(header[8:16], "little")
-    if xcomp_bv >> 63:
-        raise ExecutionError("-", "xrstor of a compacted-format area is not emulated")
-    if xstate_bv & ~cpu.xcr0() or any(header[8:]):
-        raise ExecutionError("#GP", "xrstor of an area with an invalid XSAVE header")
-    extended = _extended(vec, rfbm)
-    end = max([LEGACY_END, *(stop for _, _, stop in extended)])
+    compacted = bool(xcomp_bv & COMPACTED_FORMAT)
+    xcr0 = cpu.xcr0()
+    if compacted:
+        held = xcomp_bv & ~COMPACTED_FORMAT
+        if held & ~xcr0 or xstate_bv & ~held or any(header[16:]):
+            raise ExecutionError("#GP", "xrstor of a compacted area with an invalid XSAVE header")
+        extended = [
+            (bit, offset, standard, size)
+            for bit, offset, standard, size in vec.compacted(held)
+            if rfbm & bit
+        ]
+        # Requested components the area does not hold (offset -1) are initialised.
+        extended += [
+            (bit, -1, start, stop - start) for bit, start, stop in _extended(vec, rfbm & ~held)
+        ]
+    else:
+        if xstate_bv & ~xcr0 or any(header[8:]):
+            raise ExecutionError("#GP", "xrstor of an area with an invalid XSAVE header")
+        extended = [(bit, start, start, stop - start) for bit, start, stop in _extended(vec, rfbm)]
+    end = max([LEGACY_END, *(offset + size for _, offset, _, size in extended if offset >= 0)])
     image = cpu.read(address, end)
-    mxcsr = int.from_bytes(image[MXCSR : MXCSR + 4], "little")
-    load_mxcsr = bool(rfbm & (SSE_COMPONENT | AVX_COMPONENT))
+    loaded = rfbm & xstate_bv
+    if compacted:
+        load_mxcsr = bool(rfbm & SSE_COMPONENT)
+        mxcsr_bytes = (
+            image[MXCSR : MXCSR + 4]
+            if loaded & SSE_COMPONENT
+            else MXCSR_RESET.to_bytes(4, "little")
+        )
+    else:
+        load_mxcsr = bool(rfbm & (SSE_COMPONENT | AVX_COMPONENT))
+        mxcsr_bytes = image[MXCSR : MXCSR + 4]
+    mxcsr = int.from_bytes(mxcsr_bytes, "little")
     if load_mxcsr and mxcsr & ~vec.mxcsr_mask:
         raise ExecutionError("#GP", f"xrstor of MXCSR {mxcsr:#x} sets reserved bits")
     area = vec.area
-    loaded = rfbm & xstate_bv
     if rfbm & X87_COMPONENT:
         if loaded & X87_COMPONENT:
             _restore_x87(area, image, insn.rex_w)
@@ -890,14 +990,16 @@ def _xrstor(cpu: Cpu, insn: Instruction) -> None:
             area[0:MXCSR] = FCW_RESET.to_bytes(2, "little") + bytes(MXCSR - 2)
             area[ST0:XMM0] = bytes(XMM0 - ST0)
     if load_mxcsr:
-        area[MXCSR : MXCSR + 4] = image[MXCSR : MXCSR + 4]
+        area[MXCSR : MXCSR + 4] = mxcsr_bytes
     if rfbm & SSE_COMPONENT:
         area[XMM0:LEGACY_END] = (
             image[XMM0:LEGACY_END] if loaded & SSE_COMPONENT else bytes(LEGACY_END - XMM0)
         )
-    for bit, start, stop in extended:
+    for bit, offset, standard, size in extended:
         # Every extended user component initialises to zeros.
-        area[start:stop] = image[start:stop] if loaded & bit else bytes(stop - start)
+        area[standard : standard + size] = (
+            image[offset : offset + size] if loaded & bit else bytes(size)
+        )
     vec.in_use = (vec.in_use & ~rfbm) | loaded
     vec.changed |= rfbm | (SSE_COMPONENT if load_mxcsr else 0)
 
@@ -969,6 +1071,7 @@ HANDLERS: dict[str, Handler] = {
     "xsave": _xsave,
     "xsaveopt": _xsave,
     "xrstor": _xrstor,
+    "xsavec": _xsavec,
 }
 
 
@@ -978,7 +1081,7 @@ def display_name(insn: Instruction) -> str:
     if insn.rex_w:
         if name == "movd":
             return "movq"
-        if name in ("fxsave", "fxrstor", "xsave", "xsaveopt", "xrstor"):
+        if name in ("fxsave", "fxrstor", "xsave", "xsaveopt", "xrstor", "xsavec"):
             return name + "64"
     elif name == "cmpxchg16b":
         return "cmpxchg8b"
