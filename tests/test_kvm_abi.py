@@ -18,6 +18,7 @@ def test_struct_sizes_match_the_kernel() -> None:
     assert ctypes.sizeof(abi.CpuidEntry2) == 40
     assert ctypes.sizeof(abi.PitConfig) == 64
     assert ctypes.sizeof(abi.LapicState) == 1024
+    assert ctypes.sizeof(abi.VcpuEvents) == 64
     assert ctypes.sizeof(abi.Xsave) == 4096
     assert ctypes.sizeof(abi.Translation) == 24
 

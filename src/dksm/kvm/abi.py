@@ -41,6 +41,8 @@ KVM_SET_XSAVE = 0x5000AEA5
 KVM_GET_XCRS = 0x8188AEA6  # _IOR(0xAE, 0xa6, struct kvm_xcrs)
 KVM_CHECK_EXTENSION = 0xAE03
 KVM_GET_TSC_KHZ = 0xAEA3  # _IO(0xAE, 0xa3), on a vCPU
+KVM_GET_VCPU_EVENTS = 0x8040AE9F  # _IOR(0xAE, 0x9f, struct kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = 0x4040AEA0  # _IOW(0xAE, 0xa0, struct kvm_vcpu_events)
 
 # KVM_CHECK_EXTENSION capabilities dksm asks about.
 KVM_CAP_SYNC_REGS = 74
@@ -265,6 +267,21 @@ class Xcrs(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("xcrs", Xcr * KVM_MAX_XCRS),
         ("padding", ctypes.c_uint64 * 16),
+    )
+
+
+class VcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events (64 bytes): pending and injected exceptions,
+    interrupts and NMIs.  Only the exception part is named; the rest travels
+    unchanged from KVM_GET_VCPU_EVENTS to KVM_SET_VCPU_EVENTS."""
+
+    _fields_ = (
+        ("exception_injected", ctypes.c_uint8),
+        ("exception_nr", ctypes.c_uint8),
+        ("exception_has_error_code", ctypes.c_uint8),
+        ("exception_pending", ctypes.c_uint8),
+        ("exception_error_code", ctypes.c_uint32),
+        ("rest", ctypes.c_uint8 * 56),
     )
 
 

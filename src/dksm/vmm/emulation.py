@@ -77,6 +77,8 @@ BATCH_LIMIT = 64
 # Decoded instructions kept (keyed by their bytes); cleared when full.
 DECODE_CACHE_LIMIT = 1 << 16
 XSAVE_CPUID_LEAF = 0xD
+INT3 = b"\xcc"
+BREAKPOINT_VECTOR = 3  # #BP
 XSAVE_COMPACTED_ALIGNED = 1 << 1  # CPUID.(0xD, i):ECX: 64-byte aligned when compacted
 
 # Page-table entry bits (SDM vol. 3, 4.5).
@@ -485,6 +487,9 @@ class EmulationFallback:
             sregs = cpu.sregs
             if not (sregs.efer & EFER_LMA and sregs.cs.l):
                 raise EmulationError(self._message(code, "only 64-bit code is emulated"))
+            if code[:1] == INT3:
+                self._breakpoint(cpu)
+                return
             if regs[RFLAGS] & FLAG_TF:
                 raise EmulationError(
                     self._message(code, "single-stepping (RFLAGS.TF) is not emulated")
@@ -515,6 +520,23 @@ class EmulationFallback:
         finally:
             self._exits += 1
             self._seconds += time.perf_counter() - start
+
+    def _breakpoint(self, cpu: VcpuCpu) -> None:
+        """int3 in kernel mode, which the PVM host's emulator refuses (Linux runs one
+        at boot to test its breakpoint handler): deliver #BP through the guest's
+        IDT.  #BP is a trap, so the return address the guest sees is the byte
+        after the int3: RIP moves past it, then KVM injects the exception."""
+        regs = cpu.regs
+        regs[RIP] = (regs[RIP] + len(INT3)) & MASK64
+        cpu.commit()
+        events = self._vcpu.get_vcpu_events()
+        events.exception_injected = 1
+        events.exception_nr = BREAKPOINT_VECTOR
+        events.exception_has_error_code = 0
+        events.exception_pending = 0
+        events.exception_error_code = 0
+        self._vcpu.set_vcpu_events(events)
+        self._count("int3")
 
     def _run_on(self, cpu: VcpuCpu) -> None:
         """Execute the instructions that follow while they are known and complete."""
