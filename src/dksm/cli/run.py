@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
         "--vcpus", type=int, default=None, help="number of vCPUs, 1 to 32 (default 1)"
     )
     parser.add_argument("--boot-args", default=None, help="kernel command line")
-    parser.add_argument("--initrd", default=None, help="initial ramdisk to load")
+    parser.add_argument(
+        "--initrd", default=None, help="initial ramdisk to load (a file, or linux-initrd)"
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -63,13 +65,13 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.config_file:
         config = from_firecracker_json(args.config_file)
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in (
                 ("mem_mib", args.mem_mib),
                 ("vcpu_count", args.vcpus),
                 ("boot_args", args.boot_args),
-                ("initrd_path", args.initrd),
+                ("initrd_path", None if args.initrd is None else resolve_image_path(args.initrd)),
             )
             if v is not None
         }
@@ -85,7 +87,7 @@ def _config(args: argparse.Namespace) -> Any:
             boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
             mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
             vcpu_count=1 if args.vcpus is None else args.vcpus,
-            initrd_path=args.initrd,
+            initrd_path=None if args.initrd is None else resolve_image_path(args.initrd),
             tsc_frequency_leaf=not args.no_tsc_leaf,
         )
     config.validate()

@@ -13,7 +13,7 @@ import os
 import struct
 
 from dksm.arch import layout
-from dksm.loader.image_format import describe_unbootable
+from dksm.loader.image_format import describe_unbootable, is_bzimage
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
 ELF_MAGIC = b"\x7fELF"
@@ -64,7 +64,7 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > mem_size + layout.HIMEM_START + (64 << 20):
+            if size > _size_limit(mem_size):
                 raise LoaderError(
                     f"{path}: {size} bytes is larger than any image this guest can hold"
                 )
@@ -74,9 +74,20 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
     return parse_elf(data, mem_size, path)
 
 
+def _size_limit(mem_size: int) -> int:
+    """The largest kernel file worth reading for a guest of ``mem_size`` bytes."""
+    return mem_size + layout.HIMEM_START + (64 << 20)
+
+
 def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
+    """Segments and entry of the ELF kernel ``data`` (or of the vmlinux inside a
+    bzImage, see :mod:`dksm.loader.bzimage`)."""
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise LoaderError(f"{path}: {describe_unbootable(data)}")
+        if not is_bzimage(data):
+            raise LoaderError(f"{path}: {describe_unbootable(data)}")
+        from dksm.loader.bzimage import extract_vmlinux
+
+        data = extract_vmlinux(data, _size_limit(mem_size), path)
     if len(data) < EHDR.size:
         raise LoaderError(f"{path}: truncated ELF header ({len(data)} bytes, need {EHDR.size})")
     (

@@ -1,0 +1,119 @@
+"""The Linux guest: fetched from Debian's packages by dksm's own set-up, cached,
+named by ``dksm guests path``, and its initramfs and bzImage as the kernel reads
+them.  Fetching skips with the reason where apt-get or the packages cannot be had.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dksm.guests import linux
+from dksm.guests.initramfs import newc_archive, regular
+from dksm.loader.elf import load_elf
+
+from conftest import dksm
+
+
+def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """name -> (mode, data, rdev) of every member, read as the kernel reads newc."""
+    members: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
+    at = 0
+    while True:
+        assert data[at : at + 6] == b"070701", f"bad magic at {at}"
+        fields = [int(data[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name_at = at + 110
+        name = data[name_at : name_at + namesize - 1].decode()
+        assert data[name_at + namesize - 1] == 0
+        body = (name_at + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return members
+        members[name] = (mode, data[body : body + size], (fields[9], fields[10]))
+        at = (body + size + 3) & ~3
+
+
+@pytest.fixture(scope="session")
+def linux_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The Linux guest, fetched once per session into a private cache."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("fetching the Linux guest needs apt-get and dpkg-deb (a Debian host)")
+    root = Path(os.environ.get(linux.CACHE_ENV) or tmp_path_factory.mktemp("guest-cache"))
+    try:
+        linux.fetch_linux(root)
+    except linux.GuestFetchError as exc:
+        pytest.skip(f"the Debian packages cannot be had here: {exc}")
+    yield root
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, linux.CACHE_ENV: str(cache)}
+
+
+def test_fetch_caches_the_kernel_and_initrd_and_path_names_them(linux_cache: Path) -> None:
+    again = dksm("guests", "fetch", "linux", env=_env(linux_cache))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("already cached: linux-image-6.")
+    kernel = dksm("guests", "path", "linux", env=_env(linux_cache))
+    initrd = dksm("guests", "path", "linux-initrd", env=_env(linux_cache))
+    assert kernel.returncode == 0 and initrd.returncode == 0
+    vmlinux = Path(kernel.stdout.strip())
+    assert vmlinux == linux_cache / "linux" / "vmlinux"
+    assert vmlinux.read_bytes()[:4] == b"\x7fELF"
+    image = load_elf(str(vmlinux), 256 << 20)
+    assert image.entry == 0x1000000  # startup_64 at the link address: no KASLR to undo
+    assert not image.segments[0].writable  # .text and .rodata: what the pool shares
+    assert Path(initrd.stdout.strip()).read_bytes()[:6] == b"070701"
+    listed = dksm("guests", "list", env=_env(linux_cache)).stdout
+    assert f"linux\t{vmlinux.stat().st_size}\t{vmlinux}" in listed
+    # The cache is the user's alone.
+    mode = (linux_cache / "linux").stat().st_mode
+    assert not mode & (stat.S_IRWXG | stat.S_IRWXO)
+
+
+def test_the_bzimage_boots_as_the_vmlinux_inside_it(linux_cache: Path) -> None:
+    directory = linux_cache / "linux"
+    from_bzimage = load_elf(str(directory / linux.BZIMAGE), 256 << 20)
+    from_vmlinux = load_elf(str(directory / linux.VMLINUX), 256 << 20)
+    assert from_bzimage.entry == from_vmlinux.entry
+    assert from_bzimage.segments == from_vmlinux.segments
+
+
+def test_the_initrd_holds_busybox_init_and_a_console(linux_cache: Path) -> None:
+    members = read_newc((linux_cache / "linux" / linux.INITRD).read_bytes())
+    mode, init, _ = members["init"]
+    assert stat.S_ISREG(mode) and mode & 0o111
+    assert init.decode() == linux.INIT_SCRIPT
+    mode, busybox, _ = members["bin/busybox"]
+    assert busybox[:4] == b"\x7fELF" and mode & 0o111
+    mode, _, rdev = members["dev/console"]
+    assert stat.S_ISCHR(mode) and rdev == (5, 1)
+    assert stat.S_ISDIR(members["proc"][0])
+
+
+def test_path_of_an_unfetched_guest_says_how_to_fetch_it(tmp_path: Path) -> None:
+    result = dksm("guests", "path", "linux", env=_env(tmp_path / "empty"))
+    assert result.returncode == 1
+    assert "has not been fetched: run 'dksm guests fetch linux'" in result.stderr
+
+
+def test_a_cache_another_user_could_write_is_refused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    result = dksm("guests", "fetch", "linux", env=_env(cache))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert f"guest cache {cache} is writable by other users" in result.stderr
+
+
+def test_newc_archives_pad_names_and_data_to_four_bytes() -> None:
+    data = newc_archive([regular("a", b"xyz"), regular("dir-name/b", b"")])
+    assert len(data) % 4 == 0
+    members = read_newc(data)
+    assert members["a"][1] == b"xyz" and members["dir-name/b"][1] == b""
