@@ -18,6 +18,7 @@ from dksm.arch.x86_execute import (
     RCX,
     RDX,
     REGISTER_COUNT,
+    RFLAGS,
     RIP,
     RSI,
     SSE_COMPONENT,
@@ -179,6 +180,16 @@ def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
 
 
 # -- MXCSR, XCR0, XSAVE ------------------------------------------------------------------
+
+
+def test_clac_and_stac_toggle_only_the_alignment_check_flag() -> None:
+    cpu = _cpu()
+    cpu.regs[RFLAGS] = 0x246
+    _run(cpu, "0f 01 cb")  # stac
+    assert cpu.regs[RFLAGS] == 0x246 | 1 << 18
+    assert cpu.regs[RIP] == 0x100003
+    _run(cpu, "0f 01 ca")  # clac
+    assert cpu.regs[RFLAGS] == 0x246
 
 
 def test_xgetbv_of_xcr1_reports_components_in_use() -> None:

@@ -233,8 +233,11 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     sse(0xAE, NO_PREFIX, "lfence", operand=REGISTER_ONLY, group=5)
     sse(0xAE, NO_PREFIX, "mfence", operand=REGISTER_ONLY, group=6)
     sse(0xAE, NO_PREFIX, "sfence", operand=REGISTER_ONLY, group=7)
-    # Group 7 (0F 01): xgetbv (D0); xsetbv is KVM's to handle.
+    # Group 7 (0F 01): xgetbv (D0); xsetbv is KVM's to handle.  clac (CA) and stac
+    # (CB) toggle SMAP's override around every user-memory access in Linux.
     sse(0x01, NO_PREFIX, "xgetbv", operand=REGISTER_ONLY, group=2, rm=0)
+    sse(0x01, NO_PREFIX, "clac", operand=REGISTER_ONLY, group=1, rm=2)
+    sse(0x01, NO_PREFIX, "stac", operand=REGISTER_ONLY, group=1, rm=3)
     # Prefetch hints (0F 18 /0-3), non-temporal GPR store, 16-byte compare-exchange.
     for digit, name in enumerate(("prefetchnta", "prefetcht0", "prefetcht1", "prefetcht2")):
         sse(0x18, NO_PREFIX, name, operand=MEMORY_ONLY, group=digit)

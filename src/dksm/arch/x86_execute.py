@@ -54,6 +54,7 @@ FLAG_ZF = 1 << 6
 FLAG_SF = 1 << 7
 FLAG_TF = 1 << 8
 FLAG_OF = 1 << 11
+FLAG_AC = 1 << 18
 
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
@@ -759,6 +760,18 @@ def _random_number(cpu: Cpu, insn: Instruction) -> None:
     regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | FLAG_CF
 
 
+def _access_check(set_it: bool) -> Handler:
+    """clac / stac: clear or set RFLAGS.AC, which lets kernel code touch user pages
+    under SMAP.  Only kernel code reaches the fallback (user code runs natively,
+    where these raise #UD at CPL 3)."""
+
+    def handler(cpu: Cpu, insn: Instruction) -> None:
+        regs = cpu.regs
+        regs[RFLAGS] = regs[RFLAGS] | FLAG_AC if set_it else regs[RFLAGS] & ~FLAG_AC & MASK64
+
+    return handler
+
+
 # -- MXCSR, XCR0 and the state-save instructions ---------------------------------------
 
 
@@ -1072,6 +1085,8 @@ HANDLERS: dict[str, Handler] = {
     "xsaveopt": _xsave,
     "xrstor": _xrstor,
     "xsavec": _xsavec,
+    "clac": _access_check(set_it=False),
+    "stac": _access_check(set_it=True),
 }
 
 
