@@ -6,12 +6,8 @@ them.  Fetching skips with the reason where apt-get or the packages cannot be ha
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from dksm.guests import linux
 from dksm.guests.initramfs import newc_archive, regular
@@ -36,19 +32,6 @@ def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
             return members
         members[name] = (mode, data[body : body + size], (fields[9], fields[10]))
         at = (body + size + 3) & ~3
-
-
-@pytest.fixture(scope="session")
-def linux_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The Linux guest, fetched once per session into a private cache."""
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("fetching the Linux guest needs apt-get and dpkg-deb (a Debian host)")
-    root = Path(os.environ.get(linux.CACHE_ENV) or tmp_path_factory.mktemp("guest-cache"))
-    try:
-        linux.fetch_linux(root)
-    except linux.GuestFetchError as exc:
-        pytest.skip(f"the Debian packages cannot be had here: {exc}")
-    yield root
 
 
 def _env(cache: Path) -> dict[str, str]:

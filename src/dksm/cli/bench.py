@@ -79,6 +79,23 @@ def register(sub: Any) -> None:
     layouts.add_argument("--mem-mib", type=int, default=16)
     layouts.add_argument("--json", action="store_true")
     layouts.set_defaults(handler=_layouts)
+    linux = bsub.add_parser(
+        "linux",
+        help="how much of a Linux kernel stays shared: page states after boot, and why "
+        "pages were copied (needs 'dksm guests fetch linux'; boots take minutes)",
+    )
+    linux.add_argument("--instances", default="1", metavar="N[,N...]", help="fleet sizes")
+    linux.add_argument(
+        "--modes",
+        default="dksm,dksm+merge",
+        help="none, dksm, dksm+merge (post-boot merge), ksm, dksm+ksm (comma-separated)",
+    )
+    linux.add_argument("--boot-args", default=None, help="the kernel command line")
+    linux.add_argument("--mem-mib", type=int, default=128)
+    linux.add_argument("--timeout", type=float, default=3600.0, metavar="S")
+    linux.add_argument("--pages-to-scan", type=int, default=None, help="ksmd's rate in ksm modes")
+    linux.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
+    linux.set_defaults(handler=_linux)
 
 
 def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -262,6 +279,40 @@ def _boot(args: argparse.Namespace) -> int:
         print(json.dumps(docs[0] if len(docs) == 1 else {"variants": docs}, indent=2))
     else:
         print("\n\n".join(r.table() for r in results))
+    return ExitStatus.OK
+
+
+def _linux(args: argparse.Namespace) -> int:
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from dksm.bench.linux import run_mode
+    from dksm.guests import guest_path
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS
+
+    kernel = str(guest_path("linux"))
+    initrd = str(guest_path("linux-initrd"))
+    settings = {} if args.pages_to_scan is None else {"pages_to_scan": args.pages_to_scan}
+    docs = []
+    for count in _ints(args.instances, "--instances"):
+        for mode in args.modes.split(","):
+            result = run_mode(
+                mode,
+                count,
+                kernel=kernel,
+                initrd=initrd,
+                boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
+                mem_mib=args.mem_mib,
+                timeout=args.timeout,
+                ksm_settings=settings,
+                log=lambda line: print(f"dksm: {line}", file=sys.stderr, flush=True),
+            )
+            docs.append(asdict(result))
+            text = json.dumps({"results": docs}, indent=2)
+            if args.out:
+                Path(args.out).write_text(text + "\n")
+    print(text)
     return ExitStatus.OK
 
 

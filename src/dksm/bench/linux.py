@@ -1,0 +1,346 @@
+"""How much of a Linux kernel stays shared: a fleet of Linux VMs, page by page.
+
+Each VM boots the fetched Debian cloud kernel with the busybox initramfs
+(:mod:`dksm.guests.linux`) to its ``/init`` line and ends (``reboot -f``); its RAM
+stays mapped until the experiment has looked at it, as a held fleet's does.  The
+VMs run in this process, one vCPU thread each, so that their memory can be read
+page by page.  Per mode:
+
+- **at load**: the kernel's read-only pages the loader mapped from the pool (the
+  read-only ``PT_LOAD``: ``.text``, ``.rodata`` and what the linker put with them);
+- **after boot**: the state of each of those pages from ``/proc/PID/pagemap``
+  (:mod:`dksm.memory.page_states`): still the pool's frame (read, or never
+  touched), or a private copy; with KSM, ``/proc/kpageflags`` says which copies
+  KSM merged;
+- **why**: every copied page of the first VM compared with the image's bytes and
+  explained by the kernel's own patch-site tables (:mod:`dksm.analyze.kernel_patching`);
+  whether the other VMs' copies hold the same bytes as the first's (identical
+  patching on identical virtual hardware);
+- **post-boot merge** (mode ``dksm+merge``): when a VM's ``/init`` prints its first
+  line, the VMM hands the kernel's copied pages to the pool's ``merge()`` once, on
+  the vCPU thread, while the vCPU is outside the guest (one vCPU: nothing else
+  writes guest RAM then).  Pages rewritten with their original bytes find their
+  pool page again; patched pages are stored once and shared by every later VM.
+- **KSM** (modes ``ksm`` and ``dksm+ksm``): guest RAM advised mergeable, ksmd at
+  the given rate in a saved-and-restored session, sampled until its counters stop
+  changing; its CPU time is ksmd's.
+
+Memory is the process's anonymous PSS plus the pool's bytes on tmpfs
+(:mod:`dksm.memory.accounting`), so the interpreter's own pages are in every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dksm.analyze.kernel_patching import explain_pages, kernel_layout
+from dksm.dedup.pool import Lease, PagePool
+from dksm.error import DksmError
+from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+from dksm.loader.elf import load_elf
+from dksm.loader.segment import PAGE_SIZE, shareable_span
+from dksm.memory.accounting import process_memory
+from dksm.memory.page_states import PageState, page_states
+from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+from dksm.vmm.machine import ExitCause
+
+MIB = 1 << 20
+LINUX_MEM_MIB = 128
+INIT_BANNER = b"dksm-init: /proc/cmdline:"
+MERGE_MODE = "dksm+merge"
+MODES = ("none", "dksm", MERGE_MODE, "ksm", "dksm+ksm")
+KSM_SAMPLE_S = 1.0
+KSM_SETTLED_S = 10.0
+KPAGEFLAGS = "/proc/kpageflags"
+KPF_KSM = 1 << 21
+PFN_MASK = (1 << 55) - 1
+
+
+class LinuxBenchError(DksmError):
+    """The Linux sharing experiment could not run; the message says why."""
+
+
+class BootWatch:
+    """A VM's console: kept in memory, with the time of the first byte and of the
+    ``/init`` banner, and a callback run (on the vCPU thread) at the banner."""
+
+    def __init__(self, on_banner: Callable[[], None] | None = None) -> None:
+        self.started = time.monotonic()
+        self.text = bytearray()
+        self.first_byte_s: float | None = None
+        self.banner_s: float | None = None
+        self.on_banner = on_banner
+
+    def write(self, data: bytes, /) -> int:
+        if self.first_byte_s is None:
+            self.first_byte_s = time.monotonic() - self.started
+        self.text += data
+        if self.banner_s is None and INIT_BANNER in self.text[-len(data) - len(INIT_BANNER) :]:
+            self.banner_s = time.monotonic() - self.started
+            if self.on_banner is not None:
+                self.on_banner()
+        return len(data)
+
+
+@dataclass
+class VmResult:
+    """One VM's boot and its kernel pages."""
+
+    boot_s: float | None
+    first_output_s: float | None
+    cause: str
+    pages_at_load: int
+    states: dict[str, int]
+    merged: int = 0  # pages the post-boot merge mapped from the pool
+    merge_cpu_s: float = 0.0
+    states_before_merge: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    instances: int
+    vms: list[VmResult]
+    memory_mib: float
+    pool_mib: float
+    ksm_cpu_s: float = 0.0
+    ksm_pages_sharing: int = 0
+    ksm_settled_s: float = 0.0
+    identical_copies: int = 0  # copied pages of VM 1.. equal to VM 0's
+    why_copied: dict[str, object] = field(default_factory=dict)
+
+
+def _kernel_ranges(kernel: str, mem_size: int) -> tuple[list[tuple[int, int]], dict[int, bytes]]:
+    """Guest ranges the pool shares, and the image's bytes of each such page."""
+    ranges = []
+    original: dict[int, bytes] = {}
+    for segment in load_elf(kernel, mem_size).segments:
+        start, end = shareable_span(segment)
+        if end > start:
+            ranges.append((start, end))
+            for address in range(start, end, PAGE_SIZE):
+                offset = address - segment.guest_addr
+                original[address] = segment.data[offset : offset + PAGE_SIZE]
+    return ranges, original
+
+
+def _states(instance: Instance, ranges: list[tuple[int, int]]) -> dict[int, PageState]:
+    base = instance.vm.memory.host_address
+    out: dict[int, PageState] = {}
+    for start, end in ranges:
+        for i, state in enumerate(
+            page_states(os.getpid(), base + start, (end - start) // PAGE_SIZE)
+        ):
+            out[start + i * PAGE_SIZE] = state
+    return out
+
+
+def _ksm_pages(addresses: list[int]) -> int:
+    """How many of these host addresses (this process) are KSM pages now."""
+    if not addresses:
+        return 0
+    count = 0
+    with open(f"/proc/{os.getpid()}/pagemap", "rb") as pagemap, open(KPAGEFLAGS, "rb") as flags:
+        for address in addresses:
+            pagemap.seek(address // PAGE_SIZE * 8)
+            entry = int.from_bytes(pagemap.read(8), "little")
+            if not entry >> 63:
+                continue
+            flags.seek((entry & PFN_MASK) * 8)
+            if int.from_bytes(flags.read(8), "little") & KPF_KSM:
+                count += 1
+    return count
+
+
+def _merge_copied(
+    instance: Instance, lease: Lease, ranges: list[tuple[int, int]], vm: VmResult
+) -> None:
+    """The post-boot merge: hand the kernel's copied pages back to the pool."""
+    started = time.thread_time()
+    states = _states(instance, ranges)
+    for state in states.values():
+        vm.states_before_merge[state.value] = vm.states_before_merge.get(state.value, 0) + 1
+    base = instance.vm.memory.host_address
+    run_start: int | None = None
+    for address in [*sorted(states), None]:
+        copied = address is not None and states[address] == PageState.ANONYMOUS
+        if copied and run_start is None:
+            run_start = address
+        contiguous = address is not None and run_start is not None and copied
+        if run_start is not None and not contiguous:
+            end = address if address is not None else max(states) + PAGE_SIZE
+            result = lease.merge(base + run_start, end - run_start)
+            vm.merged += result.pages_merged + result.pages_new
+            run_start = address if copied else None
+    vm.merge_cpu_s = time.thread_time() - started
+
+
+def run_mode(
+    mode: str,
+    count: int,
+    *,
+    kernel: str,
+    initrd: str,
+    boot_args: str = DEFAULT_BOOT_ARGS,
+    mem_mib: int = LINUX_MEM_MIB,
+    pool_root: Path | None = None,
+    timeout: float = 3600.0,
+    ksm_settings: dict[str, int] | None = None,
+    log: Callable[[str], None] = lambda _line: None,
+) -> ModeResult:
+    """Boot ``count`` Linux VMs in ``mode`` and look at their kernel pages."""
+    if mode not in MODES:
+        raise LinuxBenchError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+    dedup = DedupMode.DKSM if mode == MERGE_MODE else DedupMode.parse(mode)
+    config = VmConfig(kernel_path=kernel, initrd_path=initrd, boot_args=boot_args, mem_mib=mem_mib)
+    ranges, original = _kernel_ranges(kernel, config.mem_size)
+    domain = f"linux-bench-{os.getpid()}-{mode.replace('+', '-')}"
+    results: list[VmResult] = []
+    instances: list[Instance] = []
+    watches: list[BootWatch] = []
+    with contextlib.ExitStack() as stack:
+        session = None
+        if dedup.uses_ksm:
+            from dksm.dedup import ksm
+
+            session = stack.enter_context(ksm.KsmSession())
+            session.apply(run=0)
+        spec = InstanceSpec(config=config, dedup=dedup, domain=domain, pool_root=pool_root)
+        # One pool handle for the process (LMDB must not be opened twice in one
+        # process); a lease per VM, released after its VM is closed.
+        pool = stack.enter_context(contextlib.closing(PagePool.open(domain, pool_root)))
+        merging = threading.Lock()  # vCPU threads merge one at a time
+        for _ in range(count):
+            vm_result = VmResult(None, None, "", 0, {})
+            lease = pool.lease()
+            stack.callback(lease.release)
+            holder: list[Instance] = []
+
+            def merge(
+                holder: list[Instance] = holder, lease: Lease = lease, vm: VmResult = vm_result
+            ) -> None:
+                with merging:
+                    _merge_copied(holder[0], lease, ranges, vm)
+
+            watch = BootWatch(merge if mode == MERGE_MODE else None)
+            sharer = lease if dedup.uses_pool else None
+            instance = stack.enter_context(Instance(spec, watch, sharer=sharer))
+            holder.append(instance)
+            vm_result.pages_at_load = instance.vm.memory.pages_shared
+            instances.append(instance)
+            watches.append(watch)
+            results.append(vm_result)
+        if session is not None:
+            session.apply(run=1, **(ksm_settings or {}))
+        ksm_cpu_before = _ksmd_cpu() if session is not None else 0.0
+        log(f"{mode} x{count}: booting")
+        for instance, watch in zip(instances, watches, strict=True):
+            watch.started = time.monotonic()
+            instance.vm.start()
+        deadline = time.monotonic() + timeout
+        for index, instance in enumerate(instances):
+            left = max(0.0, deadline - time.monotonic())
+            if not instance.vm.wait(left):
+                instance.vm.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
+            outcome = instance.vm.outcome
+            results[index].cause = outcome.describe() if outcome else "?"
+            results[index].boot_s = watches[index].banner_s
+            results[index].first_output_s = watches[index].first_byte_s
+            log(
+                f"{mode} x{count}: vm {index}: {results[index].cause}, /init after "
+                f"{watches[index].banner_s} s"
+            )
+        settled = 0.0
+        if session is not None:
+            settled = _wait_ksm_settled(log)
+        result = _measure(mode, count, instances, results, ranges, original, pool)
+        if session is not None:
+            from dksm.dedup import ksm
+
+            result.ksm_cpu_s = _ksmd_cpu() - ksm_cpu_before
+            result.ksm_pages_sharing = ksm.read_counters().get("pages_sharing", 0)
+            result.ksm_settled_s = settled
+    with contextlib.closing(PagePool.open(domain, pool_root)) as pool:
+        pool.purge()  # every lease is released: the domain's pool goes too
+    return result
+
+
+def _ksmd_cpu() -> float:
+    from dksm.dedup import ksm
+
+    return ksm.ksmd_cpu_seconds()
+
+
+def _wait_ksm_settled(log: Callable[[str], None]) -> float:
+    """Sample KSM until pages_sharing has not changed for a while; seconds taken."""
+    from dksm.dedup import ksm
+
+    started = time.monotonic()
+    last = -1
+    stable_since = started
+    full_scans = ksm.read_counters().get("full_scans", 0)
+    while True:
+        time.sleep(KSM_SAMPLE_S)
+        counters = ksm.read_counters()
+        sharing = counters.get("pages_sharing", 0)
+        now = time.monotonic()
+        if sharing != last:
+            last, stable_since = sharing, now
+        if now - stable_since >= KSM_SETTLED_S and counters.get("full_scans", 0) >= full_scans + 3:
+            log(f"ksm settled: pages_sharing {sharing}")
+            return stable_since - started
+
+
+def _measure(
+    mode: str,
+    count: int,
+    instances: Sequence[Instance],
+    results: list[VmResult],
+    ranges: list[tuple[int, int]],
+    original: dict[int, bytes],
+    pool: PagePool,
+) -> ModeResult:
+    first_copies: dict[int, bytes] = {}
+    identical = 0
+    explained: list[tuple[int, bytes, bytes]] = []
+    for index, instance in enumerate(instances):
+        states = _states(instance, ranges)
+        tally: dict[str, int] = {}
+        copied = [a for a, s in states.items() if s == PageState.ANONYMOUS]
+        for state in states.values():
+            tally[state.value] = tally.get(state.value, 0) + 1
+        base = instance.vm.memory.host_address
+        if mode in ("ksm", "dksm+ksm"):
+            tally["merged by KSM"] = _ksm_pages([base + a for a in copied]) if copied else 0
+        results[index].states = tally
+        for address in copied:
+            current = instance.vm.memory.read(address, PAGE_SIZE)
+            if index == 0:
+                first_copies[address] = current
+                explained.append((address, original[address], current))
+            elif first_copies.get(address) == current:
+                identical += 1
+    usage = process_memory(os.getpid())
+    pool_bytes = pool.stats().file_blocks_bytes
+    why = (
+        explain_pages(
+            kernel_layout(Path(instances[0].spec.config.kernel_path).read_bytes()), explained
+        ).to_json()
+        if explained
+        else {}
+    )
+    return ModeResult(
+        mode=mode,
+        instances=count,
+        vms=results,
+        memory_mib=(usage.pss_anon if usage else 0) / MIB,
+        pool_mib=pool_bytes / MIB,
+        identical_copies=identical,
+        why_copied=why,
+    )
