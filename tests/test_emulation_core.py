@@ -182,6 +182,26 @@ def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
 # -- MXCSR, XCR0, XSAVE ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("code", "source", "result", "flags"),
+    [
+        ("f3 48 0f b8 c7", 0, 0, 0x40),  # popcnt %rdi, %rax: ZF for a zero source
+        ("f3 48 0f b8 c7", 0xF0F0, 8, 0),
+        ("f3 48 0f bc c7", 0, 64, 0x01),  # tzcnt: CF and the operand width
+        ("f3 48 0f bc c7", 0x8, 3, 0),
+        ("f3 0f bd c7", 0, 32, 0x01),  # lzcnt %edi, %eax
+        ("f3 0f bd c7", 0x8000_0000, 0, 0x40),  # ZF for a zero result
+    ],
+)
+def test_bit_counts_of_edge_values(code: str, source: int, result: int, flags: int) -> None:
+    cpu = _cpu()
+    cpu.regs[5] = source  # rdi
+    cpu.regs[RFLAGS] = 0x202 | 0x800  # OF stays, as on the host
+    _run(cpu, code)
+    assert cpu.regs[RAX] == result
+    assert cpu.regs[RFLAGS] == 0x202 | (0 if "b8" in code else 0x800) | flags
+
+
 def test_clac_and_stac_toggle_only_the_alignment_check_flag() -> None:
     cpu = _cpu()
     cpu.regs[RFLAGS] = 0x246

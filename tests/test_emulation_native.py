@@ -139,6 +139,17 @@ CASES += [
     "cmpxchg8b 8(%rdi)",
     "lock cmpxchg8b (%rdi)",
     "pxor %fs:(%rsi), %xmm2",
+    "popcnt %rdi, %rax",
+    "popcnt %ecx, %r9d",
+    "popcnt %bx, %dx",
+    "popcnt 8(%rsi), %r11",
+    "popcnt 4(%rsi), %eax",
+    "tzcnt %rdi, %rax",
+    "tzcnt %r8d, %ecx",
+    "tzcnt (%rsi), %rdx",
+    "lzcnt %rdi, %rax",
+    "lzcnt %r10w, %bx",
+    "lzcnt 16(%rsi), %r12d",
 ]
 
 

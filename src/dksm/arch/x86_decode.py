@@ -244,6 +244,11 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     sse(0x0D, NO_PREFIX, "prefetchw", operand=MEMORY_ONLY, group=1)
     sse(0xC3, NO_PREFIX, "movnti", operand=MEMORY_ONLY)
     sse(0xC7, NO_PREFIX, "cmpxchg16b", operand=MEMORY_ONLY, group=1, lockable=True)
+    # Bit counts on general registers (F3 0F B8/BC/BD): Linux patches popcnt into
+    # hweight*() by alternatives; tzcnt and lzcnt are their neighbours.
+    sse(0xB8, PF3, "popcnt")
+    sse(0xBC, PF3, "tzcnt")
+    sse(0xBD, PF3, "lzcnt")
     # Group 9's compacting save (0F C7 /4): Linux saves its FPU state with it when
     # the CPU has XSAVEC but not XSAVES, as this project's hosts show the guest.
     sse(0xC7, NO_PREFIX, "xsavec", operand=MEMORY_ONLY, group=4)

@@ -760,6 +760,45 @@ def _random_number(cpu: Cpu, insn: Instruction) -> None:
     regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | FLAG_CF
 
 
+def _bit_count(kind: str) -> Handler:
+    """popcnt, tzcnt, lzcnt r, r/m (16, 32 or 64 bits).
+
+    popcnt clears OF SF AF CF PF and sets ZF for a zero source; tzcnt and lzcnt
+    set CF for a zero source (the result is then the operand width) and ZF for a
+    zero result, and leave OF SF AF PF undefined: here OF is kept and the others
+    cleared, as this project's (AMD) hosts do (checked natively by the tests)."""
+
+    def handler(cpu: Cpu, insn: Instruction) -> None:
+        size = 8 if insn.rex_w else 2 if insn.operand16 else 4
+        bits = 8 * size
+        mask = (1 << bits) - 1
+        if insn.rm != NO_REGISTER:
+            source = _gpr(cpu, insn.rm) & mask
+        else:
+            source = int.from_bytes(cpu.read(effective_address(cpu, insn), size), "little")
+        flags = 0
+        cleared = FLAG_ZF | FLAG_CF | FLAG_SF | FLAG_AF | FLAG_PF
+        if kind == "popcnt":
+            result = source.bit_count()
+            flags = FLAG_ZF if source == 0 else 0
+            cleared |= FLAG_OF
+        else:
+            if kind == "tzcnt":
+                result = bits if source == 0 else (source & -source).bit_length() - 1
+            else:
+                result = bits - source.bit_length()
+            flags = (FLAG_CF if source == 0 else 0) | (FLAG_ZF if result == 0 else 0)
+        regs = cpu.regs
+        if size == 2:  # a 16-bit write keeps the register's upper bits
+            index = ENCODING_TO_INDEX[insn.reg]
+            regs[index] = (regs[index] & ~0xFFFF & MASK64) | result
+        else:
+            _set_gpr(cpu, insn.reg, result, size)
+        regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | flags
+
+    return handler
+
+
 def _access_check(set_it: bool) -> Handler:
     """clac / stac: clear or set RFLAGS.AC, which lets kernel code touch user pages
     under SMAP.  Only kernel code reaches the fallback (user code runs natively,
@@ -1085,6 +1124,9 @@ HANDLERS: dict[str, Handler] = {
     "xsaveopt": _xsave,
     "xrstor": _xrstor,
     "xsavec": _xsavec,
+    "popcnt": _bit_count("popcnt"),
+    "tzcnt": _bit_count("tzcnt"),
+    "lzcnt": _bit_count("lzcnt"),
     "clac": _access_check(set_it=False),
     "stac": _access_check(set_it=True),
 }
