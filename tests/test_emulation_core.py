@@ -151,6 +151,7 @@ def _snapshot(cpu: PlainCpu) -> tuple[list[int], bytes, bytes]:
         ("0f ae 16", "bad_mxcsr", "#GP"),  # ldmxcsr with reserved bits
         ("0f ae 2e", "compacted", "#GP"),  # xrstor: XSTATE_BV outside XCOMP_BV
         ("0f ae 2e", "compacted_unknown", "-"),  # xrstor: a component without layout
+        ("9b", "pending_x87", "#MF"),  # fwait with an unmasked x87 exception pending
     ],
 )
 def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
@@ -167,6 +168,8 @@ def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
         cpu.memory[XSTATE_BV : XSTATE_BV + 16] = (3).to_bytes(8, "little") + (1 << 63 | 1).to_bytes(
             8, "little"
         )
+    if setup == "pending_x87":
+        cpu.vector_state.area[2] = 0x80  # FSW.ES
     if setup == "compacted_unknown":
         cpu = _cpu(xcr0=0x207)
         cpu.regs[RSI] = BASE

@@ -150,6 +150,8 @@ CASES += [
     "lzcnt %rdi, %rax",
     "lzcnt %r10w, %bx",
     "lzcnt 16(%rsi), %r12d",
+    "fwait",
+    "fninit",
 ]
 
 

@@ -69,6 +69,7 @@ class Spec:
     group: int = -1
     rm: int = -1
     lockable: bool = False
+    modrm: bool = True  # False: the opcode is the whole instruction (fwait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +258,10 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     for prefix in (NO_PREFIX, P66):
         add(MAP_0F, 0xC7, prefix, Spec("rdrand", operand=REGISTER_ONLY, group=6))
         add(MAP_0F, 0xC7, prefix, Spec("rdseed", operand=REGISTER_ONLY, group=7))
+    # The x87 instructions Linux itself runs: fwait (after dropping a task's FPU
+    # state, to swallow delayed exceptions) and fninit (kernel_fpu_begin).
+    add(MAP_ONE, 0x9B, NO_PREFIX, Spec("fwait", modrm=False))
+    add(MAP_ONE, 0xDB, NO_PREFIX, Spec("fninit", operand=REGISTER_ONLY, group=4, rm=3))
     return {key: tuple(specs) for key, specs in table.items()}
 
 
@@ -407,6 +412,20 @@ def decode(code: bytes) -> Instruction:
     specs = SPECS.get(key)
     if specs is None:
         raise DecodeError(_unsupported(key))
+    if not specs[0].modrm:
+        return Instruction(
+            spec=specs[0],
+            length=at,
+            opcode=key,
+            reg=0,
+            rm=NO_REGISTER,
+            memory=None,
+            immediate=0,
+            rex_w=bool(p.rex & 8),
+            operand16=p.operand16,
+            lock=p.lock,
+            code=code[:at],
+        )
     _, reg, rm, memory, at = _modrm(code, at, p.rex, p.segment, p.address32)
     spec = _select(specs, memory is None, reg, rm)
     if spec is None:

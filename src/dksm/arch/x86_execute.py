@@ -56,6 +56,7 @@ FLAG_TF = 1 << 8
 FLAG_OF = 1 << 11
 FLAG_AC = 1 << 18
 
+CR0_MP = 1 << 1
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
 CR4_OSFXSR = 1 << 9
@@ -799,6 +800,40 @@ def _bit_count(kind: str) -> Handler:
     return handler
 
 
+FSW_ES = 1 << 7  # x87 status: an unmasked exception is pending
+
+
+def _fwait(cpu: Cpu, insn: Instruction) -> None:
+    """fwait: nothing, unless it must fault (#NM with CR0.TS and CR0.MP, #MF with an
+    unmasked x87 exception pending); those are not delivered here."""
+    cr0 = cpu.cr0
+    if cr0 & CR0_TS and cr0 & CR0_MP:
+        raise ExecutionError("#NM", "fwait with CR0.TS and CR0.MP set (lazy FPU switch)")
+    fsw = int.from_bytes(cpu.vector().area[FSW : FSW + 2], "little")
+    if fsw & FSW_ES:
+        raise ExecutionError("#MF", "fwait with an unmasked x87 exception pending")
+
+
+def _fninit(cpu: Cpu, insn: Instruction) -> None:
+    """fninit: the x87 unit's initial state (FCW 0x37f, status, tags and pointers
+    cleared); MXCSR and the XMM registers are not x87 state and stay.  The eight
+    physical registers keep their values, but TOP becomes 0, so the area, which
+    holds them in stack order ST(i) = R((TOP + i) mod 8), is rotated."""
+    cr0 = cpu.cr0
+    if cr0 & CR0_EM:
+        raise ExecutionError("#NM", "fninit with CR0.EM set")
+    if cr0 & CR0_TS:
+        raise ExecutionError("#NM", "fninit with CR0.TS set (lazy FPU switch)")
+    vec = cpu.vector()
+    area = vec.area
+    top = (int.from_bytes(area[FSW : FSW + 2], "little") >> 11) & 7
+    stack = [bytes(area[ST0 + 16 * i : ST0 + 16 * i + 16]) for i in range(8)]
+    area[ST0:XMM0] = b"".join(stack[(i - top) % 8] for i in range(8))
+    area[0:MXCSR] = FCW_RESET.to_bytes(2, "little") + bytes(MXCSR - 2)
+    vec.changed |= X87_COMPONENT
+    vec.in_use |= X87_COMPONENT
+
+
 def _access_check(set_it: bool) -> Handler:
     """clac / stac: clear or set RFLAGS.AC, which lets kernel code touch user pages
     under SMAP.  Only kernel code reaches the fallback (user code runs natively,
@@ -1124,6 +1159,8 @@ HANDLERS: dict[str, Handler] = {
     "xsaveopt": _xsave,
     "xrstor": _xrstor,
     "xsavec": _xsavec,
+    "fwait": _fwait,
+    "fninit": _fninit,
     "popcnt": _bit_count("popcnt"),
     "tzcnt": _bit_count("tzcnt"),
     "lzcnt": _bit_count("lzcnt"),
