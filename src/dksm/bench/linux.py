@@ -43,16 +43,17 @@ from dksm.analyze.kernel_patching import explain_pages, kernel_layout
 from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
 from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+from dksm.guests import linux
 from dksm.loader.elf import load_elf
 from dksm.loader.segment import PAGE_SIZE, shareable_span
 from dksm.memory.accounting import process_memory
 from dksm.memory.page_states import PageState, page_states
-from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import ExitCause
 
 MIB = 1 << 20
 LINUX_MEM_MIB = 128
-INIT_BANNER = b"dksm-init: /proc/cmdline:"
+INIT_BANNER = linux.INIT_BANNER.encode()
 MERGE_MODE = "dksm+merge"
 MODES = ("none", "dksm", MERGE_MODE, "ksm", "dksm+ksm")
 KSM_SAMPLE_S = 1.0
@@ -187,7 +188,7 @@ def run_mode(
     *,
     kernel: str,
     initrd: str,
-    boot_args: str = DEFAULT_BOOT_ARGS,
+    boot_args: str = linux.BOOT_ARGS,
     mem_mib: int = LINUX_MEM_MIB,
     pool_root: Path | None = None,
     timeout: float = 3600.0,

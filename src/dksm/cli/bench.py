@@ -288,8 +288,7 @@ def _linux(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dksm.bench.linux import run_mode
-    from dksm.guests import guest_path
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS
+    from dksm.guests import guest_path, linux
 
     kernel = str(guest_path("linux"))
     initrd = str(guest_path("linux-initrd"))
@@ -302,7 +301,7 @@ def _linux(args: argparse.Namespace) -> int:
                 count,
                 kernel=kernel,
                 initrd=initrd,
-                boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
+                boot_args=linux.BOOT_ARGS if args.boot_args is None else args.boot_args,
                 mem_mib=args.mem_mib,
                 timeout=args.timeout,
                 ksm_settings=settings,
