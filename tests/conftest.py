@@ -34,11 +34,12 @@ requires_unikraft = pytest.mark.skipif(
 )
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
-# Property-based tests run briefly by default; DKSM_HYPOTHESIS_PROFILE=long runs
-# them for minutes.  No example database: nothing is written into the checkout.
+# Property-based tests run briefly by default (CI); DKSM_HYPOTHESIS_PROFILE=long runs
+# them for minutes.  No deadline (the machine is shared) and no example database
+# (nothing is written into the checkout).  Stateful tests scale their own counts down.
 settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=200,
     stateful_step_count=10,
     deadline=None,
     database=None,
@@ -46,7 +47,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "long",
-    max_examples=1000,
+    max_examples=20_000,
     stateful_step_count=50,
     deadline=None,
     database=None,

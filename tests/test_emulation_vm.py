@@ -219,3 +219,11 @@ def test_int3_in_kernel_mode_reaches_the_guest_breakpoint_handler(asm_guest: Asm
         outcome = vm.run(timeout=30)
     assert outcome.cause == ExitCause.GUEST_SHUTDOWN, outcome.describe()
     assert sink.getvalue() == b"bp1ok"  # handler ran, return address int3 + 1, resumed
+
+
+def test_int3_is_delivered_in_a_confined_vmm(asm_guest: AsmGuest) -> None:
+    """Delivering #BP takes KVM_GET/SET_VCPU_EVENTS, which the seccomp filter of a
+    confined VMM must allow (Linux runs its int3 long after confinement)."""
+    result = dksm("run", "--kernel", str(asm_guest("breakpoint")), "--mem-mib", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "bp1ok"

@@ -44,8 +44,15 @@ def compute_checksum(rounds: int = 10) -> int:
 def test_guests_list_and_path() -> None:
     result = dksm("guests", "list")
     assert result.returncode == 0
-    names = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert {"hello", "idle", "compute", "cowprobe"} <= set(names)
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["guest", "size", "what", "it", "does"]
+    described = {row.split()[0]: row for row in rows}
+    assert {"hello", "idle", "compute", "cowprobe"} <= set(described)
+    assert "powers off" in described["hello"]  # each guest says what it does
+    assert all(len(row.split()) > 3 for row in rows)
+    paths = dksm("guests", "list", "--paths")
+    names = [line.split("\t")[0] for line in paths.stdout.splitlines()]
+    assert names == list(described)
     path = dksm("guests", "path", "hello")
     assert path.returncode == 0 and Path(path.stdout.strip()) == guest_path("hello")
     missing = dksm("guests", "path", "nosuch")

@@ -10,7 +10,8 @@ SOURCE = Path(__file__).parent.parent / "src" / "dksm"
 # way only when listed as separate levels.
 LAYERS = {
     "error": 0, "kvm": 1, "arch": 2, "loader": 3, "memory": 4, "devices": 5, "guests": 5,
-    "vmm": 6, "dedup": 7, "fleet": 8, "bench": 9, "analyze": 9, "cli": 10, "__main__": 11,
+    "vmm": 6, "dedup": 7, "fleet": 8, "bench": 9, "analyze": 9, "api": 9, "cli": 10,
+    "__main__": 11,
 }  # fmt: skip
 
 

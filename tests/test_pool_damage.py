@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,10 +43,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 
 
 @pytest.fixture
-def pool_root(tmp_path: Path) -> Path:
-    root = tmp_path / "pools"
+def pool_root() -> Iterator[Path]:
+    """A pool root of the test's own, on tmpfs as every pool root must be."""
+    holder = Path(tempfile.mkdtemp(prefix="dksm-test-damage-", dir="/dev/shm"))
+    root = holder / "pools"
     root.mkdir(mode=0o700)
-    return root
+    yield root
+    shutil.rmtree(holder, ignore_errors=True)
 
 
 def truncate_index(directory: Path) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -187,3 +188,6 @@ class PoolModel(RuleBasedStateMachine):
 
 
 TestPoolModel = PoolModel.TestCase
+# Each example forks and kills processes on a real tmpfs: a twentieth of the profile's
+# examples (25 in CI, 1,000 in the long run).
+TestPoolModel.settings = settings(max_examples=max(25, settings().max_examples // 20))

@@ -97,6 +97,14 @@ def shm_place(shm_names: Callable[[], Path]) -> Path:
 
 
 @pytest.fixture
+def shm_holder() -> Iterator[Path]:
+    """A directory of root's own on tmpfs (pool roots must be on tmpfs), removed after."""
+    holder = Path(tempfile.mkdtemp(prefix="dksm-test-trust-", dir=SHM))
+    yield holder
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+@pytest.fixture
 def victim(tmp_path: Path) -> Path:
     """Files of root's outside any pool, named like a pool's files, that a pool
     operation following a symlink would overwrite or delete."""
@@ -158,12 +166,12 @@ def plant_pool_with_injected_code(user: pwd.struct_passwd, source: Path, target:
 
 
 def test_a_pool_root_an_intruder_made_first_is_refused(
-    intruder: pwd.struct_passwd, shm_place: Path, tmp_path: Path
+    intruder: pwd.struct_passwd, shm_place: Path, shm_holder: Path
 ) -> None:
     # Before root's first run, the intruder takes the pool root's name and fills a
     # domain with a pool whose pages hold their code.
     as_intruder(intruder, f"mkdir -m 0777 {shm_place}")
-    plant_pool_with_injected_code(intruder, a_genuine_pool(tmp_path / "genuine"),
+    plant_pool_with_injected_code(intruder, a_genuine_pool(shm_holder / "genuine"),
                                   shm_place / "default")  # fmt: skip
     before = snapshot(shm_place)
     for command in (
@@ -178,13 +186,13 @@ def test_a_pool_root_an_intruder_made_first_is_refused(
 
 
 def test_a_domain_an_intruder_made_in_a_shared_pool_root_is_refused(
-    intruder: pwd.struct_passwd, shm_place: Path, tmp_path: Path
+    intruder: pwd.struct_passwd, shm_place: Path, shm_holder: Path
 ) -> None:
     # A pool root everyone may write (as if /dev/shm itself were given as the pool
     # root): the intruder makes the domain before root does.
     shm_place.mkdir()
     shm_place.chmod(0o1777)
-    plant_pool_with_injected_code(intruder, a_genuine_pool(tmp_path / "genuine"),
+    plant_pool_with_injected_code(intruder, a_genuine_pool(shm_holder / "genuine"),
                                   shm_place / "default")  # fmt: skip
     before = snapshot(shm_place)
     result = dksm("run", "--kernel", HELLO, "--mem-mib", "16", "--pool-root", str(shm_place))
@@ -194,7 +202,7 @@ def test_a_domain_an_intruder_made_in_a_shared_pool_root_is_refused(
 
 
 def test_a_domain_directory_that_is_not_roots_is_refused_in_roots_pool_root(
-    intruder: pwd.struct_passwd, shm_names: Callable[[], Path], tmp_path: Path
+    intruder: pwd.struct_passwd, shm_names: Callable[[], Path], shm_holder: Path
 ) -> None:
     # The pool root is root's own, but a domain directory in it belongs to the
     # intruder (moved there from their files by root, say): not root's to trust.
@@ -202,7 +210,7 @@ def test_a_domain_directory_that_is_not_roots_is_refused_in_roots_pool_root(
     root.mkdir(mode=0o700)
     planted = root / "tenant"
     staged = shm_names()
-    plant_pool_with_injected_code(intruder, a_genuine_pool(tmp_path / "genuine", "tenant"),
+    plant_pool_with_injected_code(intruder, a_genuine_pool(shm_holder / "genuine", "tenant"),
                                   staged)  # fmt: skip
     staged.rename(planted)
     before = snapshot(planted)
@@ -214,7 +222,7 @@ def test_a_domain_directory_that_is_not_roots_is_refused_in_roots_pool_root(
 
 
 def test_a_domain_an_intruder_swapped_for_roots_is_refused(
-    intruder: pwd.struct_passwd, shm_place: Path, tmp_path: Path
+    intruder: pwd.struct_passwd, shm_place: Path, shm_holder: Path
 ) -> None:
     # Root's pool is in use; then its pool root is left writable to everyone by
     # mistake, and the intruder renames root's domain away and puts theirs there.
@@ -224,7 +232,7 @@ def test_a_domain_an_intruder_swapped_for_roots_is_refused(
     genuine = snapshot(shm_place / "default")
     shm_place.chmod(0o777)
     as_intruder(intruder, f"mv {shm_place}/default {shm_place}/roots-old-domain")
-    plant_pool_with_injected_code(intruder, a_genuine_pool(tmp_path / "genuine"),
+    plant_pool_with_injected_code(intruder, a_genuine_pool(shm_holder / "genuine"),
                                   shm_place / "default")  # fmt: skip
     before = snapshot(shm_place)
     result = dksm("run", "--kernel", HELLO, "--mem-mib", "16", "--pool-root", str(shm_place))
@@ -307,11 +315,11 @@ def test_an_intruders_symlinks_make_root_write_or_delete_nothing_elsewhere(
     ],
 )
 def test_symlinks_inside_roots_own_pool_are_never_followed(
-    tmp_path: Path, victim: Path, planted: str, complaint: str
+    shm_holder: Path, victim: Path, planted: str, complaint: str
 ) -> None:
     # The same names planted inside root's own pool root (by a mistake, or by
     # anything that once ran as root): refused by name, not followed, not removed.
-    root = tmp_path / "pools"
+    root = shm_holder / "pools"
     root.mkdir(mode=0o700)
     domain = root / "default"
     if planted == "domain":

@@ -44,3 +44,31 @@ def test_exclusive_section_holds_the_other_vcpus_outside_the_guest(asm_guest: As
         vm.stop(ExitCause.INTERRUPTED, "test done")
         assert vm.outcome is not None
         assert not any(thread.alive() for thread in vm.threads)
+
+
+def test_pause_holds_every_vcpu_until_resume(asm_guest: AsmGuest) -> None:
+    """Pausing (PATCH /vm) takes the VM for the VMM itself: the spinning vCPU and the
+    one the guest never started are both held outside, nothing runs until resume,
+    and a VM stopped while paused ends at once."""
+    config = VmConfig(kernel_path=str(asm_guest("unclaimed_spin")), mem_mib=16, vcpu_count=2)
+    with build(config, serial_sink=Sink()) as vm:
+        vm.start()
+        deadline = time.monotonic() + 10
+        while vm.bus.unclaimed_accesses < 100:
+            assert time.monotonic() < deadline, "vCPU 0 does not run"
+            time.sleep(0.01)
+        assert vm.pause()
+        assert vm.paused
+        held_at = vm.bus.unclaimed_accesses
+        time.sleep(0.3)
+        assert vm.bus.unclaimed_accesses == held_at
+        assert vm.pause()  # pausing a paused VM is a no-op
+        vm.resume()
+        assert not vm.paused
+        time.sleep(0.3)
+        assert vm.bus.unclaimed_accesses > held_at + 10
+        assert vm.pause()
+        started = time.monotonic()
+        vm.stop(ExitCause.INTERRUPTED, "stopped while paused")
+        assert time.monotonic() - started < 5
+        assert vm.outcome is not None and vm.outcome.cause is ExitCause.INTERRUPTED

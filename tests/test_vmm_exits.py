@@ -117,3 +117,30 @@ def test_busy_guest_stops_cleanly_by_signal_and_by_timeout_every_time(
         result = dksm(*command[3:], "--timeout", f"{0.3 + 0.1 * attempt:.1f}", timeout=20)
         assert result.returncode == 5, result.stderr
         assert result.stdout == "s"
+
+
+def test_guest_writing_to_a_pipe_nobody_reads_still_stops(asm_guest: AsmGuest) -> None:
+    """The console's reader never reads: once the pipe is full the guest waits, and yet
+    the timeout and SIGTERM stop the VM with their own statuses."""
+    command = [sys.executable, "-m", "dksm", "run", "--kernel", str(asm_guest("chatter"))]
+    command += ["--dedup", "none"]
+    # At ~13 µs a byte the 64 KiB pipe is full after about a second.
+    for extra, signum, expected in ((["--timeout", "4"], None, 5), ([], signal.SIGTERM, 130)):
+        proc = subprocess.Popen(
+            [*command, *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(1) == b"x"
+        time.sleep(3.0)
+        if signum is not None:
+            proc.send_signal(signum)
+        started = time.monotonic()
+        while proc.poll() is None:
+            assert time.monotonic() - started < 10, "the VMM did not stop"
+            time.sleep(0.05)
+        assert proc.returncode == expected, proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()

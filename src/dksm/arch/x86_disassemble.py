@@ -12,9 +12,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +44,14 @@ def _with_capstone(code: bytes, address: int) -> Disassembly | None:
 
 
 def _with_objdump(code: bytes) -> Disassembly | None:
+    try:
+        # Only here: they cost milliseconds, and a confined VMM can import them no
+        # more (nor run objdump).
+        import shutil
+        import subprocess
+        import tempfile
+    except ImportError:
+        return None
     objdump = shutil.which("objdump")
     if objdump is None:
         return None

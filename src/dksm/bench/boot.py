@@ -4,9 +4,11 @@ byte, and to the process's exit.
 Each run is a fresh interpreter, as a user's ``dksm run`` is, so interpreter
 start-up and imports count: they are part of what a microVM costs to start.
 
-Variants (the same guest with different ``dksm run`` flags, e.g. with and without
-the TSC-frequency CPUID leaf) are measured interleaved, one run of each in turn, so
-that the machine's drift over the measurement falls on all of them alike.
+Variants (the same guest with different ``dksm run`` flags: with and without the
+TSC-frequency CPUID leaf, confined or with ``--no-confine``) are measured
+interleaved, one run of each in turn, so that the machine's drift over the
+measurement falls on all of them alike; :func:`median_differences` says what each
+variant costs against the first.
 """
 
 from __future__ import annotations
@@ -146,3 +148,19 @@ def measure_boot(
         )
         for name in chosen
     ]
+
+
+def median_differences(results: Sequence[BootResult]) -> dict[str, dict[str, float]]:
+    """Each variant's median minus the first variant's, to the first byte and to exit
+    (``"B - A"`` for variants A, B)."""
+    if len(results) < 2:
+        return {}
+    base = results[0]
+    return {
+        f"{r.variant} - {base.variant}": {
+            "first_byte": statistics.median(r.first_byte_ms)
+            - statistics.median(base.first_byte_ms),
+            "exit": statistics.median(r.exit_ms) - statistics.median(base.exit_ms),
+        }
+        for r in results[1:]
+    }

@@ -165,7 +165,7 @@ class FleetBenchConfig:
     def vm_configs(self) -> list[tuple[str, VmConfig]]:
         """(label, config) of each kind of VM in the fleet."""
         from dksm.guests import IMAGES_DIR, resolve_image
-        from dksm.vmm.config import from_firecracker_json
+        from dksm.vmm.config import FLEET_REFUSED_SECTIONS, from_firecracker_json
 
         kinds: list[tuple[str, VmConfig]] = []
         for image in self.images:
@@ -176,7 +176,7 @@ class FleetBenchConfig:
                 args = DEFAULT_BOOT_ARGS if self.boot_args is None else self.boot_args
             kinds.append((path.stem, VmConfig(str(path), boot_args=args, mem_mib=self.mem_mib)))
         for config_file in self.configs:
-            config = from_firecracker_json(config_file)
+            config = from_firecracker_json(config_file, refuse=FLEET_REFUSED_SECTIONS).vm
             kinds.append((Path(config.kernel_path).stem, config))
         return kinds
 

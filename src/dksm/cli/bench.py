@@ -16,7 +16,7 @@ def register(sub: Any) -> None:
     )
     boot = bsub.add_parser("boot", help="time from process start to first serial byte and exit")
     boot.add_argument("--guest", default="hello", help="shipped guest name or image path")
-    boot.add_argument("--runs", type=int, default=20)
+    boot.add_argument("--runs", type=int, default=20, help="boots to time (20)")
     boot.add_argument("--dedup", default="dksm", help="dedup mode of the runs (dksm)")
     boot.add_argument("--boot-args", default=None, help="the guest's command line")
     boot.add_argument("--initrd", default=None, help="an initial ramdisk to load")
@@ -26,10 +26,17 @@ def register(sub: Any) -> None:
         default="on",
         help="announce the TSC frequency in CPUID (on), hide it (off), or compare both",
     )
+    boot.add_argument(
+        "--confinement",
+        choices=("on", "off", "compare"),
+        default="on",
+        help="run the VMMs confined (on, as dksm run does), with --no-confine (off), or"
+        " alternate both (compare)",
+    )
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
-    density.add_argument("--image", default="idle")
+    density.add_argument("--image", default="idle", help="guest to pack (idle)")
     density.add_argument("--sizes", default="1,16,64,256", help="fleet sizes (comma-separated)")
     density.add_argument(
         "--vms-per-process",
@@ -37,27 +44,31 @@ def register(sub: Any) -> None:
         metavar="K[,K...]",
         help="VMs hosted per worker process, one run per value",
     )
-    density.add_argument("--mem-mib", type=int, default=16)
-    density.add_argument("--json", action="store_true")
+    density.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
+    density.add_argument("--json", action="store_true", help="print the results as JSON")
     density.set_defaults(handler=_density)
     merge = bsub.add_parser("merge-cost", help="CPU per merged page, dksm vs KSM (the thesis's)")
-    merge.add_argument("--processes", type=int, default=64)
+    merge.add_argument("--processes", type=int, default=64, help="processes advising (64)")
     merge.add_argument(
         "--pages",
         default="100,1000,5000,10000",
         metavar="N[,N...]",
         help="pages per process, one run per value (the thesis: 100 to 10,000)",
     )
-    merge.add_argument("--methods", default="dksm,ksm")
-    merge.add_argument("--out", default="out/merge-cost", metavar="DIR")
-    merge.add_argument("--json", action="store_true")
+    merge.add_argument("--methods", default="dksm,ksm", help="methods to compare (dksm,ksm)")
+    merge.add_argument(
+        "--out", default="out/merge-cost", metavar="DIR", help="where results and plots go"
+    )
+    merge.add_argument("--json", action="store_true", help="print the results as JSON")
     merge.set_defaults(handler=_merge_cost)
     emulation = bsub.add_parser(
         "emulation", help="cost of one instruction emulated in user space (PVM hosts)"
     )
-    emulation.add_argument("--iterations", type=int, default=2000)
-    emulation.add_argument("--runs", type=int, default=5)
-    emulation.add_argument("--json", action="store_true")
+    emulation.add_argument(
+        "--iterations", type=int, default=2000, help="instructions per run (2000)"
+    )
+    emulation.add_argument("--runs", type=int, default=5, help="runs to time (5)")
+    emulation.add_argument("--json", action="store_true", help="print the results as JSON")
     emulation.set_defaults(handler=_emulation)
     fleet = bsub.add_parser("fleet", help="memory over time of a fleet under each dedup mode")
     add_fleet_options(fleet)
@@ -76,8 +87,8 @@ def register(sub: Any) -> None:
         help="prebuilt naive images DIR/APP.elf (default: build them into a temporary "
         "directory with guests/build.py)",
     )
-    layouts.add_argument("--mem-mib", type=int, default=16)
-    layouts.add_argument("--json", action="store_true")
+    layouts.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
+    layouts.add_argument("--json", action="store_true", help="print the results as JSON")
     layouts.set_defaults(handler=_layouts)
     linux = bsub.add_parser(
         "linux",
@@ -91,8 +102,10 @@ def register(sub: Any) -> None:
         help="none, dksm, dksm+merge (post-boot merge), ksm, dksm+ksm (comma-separated)",
     )
     linux.add_argument("--boot-args", default=None, help="the kernel command line")
-    linux.add_argument("--mem-mib", type=int, default=128)
-    linux.add_argument("--timeout", type=float, default=3600.0, metavar="S")
+    linux.add_argument("--mem-mib", type=int, default=128, help="guest RAM of each VM")
+    linux.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="S", help="the longest a fleet may boot"
+    )
     linux.add_argument("--pages-to-scan", type=int, default=None, help="ksmd's rate in ksm modes")
     linux.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
     linux.set_defaults(handler=_linux)
@@ -120,7 +133,9 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
         help="command line of --image paths that are not shipped guests",
     )
     parser.add_argument("--instances", type=int, default=16 if demo else 10, help="VMs per image")
-    parser.add_argument("--modes", default="none,ksm,dksm,dksm+ksm")
+    parser.add_argument(
+        "--modes", default="none,ksm,dksm,dksm+ksm", help="dedup modes to run, in order"
+    )
     parser.add_argument(
         "--duration",
         type=float,
@@ -128,8 +143,10 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
         metavar="S",
         help="longest sampling time per mode",
     )
-    parser.add_argument("--mem-mib", type=int, default=16)
-    parser.add_argument("--vms-per-process", type=int, default=8, metavar="K")
+    parser.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
+    parser.add_argument(
+        "--vms-per-process", type=int, default=8, metavar="K", help="VMs per worker (8)"
+    )
     parser.add_argument(
         "--touch-kib",
         type=int,
@@ -138,12 +155,21 @@ def add_fleet_options(parser: argparse.ArgumentParser, *, demo: bool = False) ->
         help="RAM each guest fills with unique pages, as a running app's heap"
         " (what KSM must scan and can never merge)",
     )
-    parser.add_argument("--ksm-pages-to-scan", type=int, default=None)
-    parser.add_argument("--ksm-sleep-ms", type=int, default=None)
+    parser.add_argument(
+        "--ksm-pages-to-scan", type=int, default=None, help="ksmd pages per pass (default 100)"
+    )
+    parser.add_argument(
+        "--ksm-sleep-ms", type=int, default=None, help="ksmd sleep between passes (20)"
+    )
     parser.add_argument(
         "--ksm-advisor", action="store_true", help="let the kernel's advisor pick KSM's scan rate"
     )
-    parser.add_argument("--out", default="out/demo" if demo else "out/fleet", metavar="DIR")
+    parser.add_argument(
+        "--out",
+        default="out/demo" if demo else "out/fleet",
+        metavar="DIR",
+        help="where results and plots go",
+    )
     parser.add_argument("--json", action="store_true", help="print summary.json")
 
 
@@ -258,27 +284,41 @@ def _fleet(args: argparse.Namespace) -> int:
     return run_fleet_command(args)
 
 
+# Ways of running one axis of a boot benchmark: name and extra ``dksm run`` flags.
+_Axis = dict[str, list[tuple[str, list[str]]]]
+
+
 def _boot(args: argparse.Namespace) -> int:
-    from dksm.bench.boot import measure_boot
+    from dksm.bench.boot import measure_boot, median_differences
 
     flags = []
     if args.boot_args is not None:
         flags += ["--boot-args", args.boot_args]
     if args.initrd is not None:
         flags += ["--initrd", args.initrd]
-    with_leaf: list[str] = []
-    without_leaf = ["--no-tsc-leaf"]
+    # Each axis is one or two ways of running; every combination is a variant.
+    leaf: _Axis = {"on": [("tsc leaf", [])], "off": [("no tsc leaf", ["--no-tsc-leaf"])]}
+    leaf["both"] = leaf["on"] + leaf["off"]
+    confinement: _Axis = {"on": [("confined", [])], "off": [("unconfined", ["--no-confine"])]}
+    confinement["compare"] = confinement["on"] + confinement["off"]
     variants = {
-        "on": {"tsc leaf": with_leaf},
-        "off": {"no tsc leaf": without_leaf},
-        "both": {"tsc leaf": with_leaf, "no tsc leaf": without_leaf},
-    }[args.tsc_leaf]
+        f"{c_name}, {l_name}": [*c_flags, *l_flags]
+        for c_name, c_flags in confinement[args.confinement]
+        for l_name, l_flags in leaf[args.tsc_leaf]
+    }
     results = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
+    differences = median_differences(results)
     if args.json:
         docs = [r.to_json() for r in results]
-        print(json.dumps(docs[0] if len(docs) == 1 else {"variants": docs}, indent=2))
+        doc = docs[0] if len(docs) == 1 else {"variants": docs, "differences_ms": differences}
+        print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.table() for r in results))
+        for name, diff in differences.items():
+            print(
+                f"{name}: {diff['first_byte']:+.1f} ms to the first byte, "
+                f"{diff['exit']:+.1f} ms to exit (medians)"
+            )
     return ExitStatus.OK
 
 

@@ -13,10 +13,15 @@ def register(sub: Any) -> None:
     gsub = parser.add_subparsers(
         dest="guests_command", required=True, metavar="ACTION", prog="dksm guests"
     )
-    lister = gsub.add_parser("list", help="list guests (shipped and fetched) and their paths")
+    lister = gsub.add_parser(
+        "list", help="list the guests (shipped and fetched) and what each does"
+    )
+    lister.add_argument(
+        "--paths", action="store_true", help="print each guest's name and image path instead"
+    )
     lister.set_defaults(handler=_list)
     path = gsub.add_parser("path", help="print the image path of a guest")
-    path.add_argument("name")
+    path.add_argument("name", help="a shipped or fetched guest's name (see 'dksm guests list')")
     path.set_defaults(handler=_path)
     fetch = gsub.add_parser(
         "fetch",
@@ -29,10 +34,18 @@ def register(sub: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from dksm.guests import catalog, fetched_catalog
+    from dksm.guests import DESCRIPTIONS, catalog, fetched_catalog
 
-    for name, path in {**catalog(), **fetched_catalog()}.items():
-        print(f"{name}\t{path.stat().st_size}\t{path}")
+    images = {**catalog(), **fetched_catalog()}
+    if args.paths:
+        for name, path in images.items():
+            print(f"{name}\t{path}")
+        return ExitStatus.OK
+    width = max((len(name) for name in images), default=5)
+    print(f"{'guest':<{width}}  {'size':>8}  what it does")
+    for name, path in images.items():
+        size = f"{path.stat().st_size // 1024} KiB"
+        print(f"{name:<{width}}  {size:>8}  {DESCRIPTIONS.get(name, '')}")
     return ExitStatus.OK
 
 

@@ -17,7 +17,12 @@ def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-COMMANDS = ("run", "guests", "fleet", "pool", "bench", "analyze", "demo")
+COMMANDS = ("run", "vmm", "guests", "fleet", "pool", "bench", "analyze", "demo")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM ends a dksm command as Ctrl-C does: as an exception in the main thread."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
 def _terminal_width() -> int:
@@ -90,8 +95,17 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    install_signal_handlers()
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["--version"]:
+        from dksm import __version__
+
+        print(f"dksm {__version__}")
+        return ExitStatus.OK
+    if words[:1] == ["vmm"]:  # Firecracker's flags and exit statuses, not dksm's
+        from dksm.cli.vmm import run
+
+        return run(words[1:], "dksm vmm")
     parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     args = parser.parse_args(words)
     try:
@@ -104,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return _BROKEN_PIPE_STATUS
     except DksmError as exc:
-        print(f"dksm: error: {exc}", file=sys.stderr)
+        # One line per problem (a config document may have several), each escaped so
+        # that a path holding a newline cannot split it.
+        for line in exc.lines():
+            print(f"dksm: error: {line}", file=sys.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         print("dksm: interrupted", file=sys.stderr)

@@ -25,10 +25,12 @@ def register(sub: Any) -> None:
     }
     for name, (text, handler) in actions.items():
         action = psub.add_parser(name, help=text)
-        action.add_argument("--domain", default="default")
-        action.add_argument("--pool-root", default=None, metavar="DIR")
+        action.add_argument("--domain", default="default", help="the sharing domain ('default')")
+        action.add_argument(
+            "--pool-root", default=None, metavar="DIR", help="the pool root, on tmpfs"
+        )
         if name == "stats":
-            action.add_argument("--json", action="store_true")
+            action.add_argument("--json", action="store_true", help="print the counters as JSON")
         if name == "purge":
             action.add_argument(
                 "--force",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import CAUSE_STATUS, ExitStatus
+
+if TYPE_CHECKING:
+    from dksm.vmm.confinement import Credentials
 
 
 class SerialOutputError(DksmError):
@@ -44,9 +47,14 @@ def register(sub: Any) -> None:
         help="do not announce the TSC frequency in CPUID 0x40000010 (guests calibrate it)",
     )
     parser.add_argument(
-        "--dedup", default="dksm", metavar="MODE", help="none, ksm, dksm (default) or dksm+ksm"
+        "--dedup",
+        default=None,
+        metavar="MODE",
+        help="none, ksm, dksm (default) or dksm+ksm: how guest memory is deduplicated",
     )
-    parser.add_argument("--domain", default="default", help="page-pool sharing domain")
+    parser.add_argument(
+        "--domain", default=None, help="page-pool sharing domain (default 'default')"
+    )
     parser.add_argument(
         "--pool-root", default=None, metavar="DIR", help="page-pool directory on tmpfs"
     )
@@ -56,22 +64,63 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
     )
+    add_confinement_options(parser)
     parser.set_defaults(handler=handle)
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from dksm.guests import resolve_image_path
-    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig, from_firecracker_json
+def add_confinement_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--uid",
+        metavar="ID",
+        help="user (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nobody; else the current user)",
+    )
+    parser.add_argument(
+        "--gid",
+        metavar="ID",
+        help="group (id or name) the VMM runs as once its VM is built"
+        " (as root: 65534, nogroup; else the current group)",
+    )
+    parser.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="keep this process's privileges and install no seccomp filter",
+    )
 
-    if args.config_file:
-        config = from_firecracker_json(args.config_file)
+
+def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
+    """Who the VMM becomes once built, or None when confinement is turned off."""
+    if args.no_confine:
+        if args.uid is not None or args.gid is not None:
+            raise DksmError("--uid and --gid confine the VMM; they cannot go with --no-confine")
+        return None
+    from dksm.vmm.confinement import credentials
+
+    return credentials(args.uid, args.gid)
+
+
+def _config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The VM config and, with --config-file, the file it came from (else None)."""
+    from dksm.guests import resolve_image_path, resolve_initrd_path
+    from dksm.loader.host_file import check_path
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig
+
+    if args.initrd is not None:
+        check_path(args.initrd, "initrd")  # the builder takes an empty path for none
+    if args.info_file is not None:
+        check_path(args.info_file, "info file")  # before a VM is built for nothing
+    if args.config_file is not None:
+        from dksm.vmm.config import FRONT_DOOR_SECTIONS, from_firecracker_json
+
+        config_file = from_firecracker_json(args.config_file, refuse=FRONT_DOOR_SECTIONS)
+        config = config_file.vm
         overrides: dict[str, Any] = {
             k: v
             for k, v in (
                 ("mem_mib", args.mem_mib),
                 ("vcpu_count", args.vcpus),
                 ("boot_args", args.boot_args),
-                ("initrd_path", None if args.initrd is None else resolve_image_path(args.initrd)),
+                ("initrd_path", None if args.initrd is None else resolve_initrd_path(args.initrd)),
             )
             if v is not None
         }
@@ -81,27 +130,25 @@ def _config(args: argparse.Namespace) -> Any:
             from dataclasses import replace
 
             config = replace(config, **overrides)
-    else:
-        config = VmConfig(
-            kernel_path=resolve_image_path(args.kernel),
-            boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
-            mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
-            vcpu_count=1 if args.vcpus is None else args.vcpus,
-            initrd_path=None if args.initrd is None else resolve_image_path(args.initrd),
-            tsc_frequency_leaf=not args.no_tsc_leaf,
-        )
+        config.validate()
+        return config, config_file
+    config = VmConfig(
+        kernel_path=resolve_image_path(args.kernel),
+        boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
+        mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
+        vcpu_count=1 if args.vcpus is None else args.vcpus,
+        initrd_path=None if args.initrd is None else resolve_initrd_path(args.initrd),
+        tsc_frequency_leaf=not args.no_tsc_leaf,
+    )
     config.validate()
-    return config
+    return config, None
 
 
-def _serial_sink(path: str | None) -> BinaryIO:
+def _serial_sink(path: str | None) -> Any:
     """Unbuffered: guest output appears as it is written and survives a crash."""
-    if path is None:
-        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    try:
-        return open(path, "wb", buffering=0)
-    except OSError as exc:
-        raise SerialOutputError(f"cannot open serial output {path}: {exc.strerror}") from exc
+    from dksm.vmm.console_output import open_console_output
+
+    return open_console_output(path)
 
 
 def _path(text: str) -> Any:
@@ -110,29 +157,51 @@ def _path(text: str) -> Any:
     return pool_root(text)  # refuses "" (which Path would make the current directory)
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is given (not None)."""
+    return next((v for v in values if v is not None), None)
+
+
 def handle(args: argparse.Namespace) -> int:
-    from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
+    from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
     from dksm.vmm.console_input import ConsoleInput
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise DksmError(f"--timeout must be positive, not {args.timeout:g}")
-    config = _config(args)
+    if args.timeout is not None and not 0 < args.timeout < math.inf:
+        raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    config, config_file = _config(args)
+    target = confinement_credentials(args)
+    # A flag given wins over the file's "dksm" object, which wins over the defaults.
+    dedup = _first(args.dedup, config_file and config_file.dedup, DedupMode.DKSM.value)
+    domain = _first(args.domain, config_file and config_file.domain, DEFAULT_DOMAIN)
+    pool_root = _first(args.pool_root, config_file and config_file.pool_root)
     spec = InstanceSpec(
         config=config,
-        dedup=DedupMode.parse(args.dedup),
-        domain=args.domain,
-        pool_root=None if args.pool_root is None else _path(args.pool_root),
+        dedup=DedupMode.parse(dedup),
+        domain=domain,
+        pool_root=None if pool_root is None else _path(pool_root),
     )
-    sys.stdout.flush()
-    with _serial_sink(args.serial_out) as sink, Instance(spec, sink) as instance:
-        if args.info_file:
+    serial_out = _first(args.serial_out, config_file and config_file.serial_out_path)
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    with _serial_sink(serial_out) as sink, Instance(spec, sink) as instance:
+        sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
+        if args.info_file is not None:
             instance.write_info(args.info_file)
-        # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin.
-        with ConsoleInput(sys.stdin.fileno(), instance.vm.serial):
+        # The guest's COM1 reads what dksm reads, as Firecracker forwards its stdin
+        # (the terminal is switched to character mode before the filter is on, the
+        # reader thread started after, so that it gives up what the process does).
+        with ConsoleInput(sys.stdin.fileno(), instance.vm.serial) as console:
+            if target is not None:
+                from dksm.vmm.confinement import Confinement
+
+                Confinement(target).apply()  # from here on, no new file and no privilege
+            console.start()
             outcome = instance.run(timeout=args.timeout)
     status = CAUSE_STATUS[outcome.cause]
     if status != ExitStatus.OK:
-        print(f"dksm: {outcome.describe()}", file=sys.stderr)
+        # Exit status 1 is bad input or environment, said the same way as any other.
+        error = "error: " if status == ExitStatus.ERROR else ""
+        print(f"dksm: {error}{outcome.describe()}", file=sys.stderr)
         if args.verbose and outcome.registers:
             print(outcome.registers, file=sys.stderr)
     if args.verbose:

@@ -92,8 +92,9 @@ def default_pool_root() -> Path:
 
 def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
     """The directory holding every domain's pool: ``root``, else $DKSM_POOL_ROOT, else
-    :func:`default_pool_root`.  A given root must name a directory: the empty string
-    is refused rather than taken as the current directory."""
+    :func:`default_pool_root`.  A given root must name a directory on tmpfs: the
+    empty string is refused rather than taken as the current directory."""
+    given = root is not None or bool(os.environ.get(POOL_ROOT_ENV))
     if root is None:
         root = os.environ.get(POOL_ROOT_ENV) or default_pool_root()
     text = os.fspath(root)
@@ -108,7 +109,38 @@ def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
         os.fsencode(text)
     except UnicodeEncodeError:
         raise PoolError(f"the pool root {text!r} is not a valid file name here") from None
-    return Path(os.path.abspath(text))
+    path = Path(os.path.abspath(text))
+    if given:
+        _require_tmpfs(path)
+    return path
+
+
+TMPFS_MAGIC: Final = 0x01021994  # linux/magic.h
+STATFS_SIZE: Final = 120  # struct statfs on x86-64; f_type is its first (long) field
+
+
+def _filesystem_type(path: Path) -> int | None:
+    """statfs(2)'s f_type of the file system holding ``path`` (or the nearest
+    existing directory above it: the pool root may not exist yet)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(STATFS_SIZE)
+    for candidate in (path, *path.parents):
+        if libc.statfs(os.fsencode(candidate), buffer) == 0:
+            return int.from_bytes(buffer.raw[:8], "little")
+    return None
+
+
+def _require_tmpfs(path: Path) -> None:
+    """Pool pages must be page-cache pages in memory: a pool root elsewhere would put
+    guest code on disk and make every load write it there."""
+    kind = _filesystem_type(path)
+    if kind is not None and kind != TMPFS_MAGIC:
+        raise PoolError(
+            f"the pool root {path} is not on tmpfs (file system type {kind:#x}): "
+            "choose a directory under /dev/shm"
+        )
 
 
 def pool_directory(

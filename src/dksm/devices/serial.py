@@ -61,6 +61,30 @@ class ByteSink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
+class GuardedSink:
+    """A sink whose first write error (a full disk, a reader that went away) is
+    handed to ``on_error``, which ends the VM, instead of escaping into the vCPU
+    loop as if it were a VMM bug; the bytes after it are dropped.  ``on_error`` is
+    set once the VM exists, before the guest can write."""
+
+    def __init__(self, sink: ByteSink) -> None:
+        self.sink = sink
+        self.on_error: Callable[[OSError], None] | None = None
+        self.error: OSError | None = None
+
+    def write(self, data: bytes, /) -> object:
+        if self.error is not None:
+            return 0
+        try:
+            return self.sink.write(data)
+        except OSError as exc:
+            self.error = exc
+            if self.on_error is None:
+                raise
+            self.on_error(exc)
+            return 0
+
+
 class Serial:
     def __init__(self, sink: ByteSink, raise_irq: Callable[[], None] | None = None) -> None:
         self.sink = sink

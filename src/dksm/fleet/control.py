@@ -25,6 +25,7 @@ from dksm.dedup.owner import ProcessIdentity
 from dksm.fleet.instance import DedupMode, InstanceSpec
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, LIVE_STATES, FleetError
 from dksm.vmm.config import VmConfig
+from dksm.vmm.confinement import Confinement, Credentials, credentials
 
 SPEC_FILE = "spec.json"
 STATE_FILE = "fleet.json"
@@ -59,6 +60,14 @@ def spec_from_json(doc: dict[str, Any]) -> tuple[str, InstanceSpec]:
         domain=doc["domain"],
         pool_root=None if root is None else Path(root),
     )
+
+
+def confinement_to_json(target: Credentials | None) -> dict[str, int] | None:
+    return None if target is None else {"uid": target.uid, "gid": target.gid}
+
+
+def confinement_from_json(doc: dict[str, int] | None) -> Confinement | None:
+    return None if doc is None else Confinement(Credentials(int(doc["uid"]), int(doc["gid"])))
 
 
 def write_json_atomically(path: Path, doc: object) -> None:
@@ -177,6 +186,10 @@ class FleetHandle:
         self._stop_orphans(timeout)
         return self.state()
 
+    def over(self) -> bool:
+        """Nothing of the fleet runs any more: no supervisor, no VM process."""
+        return not self.supervisor_alive() and not self._orphans()
+
     def _orphans(self, state: dict[str, Any] | None = None) -> list[int]:
         """Workers still running without their supervisor (it was killed): forked
         from it, they carry its command line, which tells them from a reused pid."""
@@ -213,13 +226,18 @@ def up(
     vms_per_worker: int = DEFAULT_VMS_PER_WORKER,
     root: Path | None = None,
     hold: bool = False,
+    confine_as: Credentials | None = None,
+    no_confine: bool = False,
 ) -> FleetHandle:
     """Start a supervisor for ``specs`` and return once every VM has booted.
 
     ``hold`` keeps each VM whose guest shuts down mapped, as it was at its end,
-    until the fleet is stopped (state ``held``)."""
+    until the fleet is stopped (state ``held``).  Workers are confined (as
+    ``confine_as``, by default the ids :func:`dksm.vmm.confinement.credentials`
+    picks) unless ``no_confine``."""
     if not specs:
         raise FleetError("a fleet needs at least one instance")
+    target = None if no_confine else confine_as or credentials()
     root = root or runtime_root()
     root.mkdir(parents=True, exist_ok=True)
     fleet_id = _new_fleet_id(root)
@@ -231,6 +249,7 @@ def up(
             "boot_timeout": boot_timeout,
             "vms_per_worker": vms_per_worker,
             "hold": hold,
+            "confine": confinement_to_json(target),
             "members": [spec_to_json(label, s) for label, s in specs],
         },
     )
@@ -270,6 +289,28 @@ def _wait_until_booted(
         time.sleep(0.05)
 
 
+def all_fleets(root: Path | None = None) -> list[FleetHandle]:
+    """Every fleet recorded under the runtime root, oldest first."""
+    root = root or runtime_root()
+    if not root.is_dir():
+        return []
+    return [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+
+
+def prune(root: Path | None = None) -> list[str]:
+    """Remove the records of fleets that are over (no supervisor, no VM process left);
+    the ids removed."""
+    import shutil
+
+    removed = []
+    for handle in all_fleets(root):
+        if not handle.over():
+            continue
+        shutil.rmtree(handle.directory)
+        removed.append(handle.id)
+    return removed
+
+
 def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
     """The named fleet, or the only/newest live one when no id is given."""
     root = root or runtime_root()
@@ -278,7 +319,7 @@ def find(fleet_id: str | None, root: Path | None = None) -> FleetHandle:
         if not (directory / SPEC_FILE).exists():
             raise FleetError(f"no fleet with id '{fleet_id}' under {root}")
         return FleetHandle(directory)
-    fleets = [FleetHandle(d) for d in sorted(root.glob("*")) if (d / SPEC_FILE).exists()]
+    fleets = all_fleets(root)
     live = [f for f in fleets if f.supervisor_alive()]
     if live:
         return live[-1]

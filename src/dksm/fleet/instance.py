@@ -14,12 +14,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dksm.devices.serial import ByteSink
+from dksm.devices.serial import ByteSink, GuardedSink
 from dksm.error import DksmError
+from dksm.loader.host_file import check_path
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
-from dksm.vmm.machine import MicroVm, Outcome
+from dksm.vmm.machine import ExitCause, MicroVm, Outcome
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from dksm.dedup.pool import Lease, PagePool
 
 DEFAULT_DOMAIN = "default"
+
+
+class InfoFileError(DksmError):
+    """The VM's info file cannot be written; the message says why."""
 
 
 class DedupMode(enum.Enum):
@@ -79,9 +84,9 @@ class Instance:
 
                 self.pool = PagePool.open(spec.domain, spec.pool_root)
                 self.lease = self.pool.lease()
-            self.vm: MicroVm = build(
-                spec.config, serial_sink=serial_sink, sharer=sharer or self.lease
-            )
+            console = GuardedSink(serial_sink)
+            self.vm: MicroVm = build(spec.config, serial_sink=console, sharer=sharer or self.lease)
+            console.on_error = self._console_failed
             if spec.dedup.uses_ksm:
                 self.vm.memory.advise_mergeable()
         except BaseException:
@@ -90,6 +95,11 @@ class Instance:
             with contextlib.suppress(DksmError):
                 self._release_pool()
             raise
+
+    def _console_failed(self, exc: OSError) -> None:
+        self.vm.finish(
+            ExitCause.HOST_IO_ERROR, f"cannot write the console output: {exc.strerror or exc}"
+        )
 
     def run(self, timeout: float | None = None) -> Outcome:
         return self.vm.run(timeout)
@@ -107,12 +117,26 @@ class Instance:
         }
 
     def write_info(self, path: str) -> None:
+        """Write :meth:`describe` to ``path`` atomically: readers see the whole file
+        or none.  The temporary file is created exclusively beside it (never an
+        existing file or a planted symlink) and removed if anything fails."""
         import json
 
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.describe(), f)
-        os.replace(tmp, path)
+        check_path(path, "info file")
+        text = json.dumps(self.describe()).encode()
+        tmp = os.path.join(os.path.dirname(path), f".dksm-info-{os.urandom(8).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise InfoFileError(f"cannot write info file {path}: {exc.strerror}") from exc
 
     def _release_pool(self) -> None:
         if self.lease is not None:

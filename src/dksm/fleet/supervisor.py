@@ -1,5 +1,7 @@
 """The supervisor process of one fleet: forks the members, keeps ``fleet.json``
-current, and on SIGTERM stops every member and releases their pool leases."""
+current, and on SIGTERM stops every member and releases their pool leases.  Once
+every member has ended (and none is held) there is nothing left to supervise: it
+records the fleet as stopped and ends."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ from pathlib import Path
 from types import FrameType
 
 from dksm.dedup.owner import ProcessIdentity
-from dksm.fleet.control import SPEC_FILE, STATE_FILE, spec_from_json, write_json_atomically
+from dksm.fleet.control import (
+    SPEC_FILE,
+    STATE_FILE,
+    confinement_from_json,
+    spec_from_json,
+    write_json_atomically,
+)
 from dksm.fleet.launcher import DEFAULT_VMS_PER_WORKER, FleetError, FleetLauncher
 
 
@@ -33,6 +41,7 @@ def supervise(directory: Path) -> int:
         directory,
         int(doc.get("vms_per_worker", DEFAULT_VMS_PER_WORKER)),
         hold=bool(doc.get("hold", False)),
+        confinement=confinement_from_json(doc.get("confine")),
     )
     state: dict[str, object] = {
         "id": directory.name,
@@ -58,7 +67,7 @@ def supervise(directory: Path) -> int:
         state["error"] = str(exc)
     publish()
     last = launcher.snapshot()
-    while not stop.set:
+    while not stop.set and launcher.alive():
         launcher.poll(0.5)
         now = launcher.snapshot()
         if now != last:

@@ -22,6 +22,22 @@ IMAGE_SUFFIX = ".elf"
 # a shipped name never imports the fetcher.
 FETCHED_NAMES = ("linux", "linux-initrd", "linux-bzimage")
 
+# What each shipped guest does, in one line (its source, guests/apps/NAME.c, says more).
+DESCRIPTIONS = {
+    "compute": "a fixed amount of real work, then prints a result Python can recompute",
+    "cowprobe": "writes into a page of its own read-only data (copy-on-write), then idles",
+    "echo": "echoes lines typed on the serial console, interrupt-driven",
+    "hello": "prints its command line and e820 map, then powers off (then=idle: idles)",
+    "idle": "says it is ready, then sleeps with interrupts enabled for ever",
+    "platprobe": "prints the CMOS clock, the hypervisor CPUID leaves and RDRAND/RDSEED",
+    "smpprobe": "starts every CPU of the MP table; all count on one shared counter",
+    "sseprobe": "uses SSE on purpose (exercises the emulation fallback on PVM hosts)",
+    "vecprobe": "runs code gcc vectorised itself, as a stock-compiled unikernel does",
+    "linux": "Debian's cloud kernel, its vmlinux (fetched: 'dksm guests fetch linux')",
+    "linux-initrd": "busybox initramfs: /init prints /proc/cmdline, runs a shell, reboots",
+    "linux-bzimage": "Debian's cloud kernel as packaged (a bzImage; boots as its vmlinux)",
+}
+
 
 class GuestNotFoundError(DksmError):
     """No shipped guest has that name."""
@@ -75,4 +91,12 @@ def resolve_image_path(name_or_path: str) -> str:
             return shipped
         if name_or_path in FETCHED_NAMES and not os.path.exists(name_or_path):
             return str(guest_path(name_or_path))
+    return name_or_path
+
+
+def resolve_initrd_path(name_or_path: str) -> str:
+    """A fetched guest's name (``linux-initrd``) as its cached file; anything else is
+    a path, so that no shipped kernel's name stands for an initrd."""
+    if name_or_path in FETCHED_NAMES and not os.path.exists(name_or_path):
+        return str(guest_path(name_or_path))
     return name_or_path

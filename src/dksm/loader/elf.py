@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from typing import NamedTuple
 
 from dksm.arch import layout
+from dksm.loader.host_file import read_regular_file
 from dksm.loader.image_format import describe_unbootable, is_bzimage
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
@@ -28,6 +30,16 @@ PF_W = 0x2
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
 PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr, 56 bytes
 MAX_PROGRAM_HEADERS = 256
+
+
+class _Load(NamedTuple):
+    """A checked ``PT_LOAD`` header: guest range, file range, flags."""
+
+    start: int
+    end: int
+    offset: int
+    file_size: int
+    flags: int
 
 
 def _mib(n: int) -> str:
@@ -61,21 +73,13 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
                 return cached[1]
         except OSError:
             pass
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > _size_limit(mem_size):
-                raise LoaderError(
-                    f"{path}: {size} bytes is larger than any image this guest can hold"
-                )
-            data = f.read()
-    except OSError as exc:
-        raise LoaderError(f"cannot read kernel image {path}: {exc.strerror}") from exc
+    data = read_regular_file(path, "kernel image", mem_size, f"guest RAM of {_mib(mem_size)}")
     return parse_elf(data, mem_size, path)
 
 
 def _size_limit(mem_size: int) -> int:
-    """The largest kernel file worth reading for a guest of ``mem_size`` bytes."""
+    """The largest vmlinux worth decompressing from a bzImage for a guest of
+    ``mem_size`` bytes (the ELF file holds more than the segments it loads)."""
     return mem_size + layout.HIMEM_START + (64 << 20)
 
 
@@ -121,7 +125,10 @@ def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
     if phoff + phnum * PHDR.size > len(data):
         raise LoaderError(f"{path}: truncated: program headers end beyond the file")
 
-    segments: list[Segment] = []
+    # Every header is checked before any byte is copied: copying first let an image
+    # whose last check fails (an overlap, the entry point) allocate up to 256 times
+    # its own size on the way to its error.
+    loads: list[_Load] = []
     for i in range(phnum):
         (p_type, p_flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align) = PHDR.unpack_from(
             data, phoff + i * PHDR.size
@@ -146,28 +153,30 @@ def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
             raise LoaderError(f"{where} ends at {end:#x}, beyond guest RAM of {_mib(mem_size)}")
         if p_memsz == 0:
             continue
-        segments.append(
-            Segment(
-                guest_addr=p_paddr,
-                data=data[p_offset : p_offset + p_filesz],
-                mem_size=p_memsz,
-                writable=bool(p_flags & PF_W),
-                executable=bool(p_flags & PF_X),
-            )
-        )
-    if not segments:
+        loads.append(_Load(p_paddr, end, p_offset, p_filesz, p_flags))
+    if not loads:
         raise LoaderError(f"{path}: no loadable (PT_LOAD) segment")
-    segments.sort(key=lambda s: s.guest_addr)
-    for before, after in itertools.pairwise(segments):
-        if after.guest_addr < before.end:
+    loads.sort()
+    for before, after in itertools.pairwise(loads):
+        if after.start < before.end:
             raise LoaderError(
-                f"{path}: segments at {before.guest_addr:#x}-{before.end:#x} and "
-                f"{after.guest_addr:#x}-{after.end:#x} overlap"
+                f"{path}: segments at {before.start:#x}-{before.end:#x} and "
+                f"{after.start:#x}-{after.end:#x} overlap"
             )
     if entry < layout.HIMEM_START:
         raise LoaderError(f"{path}: entry point {entry:#x} is below 1 MiB")
-    if not any(s.guest_addr <= entry < s.end for s in segments):
+    if not any(load.start <= entry < load.end for load in loads):
         raise LoaderError(f"{path}: entry point {entry:#x} lies outside every segment")
+    segments = [
+        Segment(
+            guest_addr=load.start,
+            data=data[load.offset : load.offset + load.file_size],
+            mem_size=load.end - load.start,
+            writable=bool(load.flags & PF_W),
+            executable=bool(load.flags & PF_X),
+        )
+        for load in loads
+    ]
     return KernelImage(path=path, segments=tuple(segments), entry=entry)
 
 

@@ -18,6 +18,7 @@ from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf, page_ceil, page_floor
+from dksm.loader.host_file import read_regular_file
 from dksm.loader.segment import KernelImage, LoaderError
 from dksm.memory.guest_memory import GuestMemory, PageSharer
 from dksm.vmm.config import VmConfig
@@ -41,11 +42,7 @@ class _PortSink:
 
 
 def _place_initrd(path: str, mem_size: int, image: KernelImage) -> tuple[int, bytes]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise LoaderError(f"cannot read initrd {path}: {exc.strerror}") from exc
+    data = read_regular_file(path, "initrd", mem_size, f"guest RAM of {mem_size >> 20} MiB")
     top = min(mem_size, layout.MMIO_GAP_START)
     addr = page_floor(top - len(data))
     if addr < page_ceil(image.end):
@@ -119,11 +116,15 @@ def build(
     console = serial.Serial(serial_sink, raise_serial_irq)
     machine = MicroVm(kvm, vm, memory, vcpus, bus, console)
     bus.register(serial.COM1_PORT, serial.PORT_COUNT, console)
-    bus.register(
-        i8042.DATA_PORT,
-        i8042.PORT_COUNT,
-        i8042.I8042(lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset")),
+
+    def raise_keyboard_irq() -> None:
+        vm.irq_line(i8042.KEYBOARD_IRQ, 1)
+        vm.irq_line(i8042.KEYBOARD_IRQ, 0)
+
+    machine.keyboard = i8042.I8042(
+        lambda: machine.finish(ExitCause.GUEST_SHUTDOWN, "i8042 reset"), raise_keyboard_irq
     )
+    bus.register(i8042.DATA_PORT, i8042.PORT_COUNT, machine.keyboard)
     bus.register(rtc.INDEX_PORT, rtc.PORT_COUNT, rtc.CmosRtc())
     bus.register(ACPI_SHUTDOWN_PORT, 2, _PortSink(machine))
     return machine

@@ -1,18 +1,28 @@
 """What a microVM is made of, from command-line flags or a Firecracker config file.
 
 :class:`VmConfig` is the one value the builder consumes.  ``from_firecracker_json``
-reads Firecracker's ``--config-file`` format so existing configs carry over
-unchanged; what dksm cannot do yet (block and network devices) is refused by name
-rather than ignored.
+reads Firecracker's ``--config-file`` format (the schema is :mod:`dksm.vmm.schema`,
+shared with the API socket) so existing configs carry over unchanged; what dksm
+cannot do yet (block and network devices, MMDS...) is refused by name, one line per
+feature, rather than ignored.  Reading the file is :func:`read_config_file` alone.
+
+A config file, like an API body, is untrusted input: its size, nesting depth and
+integer lengths are bounded before :mod:`json` sees it (:func:`parse_json`), so that
+every malformed one ends in a :class:`ConfigError`, never in a recursion or a
+conversion error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dksm.arch import layout
-from dksm.error import DksmError
+from dksm.error import DksmError, one_line
+from dksm.loader.host_file import HostFileError, check_path, read_regular_file
+
+if TYPE_CHECKING:
+    from dksm.vmm.schema import VmConfigDocument
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 DEFAULT_MEM_MIB = 128  # Firecracker's default machine-config
@@ -52,58 +62,229 @@ class VmConfig:
             raise ConfigError(f"vcpu_count must be 1 to {MAX_VCPUS}, not {self.vcpu_count}")
 
 
-def _field(section: dict[str, Any], name: str, where: str, kind: type) -> Any:
-    if name not in section:
-        raise ConfigError(f"config file: {where} lacks the required field '{name}'")
-    value = section[name]
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(
-            f"config file: {where}.{name} must be {kind.__name__}, not {type(value).__name__}"
+class ConfigProblemsError(ConfigError):
+    """A config document with one or more problems, each on a line of its own."""
+
+    def __init__(self, where: str, lines: list[str]) -> None:
+        self.problems = [one_line(f"{where}: {line}") for line in lines]
+        super().__init__("\n".join(self.problems))
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
+
+
+MAX_CONFIG_FILE_SIZE = 1 << 20  # Firecracker configs are a few hundred bytes
+MAX_JSON_DEPTH = 64  # Firecracker's bodies nest 3 deep
+MAX_INTEGER_DIGITS = 20  # every u64 fits; Python's int() refuses past 4300 digits
+
+# One JSON token at a time: whole strings (so that brackets in them do not count),
+# brackets, and integer literals too long to convert.  Up to its first syntax error
+# json's scanner sees the same strings, so the depth counted here bounds the depth
+# it recurses to.  An unterminated string ends the scan (json reports it); the
+# look-behind and the possessive run keep a long run of digits linear.
+_TOKENS = (
+    r'(?P<string>"(?:[^"\\]|\\.)*+")|(?P<unterminated>")|(?P<open>[\[{])|(?P<close>[\]}])'
+    rf"|(?P<long>(?<![\d.eE+-])-?\d{{{MAX_INTEGER_DIGITS + 1},}}+(?![.eE]))"
+)
+
+
+def read_config_file(path: str) -> Any:
+    """The JSON document in ``path`` (any JSON value; the schema judges its shape):
+    a regular file within the size limit, UTF-8 text, bounded JSON."""
+    try:
+        raw = read_regular_file(
+            path, "config file", MAX_CONFIG_FILE_SIZE, f"the {MAX_CONFIG_FILE_SIZE >> 20} MiB limit"
         )
-    return value
-
-
-def from_firecracker_json(path: str) -> VmConfig:
-    import json  # only config files need it
-
+    except HostFileError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        text = raw.decode()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not text: {exc.reason}") from exc
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from exc
+    return parse_json(text, f"config file {path}")
+
+
+def _check_shape(text: str, where: str) -> None:
+    """Refuse what :func:`json.loads` cannot take safely: nesting deep enough to
+    exhaust the recursion limit, and integers too long to convert."""
+    import re  # already imported by argparse; compiled only when a config is read
+
+    depth = 0
+    for token in re.finditer(_TOKENS, text, re.DOTALL):
+        kind = token.lastgroup
+        if kind == "open":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ConfigError(
+                    f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels, "
+                    f"line {_line(text, token.start())})"
+                )
+        elif kind == "close":
+            depth -= 1
+        elif kind == "long":
+            raise ConfigError(
+                f"{where}: a number of {len(token.group().lstrip('-'))} digits at line "
+                f"{_line(text, token.start())}; at most {MAX_INTEGER_DIGITS} are allowed"
+            )
+        elif kind == "unterminated":
+            return
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _ConstantError(name)
+
+
+class _ConstantError(ValueError):
+    pass
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return doc
+
+
+def parse_json(text: str, where: str) -> Any:
+    """Parse a JSON document as Firecracker does: a key given twice is an error, and
+    so is nesting too deep to be a configuration."""
+    import json  # only config files and API bodies need it
+
+    _check_shape(text, where)
     try:
-        doc = json.loads(text)
+        return json.loads(
+            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+        )
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{where}: the field '{exc}' is given twice") from None
+    except _ConstantError as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc} is not JSON") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
-        ) from exc
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config file {path}: the top level must be a JSON object")
-    boot = _field(doc, "boot-source", "the config", dict)
-    kernel = _field(boot, "kernel_image_path", "boot-source", str)
-    boot_args = boot.get("boot_args")
-    if boot_args is not None and not isinstance(boot_args, str):
-        raise ConfigError("config file: boot-source.boot_args must be a string")
-    initrd = boot.get("initrd_path")
-    if initrd is not None and not isinstance(initrd, str):
-        raise ConfigError("config file: boot-source.initrd_path must be a string or null")
-    machine = doc.get("machine-config", {})
-    if not isinstance(machine, dict):
-        raise ConfigError("config file: machine-config must be an object")
-    mem_mib = _field(machine, "mem_size_mib", "machine-config", int) if machine else DEFAULT_MEM_MIB
-    vcpus = _field(machine, "vcpu_count", "machine-config", int) if machine else 1
-    for section in ("drives", "network-interfaces", "vsock", "balloon"):
-        value = doc.get(section)
-        if value:
-            raise ConfigError(f"config file: '{section}' is not supported yet (it must be empty)")
-    config = VmConfig(
-        kernel_path=kernel,
-        boot_args=DEFAULT_BOOT_ARGS if boot_args is None else boot_args,
-        mem_mib=mem_mib,
-        vcpu_count=vcpus,
-        initrd_path=initrd,
+            f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: JSON nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A validated Firecracker config file, as dksm will run it."""
+
+    vm: VmConfig
+    document: VmConfigDocument
+    # From the "dksm" object, or None where the file leaves it to flags and defaults.
+    dedup: str | None = None
+    domain: str | None = None
+    pool_root: str | None = None
+    serial_out_path: str | None = None
+
+
+# What only the Firecracker front door (dksm vmm / dksm-firecracker) does with a
+# config file; `dksm run` and `fleet up` refuse these sections by name.
+FRONT_DOOR_SECTIONS = {
+    "logger": "the log file is written by 'dksm vmm' (dksm-firecracker) only",
+    "metrics": "the metrics file is written by 'dksm vmm' (dksm-firecracker) only",
+}
+# A fleet's VMs each write their console to the fleet's log of that VM.
+FLEET_REFUSED_SECTIONS = {
+    **FRONT_DOOR_SECTIONS,
+    "serial": "a fleet VM's console goes to its fleet log ('dksm fleet logs')",
+}
+
+
+def validate_document(doc: Any, where: str) -> VmConfigDocument:
+    """The document checked against the schema: every problem reported at once."""
+    from pydantic import ValidationError
+
+    from dksm.vmm.schema import UNSUPPORTED_SECTIONS, VmConfigDocument, problems
+
+    try:
+        return VmConfigDocument.model_validate(doc)
+    except ValidationError as exc:
+        lines = problems(exc)
+        if isinstance(doc, dict):  # what the rest asks for is refused in the same breath
+            lines += [
+                f"{name}: {reason}"
+                for name, reason in UNSUPPORTED_SECTIONS.items()
+                if doc.get(name) not in (None, [])
+            ]
+        raise ConfigProblemsError(where, lines) from None
+
+
+def vm_config(document: VmConfigDocument) -> VmConfig:
+    """The builder's value for a validated (and accepted) document."""
+    from dksm.guests import resolve_image_path
+
+    boot = document.boot_source
+    machine = document.machine_config
+    settings = document.dksm
+    for field, value in (
+        ("kernel_image_path", boot.kernel_image_path),
+        ("initrd_path", boot.initrd_path),
+    ):
+        if value is not None:
+            try:
+                check_path(value, f"boot-source.{field}")
+            except HostFileError as exc:
+                raise ConfigError(str(exc)) from None
+    return VmConfig(
+        kernel_path=resolve_image_path(boot.kernel_image_path),
+        boot_args=DEFAULT_BOOT_ARGS if boot.boot_args is None else boot.boot_args,
+        mem_mib=DEFAULT_MEM_MIB if machine is None else machine.mem_size_mib,
+        vcpu_count=1 if machine is None else machine.vcpu_count,
+        initrd_path=boot.initrd_path,
+        tsc_frequency_leaf=True if settings is None else settings.tsc_leaf,
     )
-    config.validate()
-    return config
+
+
+def accept_document(doc: Any, where: str, *, refuse: dict[str, str] | None = None) -> ConfigFile:
+    """Validate ``doc``, refuse what dksm cannot do (one line per feature, plus the
+    sections in ``refuse``), and turn the rest into a :class:`ConfigFile`."""
+    from dksm.vmm.schema import unsupported
+
+    document = validate_document(doc, where)
+    refused = unsupported(document)
+    dumped = document.model_dump(by_alias=True)
+    refused += [
+        f"{section}: {reason}"
+        for section, reason in (refuse or {}).items()
+        if dumped.get(section) not in (None, [])
+    ]
+    if refused:
+        raise ConfigProblemsError(where, refused)
+    config = vm_config(document)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigProblemsError(where, [f"machine-config: {exc}"]) from None
+    settings = document.dksm
+    return ConfigFile(
+        vm=config,
+        document=document,
+        dedup=None if settings is None else settings.dedup,
+        domain=None if settings is None else settings.domain,
+        pool_root=None if settings is None else settings.pool_root,
+        serial_out_path=None if document.serial is None else document.serial.serial_out_path,
+    )
+
+
+def from_firecracker_json(path: str, *, refuse: dict[str, str] | None = None) -> ConfigFile:
+    """A Firecracker config file, validated, with what dksm cannot do refused.
+
+    ``refuse``: further sections this caller cannot honour, and why."""
+    return accept_document(read_config_file(path), f"config file {path}", refuse=refuse)

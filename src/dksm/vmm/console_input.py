@@ -27,7 +27,12 @@ READ_SIZE = 4096
 
 
 class ConsoleInput:
-    """Forward ``fd`` to ``serial`` from :meth:`start` until :meth:`stop`."""
+    """Forward ``fd`` to ``serial`` from :meth:`start` until :meth:`stop`.
+
+    Entering it (``with``) switches a terminal to character mode and no more, so that
+    a VMM can do that while it still may and start the reader thread after it has
+    confined itself (a thread started before would keep privileges the process gives
+    up, such as its capability bounding set)."""
 
     def __init__(self, fd: int, serial: Serial) -> None:
         self.fd = fd
@@ -38,7 +43,8 @@ class ConsoleInput:
         self._saved_terminal: list[Any] | None = None
 
     def start(self) -> None:
-        self._enter_character_mode()
+        if self._saved_terminal is None:
+            self._enter_character_mode()
         self._thread = threading.Thread(target=self._forward, name="console-input", daemon=True)
         self._thread.start()
 
@@ -49,7 +55,7 @@ class ConsoleInput:
         self._restore_terminal()
 
     def __enter__(self) -> ConsoleInput:
-        self.start()
+        self._enter_character_mode()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,4 +29,5 @@ CAUSE_STATUS = {
     ExitCause.TIMEOUT: ExitStatus.TIMEOUT,
     ExitCause.INTERRUPTED: ExitStatus.INTERRUPTED,
     ExitCause.VMM_ERROR: ExitStatus.VMM_ERROR,
+    ExitCause.HOST_IO_ERROR: ExitStatus.ERROR,
 }

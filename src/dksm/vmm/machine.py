@@ -28,6 +28,11 @@ Exclusive sections.  An instruction the VMM executes for the guest (the emulatio
 fallback) is not atomic for the other vCPUs.  For a locked one the VMM first holds
 them outside the guest (:meth:`MicroVm.exclusive`): each vCPU checks before entering
 the guest whether another holds the VM, and parks until it is released.
+
+Pausing.  :meth:`MicroVm.pause` is the same hold taken by the VMM rather than by a
+vCPU: every vCPU is kicked out of the guest and parks at its next entry until
+:meth:`MicroVm.resume`.  A paused guest executes nothing (its timers do not fire
+either), and the pause returns only once every vCPU is outside.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dksm.devices.bus import PortBus
+from dksm.devices.i8042 import I8042
 from dksm.devices.serial import Serial
 from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
@@ -52,6 +58,16 @@ if TYPE_CHECKING:
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02
+# How long a pause waits for every vCPU to leave the guest (Firecracker waits 30 s for
+# its vCPUs' answers, and a kicked vCPU leaves within microseconds).
+PAUSE_TIMEOUT_S = 30.0
+
+
+class _VmmHold:
+    """The holder of a VM paused by the VMM itself (no vCPU holds it)."""
+
+
+_VMM_HOLD = _VmmHold()
 
 
 class ExitCause(enum.Enum):
@@ -66,6 +82,7 @@ class ExitCause(enum.Enum):
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted by signal"
     VMM_ERROR = "VMM error"
+    HOST_IO_ERROR = "host I/O error"  # a device's host side failed (console on a full disk)
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ class Outcome:
         return f"{self.cause.value}: {self.detail}" if self.detail else self.cause.value
 
 
-def _install_kick_handler() -> None:
+def install_kick_handler() -> None:
     # The handler does nothing: its only job is to make the signal interrupt
     # KVM_RUN (EINTR) instead of killing the process.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) in (
@@ -121,6 +138,9 @@ class VcpuThread:
         self.machine = machine
         self.vcpu = vcpu
         self.exit_counts: dict[str, int] = {}
+        # Port IO is the hot path: plain integers, not the dictionary above.
+        self.io_in = 0
+        self.io_out = 0
         # Executes what the host's KVM cannot emulate (SSE on PVM hosts).  Made at
         # the first emulation failure, so VMs that never need it (hardware KVM,
         # guests without SSE) do not even import it.
@@ -207,14 +227,19 @@ class VcpuThread:
                         bus.write(io.port, size, int.from_bytes(chunk, "little"))
                     else:
                         chunk[:] = bus.read(io.port, size).to_bytes(size, "little")
+                if io.direction == abi.KVM_EXIT_IO_OUT:
+                    self.io_out += 1
+                else:
+                    self.io_in += 1
                 continue
-            self._count(_exit_name(reason))
             if reason == abi.ExitReason.MMIO:
                 mmio = run.exit.mmio
+                self._count("MMIO_WRITE" if mmio.is_write else "MMIO_READ")
                 if not mmio.is_write:
                     for i in range(mmio.len):
                         mmio.data[i] = 0  # nothing claims MMIO: reads as zeros, like ports
                 continue
+            self._count(_exit_name(reason))
             if reason == abi.ExitReason.SHUTDOWN:
                 machine.finish(ExitCause.TRIPLE_FAULT, self._rip_detail(), format_registers(vcpu))
             elif reason == abi.ExitReason.SYSTEM_EVENT:
@@ -293,13 +318,14 @@ class MicroVm:
         self.vcpus = vcpus
         self.bus = bus
         self.serial = serial
+        self.keyboard: I8042 | None = None  # set by the builder
         self.threads = [VcpuThread(self, vcpu) for vcpu in vcpus]
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
         self._started = False
-        # Exclusive sections: who holds the VM, and who is parked for it.
+        # Exclusive sections and pauses: who holds the VM, and who is parked for it.
         self._hold = threading.Condition()
-        self._holder: VcpuThread | None = None
+        self._holder: VcpuThread | _VmmHold | None = None
         self._parked: set[VcpuThread] = set()
 
     @property
@@ -342,10 +368,18 @@ class MicroVm:
     def finished(self) -> bool:
         return self._outcome is not None
 
+    def io_counts(self) -> tuple[int, int]:
+        """Port reads and writes the guest made so far, over all vCPUs."""
+        return sum(t.io_in for t in self.threads), sum(t.io_out for t in self.threads)
+
+    def exit_counts(self) -> dict[str, int]:
+        """Non-IO exits so far by name, over all vCPUs (safe while they run)."""
+        return self._exit_counts()
+
     def _exit_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for thread in self.threads:
-            for name, n in thread.exit_counts.items():
+            for name, n in thread.exit_counts.copy().items():
                 counts[name] = counts.get(name, 0) + n
         return counts
 
@@ -402,11 +436,54 @@ class MicroVm:
                     other.vcpu.run_state.immediate_exit = 1
                     other.kick()
 
+    # -- pausing ----------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._holder is _VMM_HOLD
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
+        """Hold every vCPU outside the guest until :meth:`resume`.  True once all of
+        them are out (or the VM has ended); False if one did not leave in time, in
+        which case the VM is resumed again."""
+        with self._hold:
+            if self._holder is _VMM_HOLD:
+                return True
+            # An exclusive section in progress ends first (it is microseconds long).
+            while self._holder is not None and not self.finished:
+                self._hold.wait()
+            self._holder = _VMM_HOLD
+        for thread in self.threads:
+            thread.vcpu.run_state.immediate_exit = 1
+            thread.kick()
+        with self._hold:
+            outside = self._hold.wait_for(
+                lambda: self.finished or all(t in self._parked or t.done for t in self.threads),
+                timeout,
+            )
+        if not outside:
+            self.resume()
+        return outside
+
+    def resume(self) -> None:
+        """Let the vCPUs of a paused VM enter the guest again."""
+        with self._hold:
+            if self._holder is not _VMM_HOLD:
+                return
+            self._holder = None
+            for thread in self.threads:
+                thread.vcpu.run_state.immediate_exit = 0
+            self._hold.notify_all()
+        if self.finished:  # ended meanwhile: finish() may have set the flags first
+            for thread in self.threads:
+                thread.vcpu.run_state.immediate_exit = 1
+                thread.kick()
+
     # -- running ----------------------------------------------------------------
 
     def start(self) -> None:
         """Start the vCPU threads; the guest runs until :meth:`stop` or its own end."""
-        _install_kick_handler()
+        install_kick_handler()
         self._started = True
         for thread in self.threads:
             thread.start()
