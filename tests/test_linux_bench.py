@@ -12,8 +12,17 @@ import contextlib
 import io
 import os
 import time
+from pathlib import Path
 
-from dksm.bench.linux import BootWatch, VmResult, _kernel_ranges, _merge_copied, _states
+from dksm.bench.linux import (
+    BootWatch,
+    VmResult,
+    _kernel_ranges,
+    _merge_copied,
+    _states,
+    plot,
+    run_mode,
+)
 from dksm.dedup.pool import PagePool
 from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
 from dksm.guests import guest_path
@@ -81,3 +90,28 @@ def test_boot_watch_calls_back_once_at_the_init_banner() -> None:
     watch.write(b"dksm-init: /proc/cmdline: again\n")
     assert calls == [1]
     assert watch.banner_s is not None and watch.first_byte_s is not None
+
+
+def test_run_mode_samples_memory_and_tallies_every_kernel_page(tmp_path: Path) -> None:
+    """The experiment's whole path on a guest that boots in milliseconds: cowprobe
+    copies one page of its read-only data and is stopped by the timeout."""
+    result = run_mode(
+        "dksm",
+        2,
+        kernel=str(guest_path("cowprobe")),
+        initrd="",
+        boot_args="",
+        mem_mib=16,
+        timeout=2.0,
+        console_dir=tmp_path,
+    )
+    assert len(result.vms) == 2 and result.samples
+    for vm in result.vms:
+        assert vm.pages_at_load > 0
+        assert sum(vm.states.values()) == vm.pages_at_load
+        assert vm.states[PageState.ANONYMOUS.value] >= 1  # the page cowprobe wrote
+        assert "timeout" in vm.cause
+    assert result.identical_copies == result.vms[1].states[PageState.ANONYMOUS.value]
+    assert b"cowprobe: ready" in (tmp_path / "dksm-x2-vm1.log").read_bytes()
+    plot([result], tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"

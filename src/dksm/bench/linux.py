@@ -21,12 +21,17 @@ page by page.  Per mode:
   the vCPU thread, while the vCPU is outside the guest (one vCPU: nothing else
   writes guest RAM then).  Pages rewritten with their original bytes find their
   pool page again; patched pages are stored once and shared by every later VM.
-- **KSM** (modes ``ksm`` and ``dksm+ksm``): guest RAM advised mergeable, ksmd at
-  the given rate in a saved-and-restored session, sampled until its counters stop
-  changing; its CPU time is ksmd's.
+- **KSM** (modes ``ksm`` and ``dksm+ksm``): guest RAM advised mergeable; once every
+  VM has ended, ksmd runs at the given rate in a saved-and-restored session,
+  sampled until its counters stop changing; its CPU time is ksmd's.  KSM is
+  host-wide, so the session is kept to that post-boot pass rather than held
+  through boots that take minutes each; the final state is what KSM reaches
+  either way, the CPU is what one pass over booted guests costs.
 
 Memory is the process's anonymous PSS plus the pool's bytes on tmpfs
-(:mod:`dksm.memory.accounting`), so the interpreter's own pages are in every mode.
+(:mod:`dksm.memory.accounting`), so the interpreter's own pages are in every mode;
+it is sampled every few seconds from the first boot to the end, for
+:func:`plot`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from dksm.analyze.kernel_patching import explain_pages, kernel_layout
 from dksm.dedup.pool import Lease, PagePool
@@ -57,6 +63,8 @@ INIT_BANNER = linux.INIT_BANNER.encode()
 MERGE_MODE = "dksm+merge"
 MODES = ("none", "dksm", MERGE_MODE, "ksm", "dksm+ksm")
 KSM_SAMPLE_S = 1.0
+MEMORY_SAMPLE_S = 5.0
+STOP_WAIT_S = 60.0
 KSM_SETTLED_S = 10.0
 KPAGEFLAGS = "/proc/kpageflags"
 KPF_KSM = 1 << 21
@@ -71,8 +79,11 @@ class BootWatch:
     """A VM's console: kept in memory, with the time of the first byte and of the
     ``/init`` banner, and a callback run (on the vCPU thread) at the banner."""
 
-    def __init__(self, on_banner: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, on_banner: Callable[[], None] | None = None, tee: BinaryIO | None = None
+    ) -> None:
         self.started = time.monotonic()
+        self.tee = tee  # a log file the console is also written to, as it comes
         self.text = bytearray()
         self.first_byte_s: float | None = None
         self.banner_s: float | None = None
@@ -81,6 +92,8 @@ class BootWatch:
     def write(self, data: bytes, /) -> int:
         if self.first_byte_s is None:
             self.first_byte_s = time.monotonic() - self.started
+        if self.tee is not None:
+            self.tee.write(data)
         self.text += data
         if self.banner_s is None and INIT_BANNER in self.text[-len(data) - len(INIT_BANNER) :]:
             self.banner_s = time.monotonic() - self.started
@@ -115,6 +128,9 @@ class ModeResult:
     ksm_settled_s: float = 0.0
     identical_copies: int = 0  # copied pages of VM 1.. equal to VM 0's
     why_copied: dict[str, object] = field(default_factory=dict)
+    ksm_started_s: float = 0.0  # when ksmd was switched on, since the first boot
+    # (seconds since the first boot, memory in MiB): process Pss_Anon + pool bytes
+    samples: list[tuple[float, float]] = field(default_factory=list)
 
 
 def _kernel_ranges(kernel: str, mem_size: int) -> tuple[list[tuple[int, int]], dict[int, bytes]]:
@@ -193,6 +209,7 @@ def run_mode(
     pool_root: Path | None = None,
     timeout: float = 3600.0,
     ksm_settings: dict[str, int] | None = None,
+    console_dir: Path | None = None,
     log: Callable[[str], None] = lambda _line: None,
 ) -> ModeResult:
     """Boot ``count`` Linux VMs in ``mode`` and look at their kernel pages."""
@@ -205,19 +222,14 @@ def run_mode(
     results: list[VmResult] = []
     instances: list[Instance] = []
     watches: list[BootWatch] = []
+    samples: list[tuple[float, float]] = []
     with contextlib.ExitStack() as stack:
-        session = None
-        if dedup.uses_ksm:
-            from dksm.dedup import ksm
-
-            session = stack.enter_context(ksm.KsmSession())
-            session.apply(run=0)
         spec = InstanceSpec(config=config, dedup=dedup, domain=domain, pool_root=pool_root)
         # One pool handle for the process (LMDB must not be opened twice in one
         # process); a lease per VM, released after its VM is closed.
         pool = stack.enter_context(contextlib.closing(PagePool.open(domain, pool_root)))
         merging = threading.Lock()  # vCPU threads merge one at a time
-        for _ in range(count):
+        for index in range(count):
             vm_result = VmResult(None, None, "", 0, {})
             lease = pool.lease()
             stack.callback(lease.release)
@@ -229,7 +241,11 @@ def run_mode(
                 with merging:
                     _merge_copied(holder[0], lease, ranges, vm)
 
-            watch = BootWatch(merge if mode == MERGE_MODE else None)
+            tee = None
+            if console_dir is not None:
+                name = f"{mode.replace('+', '-')}-x{count}-vm{index}.log"
+                tee = stack.enter_context(open(console_dir / name, "wb", buffering=0))
+            watch = BootWatch(merge if mode == MERGE_MODE else None, tee)
             sharer = lease if dedup.uses_pool else None
             instance = stack.enter_context(Instance(spec, watch, sharer=sharer))
             holder.append(instance)
@@ -237,18 +253,25 @@ def run_mode(
             instances.append(instance)
             watches.append(watch)
             results.append(vm_result)
-        if session is not None:
-            session.apply(run=1, **(ksm_settings or {}))
-        ksm_cpu_before = _ksmd_cpu() if session is not None else 0.0
         log(f"{mode} x{count}: booting")
+        started = time.monotonic()
+
+        def sample() -> None:
+            usage = process_memory(os.getpid())
+            total = (usage.pss_anon if usage else 0) + pool.stats().file_blocks_bytes
+            samples.append((time.monotonic() - started, total / MIB))
+
         for instance, watch in zip(instances, watches, strict=True):
             watch.started = time.monotonic()
             instance.vm.start()
-        deadline = time.monotonic() + timeout
+        deadline = started + timeout
         for index, instance in enumerate(instances):
-            left = max(0.0, deadline - time.monotonic())
-            if not instance.vm.wait(left):
-                instance.vm.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
+            while not instance.vm.wait(min(MEMORY_SAMPLE_S, max(0.0, deadline - time.monotonic()))):
+                sample()
+                if time.monotonic() >= deadline:
+                    instance.vm.stop(ExitCause.TIMEOUT, f"no exit within {timeout:g} s")
+                    instance.vm.wait(STOP_WAIT_S)
+                    break
             outcome = instance.vm.outcome
             results[index].cause = outcome.describe() if outcome else "?"
             results[index].boot_s = watches[index].banner_s
@@ -257,28 +280,33 @@ def run_mode(
                 f"{mode} x{count}: vm {index}: {results[index].cause}, /init after "
                 f"{watches[index].banner_s} s"
             )
-        settled = 0.0
-        if session is not None:
-            settled = _wait_ksm_settled(log)
-        result = _measure(mode, count, instances, results, ranges, original, pool)
-        if session is not None:
+        sample()
+        ksm_cpu = ksm_pages_sharing = settled = ksm_started = 0.0
+        if dedup.uses_ksm:
             from dksm.dedup import ksm
 
-            result.ksm_cpu_s = _ksmd_cpu() - ksm_cpu_before
-            result.ksm_pages_sharing = ksm.read_counters().get("pages_sharing", 0)
-            result.ksm_settled_s = settled
+            with ksm.KsmSession() as session:
+                ksm_started = time.monotonic() - started
+                ksm_cpu_before = ksm.ksmd_cpu_seconds()
+                session.apply(run=1, **(ksm_settings or {}))
+                settled = _wait_ksm_settled(log, sample)
+                ksm_cpu = ksm.ksmd_cpu_seconds() - ksm_cpu_before
+                ksm_pages_sharing = ksm.read_counters().get("pages_sharing", 0)
+                result = _measure(mode, count, instances, results, ranges, original, pool)
+        else:
+            result = _measure(mode, count, instances, results, ranges, original, pool)
+        sample()
+        result.ksm_cpu_s = ksm_cpu
+        result.ksm_pages_sharing = int(ksm_pages_sharing)
+        result.ksm_settled_s = settled
+        result.ksm_started_s = ksm_started
+        result.samples = samples
     with contextlib.closing(PagePool.open(domain, pool_root)) as pool:
         pool.purge()  # every lease is released: the domain's pool goes too
     return result
 
 
-def _ksmd_cpu() -> float:
-    from dksm.dedup import ksm
-
-    return ksm.ksmd_cpu_seconds()
-
-
-def _wait_ksm_settled(log: Callable[[str], None]) -> float:
+def _wait_ksm_settled(log: Callable[[str], None], sample: Callable[[], None]) -> float:
     """Sample KSM until pages_sharing has not changed for a while; seconds taken."""
     from dksm.dedup import ksm
 
@@ -288,6 +316,7 @@ def _wait_ksm_settled(log: Callable[[str], None]) -> float:
     full_scans = ksm.read_counters().get("full_scans", 0)
     while True:
         time.sleep(KSM_SAMPLE_S)
+        sample()
         counters = ksm.read_counters()
         sharing = counters.get("pages_sharing", 0)
         now = time.monotonic()
@@ -345,3 +374,32 @@ def _measure(
         identical_copies=identical,
         why_copied=why,
     )
+
+
+def plot(results: Sequence[ModeResult], path: Path) -> None:
+    """Memory over time, one line per mode and fleet size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for r in results:
+        if r.samples:
+            ax.plot(
+                [t / 60 for t, _ in r.samples],
+                [mib for _, mib in r.samples],
+                label=f"{r.mode}, {r.instances} VM{'s' if r.instances > 1 else ''}",
+                linewidth=2,
+            )
+    ax.set_title(
+        "Linux microVMs (Debian cloud kernel): memory from load to after boot", fontsize=10
+    )
+    ax.set_xlabel("minutes since the VMs started")
+    ax.set_ylabel("memory (MiB: Pss_Anon + pool)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -108,6 +108,15 @@ def register(sub: Any) -> None:
     )
     linux.add_argument("--pages-to-scan", type=int, default=None, help="ksmd's rate in ksm modes")
     linux.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
+    linux.add_argument(
+        "--console-dir",
+        default=None,
+        metavar="DIR",
+        help="write each VM's console to a log file in DIR as it comes",
+    )
+    linux.add_argument(
+        "--plot", default=None, metavar="FILE", help="plot memory over time per mode (PNG)"
+    )
     linux.set_defaults(handler=_linux)
 
 
@@ -327,12 +336,21 @@ def _linux(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from dksm.bench.linux import run_mode
+    from dksm.bench.linux import ModeResult, plot, run_mode
+    from dksm.error import DksmError
     from dksm.guests import guest_path, linux
+    from dksm.loader.host_file import check_path
 
     kernel = str(guest_path("linux"))
     initrd = str(guest_path("linux-initrd"))
     settings = {} if args.pages_to_scan is None else {"pages_to_scan": args.pages_to_scan}
+    console_dir = None
+    if args.console_dir is not None:
+        check_path(args.console_dir, "console directory")
+        console_dir = Path(args.console_dir)
+        if not console_dir.is_dir():
+            raise DksmError(f"console directory {console_dir} is not a directory")
+    results: list[ModeResult] = []
     docs = []
     for count in _ints(args.instances, "--instances"):
         for mode in args.modes.split(","):
@@ -345,12 +363,16 @@ def _linux(args: argparse.Namespace) -> int:
                 mem_mib=args.mem_mib,
                 timeout=args.timeout,
                 ksm_settings=settings,
+                console_dir=console_dir,
                 log=lambda line: print(f"dksm: {line}", file=sys.stderr, flush=True),
             )
+            results.append(result)
             docs.append(asdict(result))
             text = json.dumps({"results": docs}, indent=2)
             if args.out:
                 Path(args.out).write_text(text + "\n")
+            if args.plot:
+                plot(results, Path(args.plot))
     print(text)
     return ExitStatus.OK
 
