@@ -6,7 +6,11 @@ them.  Fetching skips with the reason where apt-get or the packages cannot be ha
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from dksm.guests import linux
@@ -101,3 +105,30 @@ def test_newc_archives_pad_names_and_data_to_four_bytes() -> None:
     assert len(data) % 4 == 0
     members = read_newc(data)
     assert members["a"][1] == b"xyz" and members["dir-name/b"][1] == b""
+
+
+def test_the_bzimage_kernel_starts_and_reads_its_command_line(linux_cache: Path) -> None:
+    """The packaged bzImage, given to ``dksm run`` as it is, runs the kernel inside it
+    to its first log lines (a whole boot takes minutes here: test_linux_boot.py).
+    Stopped by SIGTERM once the command line shows, as a user would stop it."""
+    args = f"{linux.BOOT_ARGS} earlyprintk=ttyS0 dksm.test=bzimage"
+    command = [
+        sys.executable, "-m", "dksm", "run", "--kernel", "linux-bzimage",
+        "--boot-args", args, "--dedup", "none", "--timeout", "300",
+    ]  # fmt: skip
+    seen = b""
+    with subprocess.Popen(
+        command, env=_env(linux_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as vm:
+        assert vm.stdout is not None
+        deadline = time.monotonic() + 300
+        while b"Command line: " + args.encode() not in seen and time.monotonic() < deadline:
+            chunk = vm.stdout.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+        vm.send_signal(signal.SIGTERM)
+        _, stderr = vm.communicate(timeout=60)
+    assert b"Linux version 6." in seen, stderr.decode(errors="replace")
+    assert b"Command line: " + args.encode() in seen
+    assert vm.returncode != 0 and b"Traceback" not in stderr  # stopped, in one line
