@@ -123,7 +123,7 @@ def test_the_bzimage_kernel_starts_and_reads_its_command_line(linux_cache: Path)
         assert vm.stdout is not None
         deadline = time.monotonic() + 300
         while b"Command line: " + args.encode() not in seen and time.monotonic() < deadline:
-            chunk = vm.stdout.read1(4096)
+            chunk = os.read(vm.stdout.fileno(), 4096)
             if not chunk:
                 break
             seen += chunk
