@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from dksm.bench.linux import (
     BootWatch,
-    VmResult,
     _kernel_ranges,
-    _merge_copied,
     _states,
     plot,
     run_mode,
@@ -30,12 +32,12 @@ from dksm.memory.page_states import PageState
 from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import ExitCause
 
-from conftest import requires_kvm
+from conftest import dksm, requires_kvm
 
 pytestmark = requires_kvm
 
 
-def test_post_boot_merge_shares_identical_copies_across_vms(tmp_path: object) -> None:
+def test_post_boot_merge_shares_identical_copies_across_vms() -> None:
     config = VmConfig(kernel_path=str(guest_path("cowprobe")), boot_args="", mem_mib=16)
     ranges, original = _kernel_ranges(config.kernel_path, config.mem_size)
     domain = f"test-linux-bench-{os.getpid()}"
@@ -48,48 +50,68 @@ def test_post_boot_merge_shares_identical_copies_across_vms(tmp_path: object) ->
             lease = pool.lease()
             stack.callback(lease.release)
             console = io.BytesIO()
-            instance = stack.enter_context(Instance(spec, console, sharer=lease))
-            vms.append((instance, lease))
+            instance = stack.enter_context(
+                Instance(spec, console, sharer=lease, merge_after=b"cowprobe: ready")
+            )
+            vms.append(instance)
             consoles.append(console)
-        for instance, _ in vms:
+        entries_at_load = pool.stats().hashtable_entries
+        for instance in vms:  # one after the other: the second finds the first's page
             instance.vm.start()
-        deadline = time.monotonic() + 30
-        while not all(b"cowprobe: ready" in c.getvalue() for c in consoles):
-            assert time.monotonic() < deadline, "cowprobe did not get ready"
-            time.sleep(0.05)
-        for instance, _ in vms:  # it idles once ready: stop it, its memory stays
-            instance.vm.stop(ExitCause.INTERRUPTED, "test done")
-        copied = [
-            [a for a, s in _states(instance, ranges).items() if s == PageState.ANONYMOUS]
-            for instance, _ in vms
-        ]
-        assert copied[0] and copied[0] == copied[1]  # the same page, copied in each VM
-        page = copied[0][0]
-        assert vms[0][0].vm.memory.read(page, 4096) != original[page]
-        entries_before = pool.stats().hashtable_entries
-        results = [VmResult(None, None, "", 0, {}) for _ in vms]
-        for (instance, lease), result in zip(vms, results, strict=True):
-            _merge_copied(instance, lease, ranges, result)
-        # The first VM's copy became one new pool page, the second found it there.
-        assert pool.stats().hashtable_entries == entries_before + len(copied[0])
-        for instance, _ in vms:
+            deadline = time.monotonic() + 30
+            while instance.boot_merge is None or instance.boot_merge.result is None:
+                assert time.monotonic() < deadline, "cowprobe did not get ready"
+                time.sleep(0.05)
+            instance.vm.stop(ExitCause.INTERRUPTED, "test done")  # it idles once ready
+        results = [instance.boot_merge.result for instance in vms if instance.boot_merge]
+        assert [r.copied for r in results if r] == [1, 1]  # the page cowprobe wrote
+        assert [(r.merged, r.stored) for r in results if r] == [(0, 1), (1, 0)]
+        # One new pool page, mapped by both VMs again, holding what cowprobe wrote.
+        assert pool.stats().hashtable_entries == entries_at_load + 1
+        for instance in vms:
             states = _states(instance, ranges)
-            assert all(states[a] != PageState.ANONYMOUS for a in copied[0])
-        assert results[0].states_before_merge[PageState.ANONYMOUS.value] == len(copied[0])
-        assert vms[1][0].vm.memory.read(page, 4096) == vms[0][0].vm.memory.read(page, 4096)
+            assert PageState.ANONYMOUS not in states.values()
+        page = int(consoles[0].getvalue().split(b"page=")[1].split()[0], 16)
+        assert vms[0].vm.memory.read(page, 4096) != original[page]
+        assert vms[1].vm.memory.read(page, 4096) == vms[0].vm.memory.read(page, 4096)
     with contextlib.closing(PagePool.open(domain)) as pool:
         pool.purge()
 
 
-def test_boot_watch_calls_back_once_at_the_init_banner() -> None:
-    calls: list[int] = []
-    watch = BootWatch(lambda: calls.append(1))
-    watch.write(b"[    0.1] booting\n")
-    watch.write(b"dksm-init: /proc/cmd")  # the banner split across writes
-    watch.write(b"line: console=ttyS0\n")
-    watch.write(b"dksm-init: /proc/cmdline: again\n")
-    assert calls == [1]
-    assert watch.banner_s is not None and watch.first_byte_s is not None
+def test_boot_watch_times_the_init_banner_once_and_tees_the_console(tmp_path: Path) -> None:
+    with open(tmp_path / "console.log", "wb", buffering=0) as tee:
+        watch = BootWatch(tee)
+        watch.write(b"[    0.1] booting\n")
+        watch.write(b"dksm-init: /proc/cmd")  # the banner split across writes
+        watch.write(b"line: console=ttyS0\n")
+        first = watch.banner_s
+        watch.write(b"dksm-init: /proc/cmdline: again\n")
+    assert first is not None and watch.banner_s == first
+    assert watch.first_byte_s is not None
+    assert (tmp_path / "console.log").read_bytes() == bytes(watch.text)
+
+
+def test_merge_after_in_confined_vmms_shares_the_page_both_rewrote(tmp_path: Path) -> None:
+    """``dksm run --merge-after``: each VMM, confined, merges the page its cowprobe
+    wrote once the guest is ready; the second finds the first's copy in the pool."""
+    pool_root = tempfile.mkdtemp(prefix="dksm-test-boot-merge-", dir="/dev/shm")
+    try:
+        common = ["run", "--kernel", "cowprobe", "--mem-mib", "16", "--pool-root", pool_root,
+                  "--merge-after", "cowprobe: ready", "--verbose"]  # fmt: skip
+        first = subprocess.Popen(
+            [sys.executable, "-m", "dksm", *common, "--timeout", "8"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)  # the first has stored its page (cowprobe is ready in ~0.1 s)
+        second = dksm(*common, "--timeout", "1")
+        _, first_err = first.communicate(timeout=60)
+    finally:
+        shutil.rmtree(pool_root)
+    assert "1 copied kernel pages back in the pool (0 found there, 1 new)" in first_err
+    assert "1 copied kernel pages back in the pool (1 found there, 0 new)" in second.stderr
+    assert first.returncode == second.returncode == 5  # their --timeout, no SIGSYS
 
 
 def test_run_mode_samples_memory_and_tallies_every_kernel_page(tmp_path: Path) -> None:

@@ -49,8 +49,6 @@ def test_debian_cloud_kernel_boots_to_init_and_exits_cleanly(
         "linux-initrd",
         "--boot-args",
         BOOT_ARGS,
-        "--dedup",
-        "none",
         "--serial-out",
         str(console),
         "--timeout",

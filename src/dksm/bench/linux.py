@@ -17,10 +17,10 @@ page by page.  Per mode:
   whether the other VMs' copies hold the same bytes as the first's (identical
   patching on identical virtual hardware);
 - **post-boot merge** (mode ``dksm+merge``): when a VM's ``/init`` prints its first
-  line, the VMM hands the kernel's copied pages to the pool's ``merge()`` once, on
-  the vCPU thread, while the vCPU is outside the guest (one vCPU: nothing else
-  writes guest RAM then).  Pages rewritten with their original bytes find their
-  pool page again; patched pages are stored once and shared by every later VM.
+  line, the VMM hands the kernel's copied pages to the pool's ``merge()`` once
+  (:mod:`dksm.fleet.boot_merge`, what ``dksm run --merge-after`` does).  Pages
+  rewritten with their original bytes find their pool page again; patched pages
+  are stored once and shared by every later VM.
 - **KSM** (modes ``ksm`` and ``dksm+ksm``): guest RAM advised mergeable; once every
   VM has ended, ksmd runs at the given rate in a saved-and-restored session,
   sampled until its counters stop changing; its CPU time is ksmd's.  KSM is
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dksm.analyze.kernel_patching import explain_pages, kernel_layout
-from dksm.dedup.pool import Lease, PagePool
+from dksm.dedup.pool import PagePool
 from dksm.error import DksmError
 from dksm.fleet.instance import DedupMode, Instance, InstanceSpec
 from dksm.guests import linux
@@ -77,17 +76,14 @@ class LinuxBenchError(DksmError):
 
 class BootWatch:
     """A VM's console: kept in memory, with the time of the first byte and of the
-    ``/init`` banner, and a callback run (on the vCPU thread) at the banner."""
+    ``/init`` banner."""
 
-    def __init__(
-        self, on_banner: Callable[[], None] | None = None, tee: BinaryIO | None = None
-    ) -> None:
+    def __init__(self, tee: BinaryIO | None = None) -> None:
         self.started = time.monotonic()
         self.tee = tee  # a log file the console is also written to, as it comes
         self.text = bytearray()
         self.first_byte_s: float | None = None
         self.banner_s: float | None = None
-        self.on_banner = on_banner
 
     def write(self, data: bytes, /) -> int:
         if self.first_byte_s is None:
@@ -97,8 +93,6 @@ class BootWatch:
         self.text += data
         if self.banner_s is None and INIT_BANNER in self.text[-len(data) - len(INIT_BANNER) :]:
             self.banner_s = time.monotonic() - self.started
-            if self.on_banner is not None:
-                self.on_banner()
         return len(data)
 
 
@@ -111,9 +105,10 @@ class VmResult:
     cause: str
     pages_at_load: int
     states: dict[str, int]
-    merged: int = 0  # pages the post-boot merge mapped from the pool
+    copied_at_merge: int = 0  # kernel pages that were copies when /init spoke
+    merged: int = 0  # of them, found in the pool by the post-boot merge
+    stored: int = 0  # of them, new pool pages
     merge_cpu_s: float = 0.0
-    states_before_merge: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,29 +170,6 @@ def _ksm_pages(addresses: list[int]) -> int:
     return count
 
 
-def _merge_copied(
-    instance: Instance, lease: Lease, ranges: list[tuple[int, int]], vm: VmResult
-) -> None:
-    """The post-boot merge: hand the kernel's copied pages back to the pool."""
-    started = time.thread_time()
-    states = _states(instance, ranges)
-    for state in states.values():
-        vm.states_before_merge[state.value] = vm.states_before_merge.get(state.value, 0) + 1
-    base = instance.vm.memory.host_address
-    run_start: int | None = None
-    for address in [*sorted(states), None]:
-        copied = address is not None and states[address] == PageState.ANONYMOUS
-        if copied and run_start is None:
-            run_start = address
-        contiguous = address is not None and run_start is not None and copied
-        if run_start is not None and not contiguous:
-            end = address if address is not None else max(states) + PAGE_SIZE
-            result = lease.merge(base + run_start, end - run_start)
-            vm.merged += result.pages_merged + result.pages_new
-            run_start = address if copied else None
-    vm.merge_cpu_s = time.thread_time() - started
-
-
 def run_mode(
     mode: str,
     count: int,
@@ -228,27 +200,20 @@ def run_mode(
         # One pool handle for the process (LMDB must not be opened twice in one
         # process); a lease per VM, released after its VM is closed.
         pool = stack.enter_context(contextlib.closing(PagePool.open(domain, pool_root)))
-        merging = threading.Lock()  # vCPU threads merge one at a time
         for index in range(count):
             vm_result = VmResult(None, None, "", 0, {})
             lease = pool.lease()
             stack.callback(lease.release)
-            holder: list[Instance] = []
-
-            def merge(
-                holder: list[Instance] = holder, lease: Lease = lease, vm: VmResult = vm_result
-            ) -> None:
-                with merging:
-                    _merge_copied(holder[0], lease, ranges, vm)
-
             tee = None
             if console_dir is not None:
                 name = f"{mode.replace('+', '-')}-x{count}-vm{index}.log"
                 tee = stack.enter_context(open(console_dir / name, "wb", buffering=0))
-            watch = BootWatch(merge if mode == MERGE_MODE else None, tee)
+            watch = BootWatch(tee)
             sharer = lease if dedup.uses_pool else None
-            instance = stack.enter_context(Instance(spec, watch, sharer=sharer))
-            holder.append(instance)
+            merge_after = INIT_BANNER if mode == MERGE_MODE else None
+            instance = stack.enter_context(
+                Instance(spec, watch, sharer=sharer, merge_after=merge_after)
+            )
             vm_result.pages_at_load = instance.vm.memory.pages_shared
             instances.append(instance)
             watches.append(watch)
@@ -276,6 +241,12 @@ def run_mode(
             results[index].cause = outcome.describe() if outcome else "?"
             results[index].boot_s = watches[index].banner_s
             results[index].first_output_s = watches[index].first_byte_s
+            merge = instance.boot_merge.result if instance.boot_merge else None
+            if merge is not None:
+                results[index].copied_at_merge = merge.copied
+                results[index].merged = merge.merged
+                results[index].stored = merge.stored
+                results[index].merge_cpu_s = merge.cpu_s
             log(
                 f"{mode} x{count}: vm {index}: {results[index].cause}, /init after "
                 f"{watches[index].banner_s} s"

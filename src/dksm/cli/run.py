@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,12 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--info-file", metavar="FILE", help="write the VM's pid and RAM address here once built"
+    )
+    parser.add_argument(
+        "--merge-after",
+        metavar="TEXT",
+        help="once the console shows TEXT (a guest's 'boot complete' line), merge the kernel "
+        "pages the guest rewrote while booting back into the page pool, once (one vCPU)",
     )
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
@@ -183,7 +190,11 @@ def handle(args: argparse.Namespace) -> int:
     serial_out = _first(args.serial_out, config_file and config_file.serial_out_path)
     if sys.stdout is not None:
         sys.stdout.flush()
-    with _serial_sink(serial_out) as sink, Instance(spec, sink) as instance:
+    merge_after = None if args.merge_after is None else os.fsencode(args.merge_after)
+    with (
+        _serial_sink(serial_out) as sink,
+        Instance(spec, sink, merge_after=merge_after) as instance,
+    ):
         sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
         if args.info_file is not None:
             instance.write_info(args.info_file)
@@ -211,4 +222,15 @@ def handle(args: argparse.Namespace) -> int:
         total = sum(n for _, n in emulated)
         shown = ", ".join(f"{name}={n}" for name, n in emulated) or "none"
         print(f"dksm: instructions emulated in user space: {total} ({shown})", file=sys.stderr)
+    if args.merge_after is not None:
+        merge = instance.boot_merge.result if instance.boot_merge else None
+        if merge is None:
+            print("dksm: post-boot merge: its text never appeared", file=sys.stderr)
+        else:
+            print(
+                f"dksm: post-boot merge at {merge.at_s:.1f} s: {merge.copied} copied kernel "
+                f"pages back in the pool ({merge.merged} found there, {merge.stored} new) "
+                f"in {merge.cpu_s * 1000:.0f} ms of CPU",
+                file=sys.stderr,
+            )
     return status

@@ -40,6 +40,8 @@ class GuestMemory:
         self.host_address = host_mapping.map_anonymous(size)
         self.ram: memoryview | None = host_mapping.view(self.host_address, size)
         self.pages_shared = 0
+        # Guest ranges [start, end) mapped from the page pool at load time.
+        self.shared_spans: list[tuple[int, int]] = []
 
     def view(self) -> memoryview:
         if self.ram is None:
@@ -62,6 +64,7 @@ class GuestMemory:
                 content = memoryview(segment.data)[lo:hi]
                 if sharer.map_pages(self.host_address + start, content).mapped:
                     self.pages_shared += (end - start) // host_mapping.PAGE_SIZE
+                    self.shared_spans.append((start, end))
                     self.write(segment.guest_addr, segment.data[:lo])
                     self.write(end, segment.data[hi:])
                     continue

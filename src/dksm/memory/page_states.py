@@ -33,13 +33,34 @@ class PageState(enum.Enum):
     SWAPPED = "swapped"
 
 
+class Pagemap:
+    """A process's pagemap, opened once: a process that confines itself opens its own
+    before it may no longer open files, and reads it afterwards."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+
+    def states(self, address: int, count: int) -> list[PageState]:
+        """The state of ``count`` pages from host ``address``."""
+        offset = (address // PAGE_SIZE) * PAGEMAP_ENTRY.size
+        return _decode(os.pread(self.fd, count * PAGEMAP_ENTRY.size, offset))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def page_states(pid: int, address: int, count: int) -> list[PageState]:
     """The state of ``count`` pages of process ``pid`` from host ``address``."""
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    pagemap = Pagemap(pid)
     try:
-        raw = os.pread(fd, count * PAGEMAP_ENTRY.size, (address // PAGE_SIZE) * PAGEMAP_ENTRY.size)
+        return pagemap.states(address, count)
     finally:
-        os.close(fd)
+        pagemap.close()
+
+
+def _decode(raw: bytes) -> list[PageState]:
     states = []
     for (entry,) in PAGEMAP_ENTRY.iter_unpack(raw):
         if entry & PRESENT:

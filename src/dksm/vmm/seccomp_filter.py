@@ -128,6 +128,9 @@ RULES: tuple[Rule, ...] = (
     _allow("lseek", "pool index commit (LMDB positions its writes)"),
     _allow("writev", "pool index commit (LMDB writes dirty pages)"),
     _allow("pwrite64", "pool index commit (LMDB meta page)"),
+    _allow("pread64", "post-boot merge: the pagemap opened before confinement"),
+    _allow("pwritev2", "post-boot merge: new pages into the pool's pages file (os.pwritev)"),
+    _allow("preadv2", "post-boot merge: a pool page's bytes compared before sharing (os.preadv)"),
     _allow(
         "fallocate",
         "pool lease release: punch freed slots out of the pages file",
