@@ -102,15 +102,21 @@ def _problem(fd: int) -> str | None:
         return f"it is {size} bytes, shorter than LMDB's two meta pages of {page_size} bytes"
     pages_held = size // page_size
     (last,) = _LAST_PAGE.unpack_from(meta, _LAST_PAGE_AT)
-    if last >= pages_held:
-        return (
-            f"it holds {pages_held} pages of {page_size} bytes, but its meta page "
-            f"{number} says pages up to {last} are in use: it was truncated"
-        )
+    # The file may end before the last page the meta page counts: pages a commit
+    # allocated and freed again ("loose" pages) are counted but never written, so a
+    # large commit can leave the file a few pages short.  A tree root beyond the
+    # file's end, though, is a page LMDB would read and find missing.
     for record in _TREE_RECORD_OFFSETS:
         (root,) = _TREE_ROOT.unpack_from(meta, record + _TREE_ROOT_AT)
-        if root != NO_PAGE and root > last:
+        if root == NO_PAGE:
+            continue
+        if root > last:
             return f"its meta page {number} names a root page {root} beyond its last page"
+        if root >= pages_held:
+            return (
+                f"it holds {pages_held} pages of {page_size} bytes, but its meta page "
+                f"{number} names page {root} as a tree's root: it was truncated"
+            )
     return None
 
 
