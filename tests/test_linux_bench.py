@@ -78,14 +78,14 @@ def test_post_boot_merge_shares_identical_copies_across_vms() -> None:
         pool.purge()
 
 
-def test_boot_watch_times_the_init_banner_once_and_tees_the_console(tmp_path: Path) -> None:
+def test_boot_watch_times_the_kernel_boot_once_and_tees_the_console(tmp_path: Path) -> None:
     with open(tmp_path / "console.log", "wb", buffering=0) as tee:
         watch = BootWatch(tee)
         watch.write(b"[    0.1] booting\n")
-        watch.write(b"dksm-init: /proc/cmd")  # the banner split across writes
-        watch.write(b"line: console=ttyS0\n")
+        watch.write(b"[    2.0] Run /init as ")  # the line split across writes
+        watch.write(b"init process\n")
         first = watch.banner_s
-        watch.write(b"dksm-init: /proc/cmdline: again\n")
+        watch.write(b"[    2.1] Run /init as init process\n")
     assert first is not None and watch.banner_s == first
     assert watch.first_byte_s is not None
     assert (tmp_path / "console.log").read_bytes() == bytes(watch.text)

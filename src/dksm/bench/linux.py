@@ -1,7 +1,8 @@
 """How much of a Linux kernel stays shared: a fleet of Linux VMs, page by page.
 
 Each VM boots the fetched Debian cloud kernel with the busybox initramfs
-(:mod:`dksm.guests.linux`) to its ``/init`` line and ends (``reboot -f``); its RAM
+(:mod:`dksm.guests.linux`) until the kernel runs ``/init``, and ends (``reboot -f``,
+or on a PVM host the panic of an init whose system calls fail, with ``panic=1``); its RAM
 stays mapped until the experiment has looked at it, as a held fleet's does.  The
 VMs run in this process, one vCPU thread each, so that their memory can be read
 page by page.  Per mode:
@@ -16,8 +17,8 @@ page by page.  Per mode:
   explained by the kernel's own patch-site tables (:mod:`dksm.analyze.kernel_patching`);
   whether the other VMs' copies hold the same bytes as the first's (identical
   patching on identical virtual hardware);
-- **post-boot merge** (mode ``dksm+merge``): when a VM's ``/init`` prints its first
-  line, the VMM hands the kernel's copied pages to the pool's ``merge()`` once
+- **post-boot merge** (mode ``dksm+merge``): when a VM's kernel says it runs
+  ``/init``, the VMM hands the kernel's copied pages to the pool's ``merge()`` once
   (:mod:`dksm.fleet.boot_merge`, what ``dksm run --merge-after`` does).  Pages
   rewritten with their original bytes find their pool page again; patched pages
   are stored once and shared by every later VM.
@@ -58,7 +59,9 @@ from dksm.vmm.machine import ExitCause
 
 MIB = 1 << 20
 LINUX_MEM_MIB = 128
-INIT_BANNER = linux.INIT_BANNER.encode()
+# The kernel's line before /init: its patching is done (and on a PVM host /init's
+# first system call fails, docs/BOOT.md), so boots are timed and merged here.
+BOOTED = linux.KERNEL_BOOTED.encode()
 MERGE_MODE = "dksm+merge"
 MODES = ("none", "dksm", MERGE_MODE, "ksm", "dksm+ksm")
 KSM_SAMPLE_S = 1.0
@@ -76,7 +79,7 @@ class LinuxBenchError(DksmError):
 
 class BootWatch:
     """A VM's console: kept in memory, with the time of the first byte and of the
-    ``/init`` banner."""
+    kernel's "Run /init" line."""
 
     def __init__(self, tee: BinaryIO | None = None) -> None:
         self.started = time.monotonic()
@@ -91,7 +94,7 @@ class BootWatch:
         if self.tee is not None:
             self.tee.write(data)
         self.text += data
-        if self.banner_s is None and INIT_BANNER in self.text[-len(data) - len(INIT_BANNER) :]:
+        if self.banner_s is None and BOOTED in self.text[-len(data) - len(BOOTED) :]:
             self.banner_s = time.monotonic() - self.started
         return len(data)
 
@@ -105,7 +108,7 @@ class VmResult:
     cause: str
     pages_at_load: int
     states: dict[str, int]
-    copied_at_merge: int = 0  # kernel pages that were copies when /init spoke
+    copied_at_merge: int = 0  # kernel pages that were copies when the kernel had booted
     merged: int = 0  # of them, found in the pool by the post-boot merge
     stored: int = 0  # of them, new pool pages
     merge_cpu_s: float = 0.0
@@ -210,7 +213,7 @@ def run_mode(
                 tee = stack.enter_context(open(console_dir / name, "wb", buffering=0))
             watch = BootWatch(tee)
             sharer = lease if dedup.uses_pool else None
-            merge_after = INIT_BANNER if mode == MERGE_MODE else None
+            merge_after = BOOTED if mode == MERGE_MODE else None
             instance = stack.enter_context(
                 Instance(spec, watch, sharer=sharer, merge_after=merge_after)
             )
@@ -248,7 +251,7 @@ def run_mode(
                 results[index].stored = merge.stored
                 results[index].merge_cpu_s = merge.cpu_s
             log(
-                f"{mode} x{count}: vm {index}: {results[index].cause}, /init after "
+                f"{mode} x{count}: vm {index}: {results[index].cause}, kernel booted after "
                 f"{watches[index].banner_s} s"
             )
         sample()

@@ -52,12 +52,17 @@ COMMAND_TIMEOUT_S = 600
 # kernel whose code is emulated needs on PVM hosts (docs/BOOT.md, "Linux guests"):
 # no soft-lockup detector (its 20 s threshold means nothing at this speed), no AVX
 # or SSSE3 in the kernel (the guest sees the host's AVX-512, which nothing here can
-# execute), and no ftrace start-up check of its records (minutes of kallsyms
-# look-ups that matter only to function tracing).
+# execute), none of the tracing start-up work (ftrace's check of its records,
+# tracefs's thousands of event files: minutes of emulation that matter only to
+# tracing) and no crypto self-tests.
 BOOT_ARGS = (
     "console=ttyS0 reboot=k panic=1 pci=off nosoftlockup clearcpuid=avx,ssse3 "
-    "initcall_blacklist=ftrace_check_for_weak_functions,ftrace_check_sync"
+    "initcall_blacklist=ftrace_check_for_weak_functions,ftrace_check_sync,"
+    "trace_eval_init,tracer_init_tracefs cryptomgr.notests"
 )
+# The kernel's last line before it runs /init: its own boot (and its patching) is
+# done.  Benchmarks time the boot to it and merge after it.
+KERNEL_BOOTED = "Run /init as init process"
 # What /init prints first: tests and benchmarks wait for this line.
 INIT_BANNER = "dksm-init: /proc/cmdline:"
 SHELL_CHECK = "dksm-init: shell ok"
