@@ -72,6 +72,7 @@ def test_post_boot_merge_shares_identical_copies_across_vms() -> None:
             states = _states(instance, ranges)
             assert PageState.ANONYMOUS not in states.values()
         page = int(consoles[0].getvalue().split(b"page=")[1].split()[0], 16)
+        assert [r.pages for r in results if r] == [[page], [page]]
         assert vms[0].vm.memory.read(page, 4096) != original[page]
         assert vms[1].vm.memory.read(page, 4096) == vms[0].vm.memory.read(page, 4096)
     with contextlib.closing(PagePool.open(domain)) as pool:

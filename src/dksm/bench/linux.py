@@ -124,7 +124,7 @@ class ModeResult:
     ksm_cpu_s: float = 0.0
     ksm_pages_sharing: int = 0
     ksm_settled_s: float = 0.0
-    identical_copies: int = 0  # copied pages of VM 1.. equal to VM 0's
+    identical_copies: int = 0  # pages VMs 1.. wrote (copied or merged) equal to VM 0's
     why_copied: dict[str, object] = field(default_factory=dict)
     ksm_started_s: float = 0.0  # when ksmd was switched on, since the first boot
     # (seconds since the first boot, memory in MiB): process Pss_Anon + pool bytes
@@ -323,7 +323,11 @@ def _measure(
         if mode in ("ksm", "dksm+ksm"):
             tally["merged by KSM"] = _ksm_pages([base + a for a in copied]) if copied else 0
         results[index].states = tally
-        for address in copied:
+        merge = instance.boot_merge.result if instance.boot_merge else None
+        # With the post-boot merge, the pages the boot copied hold what the guest
+        # wrote (now from the pool), unless written again since (then copied again).
+        written = sorted(set(copied) | set(merge.pages if merge else ()))
+        for address in written:
             current = instance.vm.memory.read(address, PAGE_SIZE)
             if index == 0:
                 first_copies[address] = current

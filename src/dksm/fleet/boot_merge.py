@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink
@@ -52,6 +52,7 @@ class BootMergeResult:
     stored: int = 0  # of them, new pool pages
     cpu_s: float = 0.0  # this thread's CPU time, pagemap read included
     at_s: float = 0.0  # seconds from the first console byte to the trigger
+    pages: list[int] = field(default_factory=list)  # guest addresses of the copies
 
 
 class BootMerge:
@@ -129,6 +130,7 @@ class BootMerge:
                         base + start + run_start * PAGE_SIZE, (i - run_start) * PAGE_SIZE
                     )
                     result.copied += i - run_start
+                    result.pages.extend(start + j * PAGE_SIZE for j in range(run_start, i))
                     result.merged += merged.pages_merged
                     result.stored += merged.pages_new
                     run_start = None
