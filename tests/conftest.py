@@ -118,3 +118,20 @@ def asm_guest(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
         return built[name]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def linux_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Linux guest (``dksm guests fetch linux``), fetched once per session into a
+    private cache (or the one ``DKSM_GUEST_CACHE`` names); skips where the Debian
+    packages cannot be had."""
+    from dksm.guests import linux
+
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("fetching the Linux guest needs apt-get and dpkg-deb (a Debian host)")
+    root = Path(os.environ.get(linux.CACHE_ENV) or tmp_path_factory.mktemp("guest-cache"))
+    try:
+        linux.fetch_linux(root)
+    except linux.GuestFetchError as exc:
+        pytest.skip(f"the Debian packages cannot be had here: {exc}")
+    return root

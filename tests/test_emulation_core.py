@@ -18,6 +18,7 @@ from dksm.arch.x86_execute import (
     RCX,
     RDX,
     REGISTER_COUNT,
+    RFLAGS,
     RIP,
     RSI,
     SSE_COMPONENT,
@@ -148,7 +149,9 @@ def _snapshot(cpu: PlainCpu) -> tuple[list[int], bytes, bytes]:
         ("66 0f ef c1", "ts", "#NM"),
         ("0f 01 d0", "bad_xcr", "#GP"),  # xgetbv of XCR2
         ("0f ae 16", "bad_mxcsr", "#GP"),  # ldmxcsr with reserved bits
-        ("0f ae 2e", "compacted", "-"),  # xrstor of a compacted area
+        ("0f ae 2e", "compacted", "#GP"),  # xrstor: XSTATE_BV outside XCOMP_BV
+        ("0f ae 2e", "compacted_unknown", "-"),  # xrstor: a component without layout
+        ("9b", "pending_x87", "#MF"),  # fwait with an unmasked x87 exception pending
     ],
 )
 def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
@@ -162,7 +165,16 @@ def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
     if setup == "bad_mxcsr":
         cpu.memory[0:4] = (0xFFFF_0000).to_bytes(4, "little")
     if setup == "compacted":
-        cpu.memory[XSTATE_BV + 8 : XSTATE_BV + 16] = (1 << 63 | 3).to_bytes(8, "little")
+        cpu.memory[XSTATE_BV : XSTATE_BV + 16] = (3).to_bytes(8, "little") + (1 << 63 | 1).to_bytes(
+            8, "little"
+        )
+    if setup == "pending_x87":
+        cpu.vector_state.area[2] = 0x80  # FSW.ES
+    if setup == "compacted_unknown":
+        cpu = _cpu(xcr0=0x207)
+        cpu.regs[RSI] = BASE
+        cpu.regs[RAX] = 3
+        cpu.memory[XSTATE_BV + 8 : XSTATE_BV + 16] = (1 << 63 | 0x203).to_bytes(8, "little")
     before = _snapshot(cpu)
     with pytest.raises(ExecutionError) as caught:
         _run(cpu, code)
@@ -171,6 +183,36 @@ def test_a_fault_changes_nothing(code: str, setup: str, exception: str) -> None:
 
 
 # -- MXCSR, XCR0, XSAVE ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "source", "result", "flags"),
+    [
+        ("f3 48 0f b8 c7", 0, 0, 0x40),  # popcnt %rdi, %rax: ZF for a zero source
+        ("f3 48 0f b8 c7", 0xF0F0, 8, 0),
+        ("f3 48 0f bc c7", 0, 64, 0x01),  # tzcnt: CF and the operand width
+        ("f3 48 0f bc c7", 0x8, 3, 0),
+        ("f3 0f bd c7", 0, 32, 0x01),  # lzcnt %edi, %eax
+        ("f3 0f bd c7", 0x8000_0000, 0, 0x40),  # ZF for a zero result
+    ],
+)
+def test_bit_counts_of_edge_values(code: str, source: int, result: int, flags: int) -> None:
+    cpu = _cpu()
+    cpu.regs[5] = source  # rdi
+    cpu.regs[RFLAGS] = 0x202 | 0x800  # OF stays, as on the host
+    _run(cpu, code)
+    assert cpu.regs[RAX] == result
+    assert cpu.regs[RFLAGS] == 0x202 | (0 if "b8" in code else 0x800) | flags
+
+
+def test_clac_and_stac_toggle_only_the_alignment_check_flag() -> None:
+    cpu = _cpu()
+    cpu.regs[RFLAGS] = 0x246
+    _run(cpu, "0f 01 cb")  # stac
+    assert cpu.regs[RFLAGS] == 0x246 | 1 << 18
+    assert cpu.regs[RIP] == 0x100003
+    _run(cpu, "0f 01 ca")  # clac
+    assert cpu.regs[RFLAGS] == 0x246
 
 
 def test_xgetbv_of_xcr1_reports_components_in_use() -> None:
@@ -220,6 +262,88 @@ def test_xrstor_initialises_components_the_header_marks_unused() -> None:
     assert vec.in_use == 0
     vec.settle()  # MXCSR was loaded: SSE stays marked so KVM takes it
     assert vec.area[XSTATE_BV] == SSE_COMPONENT
+
+
+AMD_AVX512_LAYOUT = {2: (576, 256), 5: (832, 64), 6: (896, 512), 7: (1408, 1024)}
+
+
+def _patterned(layout: dict[int, tuple[int, int]]) -> VectorState:
+    vec = VectorState.reset(layout)
+    area = vec.area
+    for offset, size in [(XMM0, 256), *layout.values()]:
+        area[offset : offset + size] = bytes((offset + i) & 0xFF for i in range(size))
+    return vec
+
+
+def test_xsavec_packs_requested_components_in_bit_order() -> None:
+    vec = _patterned(AMD_AVX512_LAYOUT)
+    struct.pack_into("<I", vec.area, MXCSR, 0x7F80)
+    vec.in_use = 0xE7 & ~X87_COMPONENT & ~(1 << 6)  # x87 and ZMM_Hi256 initial
+    cpu = _cpu(memory_size=0x2000, vector=vec, xcr0=0xE7)
+    cpu.memory[:] = b"\xaa" * len(cpu.memory)
+    cpu.regs[RAX] = 0xE3  # everything but AVX
+    saved = bytes(vec.area)
+    _run(cpu, "48 0f c7 26")  # xsavec64 (%rsi)
+    memory = cpu.memory
+    assert int.from_bytes(memory[XSTATE_BV : XSTATE_BV + 8], "little") == 0xA2
+    assert int.from_bytes(memory[XSTATE_BV + 8 : XSTATE_BV + 16], "little") == 1 << 63 | 0xE3
+    assert memory[XSTATE_BV + 16 : XSTATE_BV + 64] == b"\xaa" * 48  # not written
+    assert memory[0:MXCSR] == b"\xaa" * MXCSR  # x87 not in use: not written
+    assert struct.unpack_from("<I", memory, MXCSR)[0] == 0x7F80
+    assert memory[XMM0:416] == saved[XMM0:416]
+    # Opmask right after the header, ZMM_Hi256 after it (not in use: untouched),
+    # Hi16_ZMM after that: AVX, not requested, takes no room.
+    assert memory[576:640] == saved[832:896]
+    assert memory[640:1152] == b"\xaa" * 512
+    assert memory[1152:2176] == saved[1408:2432]
+
+
+def test_xsavec_then_xrstor_restores_every_component() -> None:
+    vec = _patterned(AMD_AVX512_LAYOUT)
+    struct.pack_into("<I", vec.area, MXCSR, 0x7F80)
+    vec.in_use = 0xE7 & ~X87_COMPONENT
+    cpu = _cpu(memory_size=0x2000, vector=vec, xcr0=0xE7)
+    cpu.regs[RAX] = 0xFFFF_FFFF
+    cpu.regs[RDX] = 0xFFFF_FFFF
+    saved = bytes(vec.area)
+    _run(cpu, "0f c7 26")  # xsavec (%rsi)
+    vec.area[:] = bytes(len(vec.area))  # clobber everything
+    struct.pack_into("<II", vec.area, MXCSR, 0x1F80, 0xFFFF)
+    vec.in_use = 0xE7
+    cpu.regs[RIP] = 0x100000
+    _run(cpu, "48 0f ae 2e")  # xrstor64 (%rsi): the compacted form
+    assert vec.area[XMM0:416] == saved[XMM0:416]
+    assert struct.unpack_from("<I", vec.area, MXCSR)[0] == 0x7F80
+    for offset, size in AMD_AVX512_LAYOUT.values():
+        assert vec.area[offset : offset + size] == saved[offset : offset + size]
+    assert struct.unpack_from("<H", vec.area, 0)[0] == 0x037F  # x87 initialised
+    assert vec.in_use == 0xE6
+
+
+def test_compacted_xrstor_aligns_components_cpuid_marks() -> None:
+    layout = {5: (832, 8), 6: (896, 512)}  # a made-up 8-byte component before an aligned one
+    vec = VectorState.reset(layout, aligned=frozenset({6}))
+    cpu = _cpu(memory_size=0x2000, vector=vec, xcr0=0x63)
+    cpu.regs[RAX] = 0x63
+    cpu.memory[XSTATE_BV : XSTATE_BV + 16] = (0x60).to_bytes(8, "little") + (
+        1 << 63 | 0x60
+    ).to_bytes(8, "little")
+    cpu.memory[576:584] = b"\x11" * 8
+    cpu.memory[640:1152] = b"\x22" * 512  # 584 rounded up to 64
+    _run(cpu, "0f ae 2e")  # xrstor (%rsi)
+    assert vec.area[832:840] == b"\x11" * 8
+    assert vec.area[896:1408] == b"\x22" * 512
+
+
+def test_compacted_xrstor_resets_mxcsr_with_sse() -> None:
+    vec = VectorState.reset()
+    struct.pack_into("<I", vec.area, MXCSR, 0x7F80)
+    cpu = _cpu(vector=vec, xcr0=0x7)
+    cpu.regs[RAX] = 0x6  # SSE and AVX requested
+    cpu.memory[MXCSR : MXCSR + 4] = (0x3F80).to_bytes(4, "little")  # ignored: SSE initial
+    cpu.memory[XSTATE_BV + 8 : XSTATE_BV + 16] = (1 << 63 | 0x7).to_bytes(8, "little")
+    _run(cpu, "0f ae 2e")  # xrstor (%rsi)
+    assert struct.unpack_from("<I", vec.area, MXCSR)[0] == 0x1F80
 
 
 def test_xsave_of_a_component_without_layout_is_refused() -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from dksm.arch.cpuid import host_cpu_flags
 from dksm.arch.x86_decode import decode
 from dksm.arch.x86_execute import (
+    COMPACTED_FORMAT,
     LEGACY_END,
     MXCSR,
     REGISTER_COUNT,
@@ -128,11 +130,28 @@ CASES += [
     "xsaveopt64 (%rdi)",
     "xrstor (%rsi)",
     "xrstor64 (%rsi)",
+    "xsavec (%rdi)",
+    "xsavec64 (%rdi)",
+    "xrstor64 (%rsi) # of a compacted area",
+    "xrstor (%rsi) # of a compacted area",
     "cmpxchg16b (%rdi)",
     "lock cmpxchg16b 16(%rdi)",
     "cmpxchg8b 8(%rdi)",
     "lock cmpxchg8b (%rdi)",
     "pxor %fs:(%rsi), %xmm2",
+    "popcnt %rdi, %rax",
+    "popcnt %ecx, %r9d",
+    "popcnt %bx, %dx",
+    "popcnt 8(%rsi), %r11",
+    "popcnt 4(%rsi), %eax",
+    "tzcnt %rdi, %rax",
+    "tzcnt %r8d, %ecx",
+    "tzcnt (%rsi), %rdx",
+    "lzcnt %rdi, %rax",
+    "lzcnt %r10w, %bx",
+    "lzcnt 16(%rsi), %r12d",
+    "fwait",
+    "fninit",
 ]
 
 
@@ -231,7 +250,10 @@ def _prepare_memory(rng: random.Random, text: str, buffer: Buffer, host: Host) -
         image = bytearray(_fx_image(rng, mask) + rng.randbytes(2560))
         # Header: XSTATE_BV a random subset of XCR0, XCOMP_BV and the rest 0.
         xstate_bv = rng.getrandbits(64) & host.xcr0
-        image[XSTATE_BV : XSTATE_BV + 64] = xstate_bv.to_bytes(8, "little") + bytes(56)
+        xcomp_bv = (COMPACTED_FORMAT | host.xcr0) if "compacted" in text else 0
+        image[XSTATE_BV : XSTATE_BV + 64] = (
+            xstate_bv.to_bytes(8, "little") + xcomp_bv.to_bytes(8, "little") + bytes(48)
+        )
         data[rsi : rsi + len(image)] = image
     if text.startswith("xsave"):  # a header the instruction partly keeps
         data[rdi + XSTATE_BV : rdi + XSTATE_BV + 64] = rng.randbytes(8) + bytes(56)
@@ -287,6 +309,8 @@ def test_emulated_instruction_matches_the_host(
 ) -> None:
     if ("xsave" in text or "xgetbv" in text or "xrstor" in text) and not host.xcr0 & 2:
         pytest.skip("the host has no XSAVE")
+    if ("xsavec" in text or "compacted" in text) and "xsavec" not in host_cpu_flags():
+        pytest.skip("the host CPU has no XSAVEC (the compacted format)")
     code = assembled.code[text]
     insn = decode(code + bytes(15))
     assert insn.length == len(code), f"{text}: decoded length {insn.length}, really {len(code)}"

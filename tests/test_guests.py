@@ -56,7 +56,7 @@ def test_guests_list_and_path() -> None:
     path = dksm("guests", "path", "hello")
     assert path.returncode == 0 and Path(path.stdout.strip()) == guest_path("hello")
     missing = dksm("guests", "path", "nosuch")
-    assert missing.returncode == 1 and "no shipped guest named 'nosuch'" in missing.stderr
+    assert missing.returncode == 1 and "no guest named 'nosuch'" in missing.stderr
 
 
 def test_shipped_guests_share_a_library_at_the_same_addresses() -> None:

@@ -35,6 +35,7 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "Xsave": (abi.Xsave, "struct kvm_xsave"),
     "Xcr": (abi.Xcr, "struct kvm_xcr"),
     "Xcrs": (abi.Xcrs, "struct kvm_xcrs"),
+    "VcpuEvents": (abi.VcpuEvents, "struct kvm_vcpu_events"),
     "SyncRegs": (abi.SyncRegs, "struct kvm_sync_regs"),
     "Run": (abi.Run, "struct kvm_run"),
 }

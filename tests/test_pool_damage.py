@@ -221,3 +221,28 @@ def test_a_closed_stdout_ends_a_command_quietly(pool_root: Path) -> None:
         shell=True, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert shell.stdout == "pool of domain 'default'\n" and shell.stderr == ""
+
+
+def test_a_pool_after_one_large_commit_opens_again(pool_root: Path) -> None:
+    """A Linux kernel's 6,000 read-only pages go into the index in one commit, which
+    leaves LMDB's file a few pages shorter than its meta page's last page (pages
+    allocated and freed in that commit are never written): not damage."""
+    import contextlib
+
+    from dksm.dedup.pool import PagePool
+    from dksm.memory import host_mapping
+
+    pages = 6000
+    content = b"".join(i.to_bytes(8, "little") * (PAGE // 8) for i in range(pages))
+    address = host_mapping.map_anonymous(len(content))
+    try:
+        with contextlib.closing(PagePool.open("large", pool_root)) as pool:
+            lease = pool.lease()
+            assert lease.map_pages(address, content).mapped
+            host_mapping.unmap(address, len(content))  # before the lease goes
+            address = host_mapping.map_anonymous(len(content))
+            lease.release()
+        with contextlib.closing(PagePool.open("large", pool_root)) as pool:
+            assert pool.verify() == []
+    finally:
+        host_mapping.unmap(address, len(content))

@@ -18,7 +18,6 @@ NOT_ON_THE_RUN_PATH = (
     "dksm.vmm.emulation",
     "dksm.arch.x86_decode",
     "dksm.arch.x86_disassemble",
-    "dksm.kvm.exits",
     "dksm.devices.virtio.device",
     "dksm.devices.tap",
     "socket",

@@ -69,6 +69,7 @@ class Spec:
     group: int = -1
     rm: int = -1
     lockable: bool = False
+    modrm: bool = True  # False: the opcode is the whole instruction (fwait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,19 +234,34 @@ def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:
     sse(0xAE, NO_PREFIX, "lfence", operand=REGISTER_ONLY, group=5)
     sse(0xAE, NO_PREFIX, "mfence", operand=REGISTER_ONLY, group=6)
     sse(0xAE, NO_PREFIX, "sfence", operand=REGISTER_ONLY, group=7)
-    # Group 7 (0F 01): xgetbv (D0); xsetbv is KVM's to handle.
+    # Group 7 (0F 01): xgetbv (D0); xsetbv is KVM's to handle.  clac (CA) and stac
+    # (CB) toggle SMAP's override around every user-memory access in Linux.
     sse(0x01, NO_PREFIX, "xgetbv", operand=REGISTER_ONLY, group=2, rm=0)
+    sse(0x01, NO_PREFIX, "clac", operand=REGISTER_ONLY, group=1, rm=2)
+    sse(0x01, NO_PREFIX, "stac", operand=REGISTER_ONLY, group=1, rm=3)
     # Prefetch hints (0F 18 /0-3), non-temporal GPR store, 16-byte compare-exchange.
     for digit, name in enumerate(("prefetchnta", "prefetcht0", "prefetcht1", "prefetcht2")):
         sse(0x18, NO_PREFIX, name, operand=MEMORY_ONLY, group=digit)
     sse(0x0D, NO_PREFIX, "prefetchw", operand=MEMORY_ONLY, group=1)
     sse(0xC3, NO_PREFIX, "movnti", operand=MEMORY_ONLY)
     sse(0xC7, NO_PREFIX, "cmpxchg16b", operand=MEMORY_ONLY, group=1, lockable=True)
+    # Bit counts on general registers (F3 0F B8/BC/BD): Linux patches popcnt into
+    # hweight*() by alternatives; tzcnt and lzcnt are their neighbours.
+    sse(0xB8, PF3, "popcnt")
+    sse(0xBC, PF3, "tzcnt")
+    sse(0xBD, PF3, "lzcnt")
+    # Group 9's compacting save (0F C7 /4): Linux saves its FPU state with it when
+    # the CPU has XSAVEC but not XSAVES, as this project's hosts show the guest.
+    sse(0xC7, NO_PREFIX, "xsavec", operand=MEMORY_ONLY, group=4)
     # Group 9's random-number forms (0F C7 /6, /7; 66 selects 16-bit): KVM may not
     # execute them where its CPUID list lacks them, yet dksm offers them to guests.
     for prefix in (NO_PREFIX, P66):
         add(MAP_0F, 0xC7, prefix, Spec("rdrand", operand=REGISTER_ONLY, group=6))
         add(MAP_0F, 0xC7, prefix, Spec("rdseed", operand=REGISTER_ONLY, group=7))
+    # The x87 instructions Linux itself runs: fwait (after dropping a task's FPU
+    # state, to swallow delayed exceptions) and fninit (kernel_fpu_begin).
+    add(MAP_ONE, 0x9B, NO_PREFIX, Spec("fwait", modrm=False))
+    add(MAP_ONE, 0xDB, NO_PREFIX, Spec("fninit", operand=REGISTER_ONLY, group=4, rm=3))
     return {key: tuple(specs) for key, specs in table.items()}
 
 
@@ -396,6 +412,20 @@ def decode(code: bytes) -> Instruction:
     specs = SPECS.get(key)
     if specs is None:
         raise DecodeError(_unsupported(key))
+    if not specs[0].modrm:
+        return Instruction(
+            spec=specs[0],
+            length=at,
+            opcode=key,
+            reg=0,
+            rm=NO_REGISTER,
+            memory=None,
+            immediate=0,
+            rex_w=bool(p.rex & 8),
+            operand16=p.operand16,
+            lock=p.lock,
+            code=code[:at],
+        )
     _, reg, rm, memory, at = _modrm(code, at, p.rex, p.segment, p.address32)
     spec = _select(specs, memory is None, reg, rm)
     if spec is None:

@@ -54,7 +54,9 @@ FLAG_ZF = 1 << 6
 FLAG_SF = 1 << 7
 FLAG_TF = 1 << 8
 FLAG_OF = 1 << 11
+FLAG_AC = 1 << 18
 
+CR0_MP = 1 << 1
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
 CR4_OSFXSR = 1 << 9
@@ -69,6 +71,10 @@ LEGACY_END = 416  # bytes 416-511 are never written by FXSAVE or XSAVE
 XSTATE_BV = 512
 XCOMP_BV = 520
 HEADER_END = 576
+# XCOMP_BV bit 63: the area is in the compacted format (XSAVEC, XSAVES); bits 62-0
+# say which components it holds, packed in bit order after the header.
+COMPACTED_FORMAT = 1 << 63
+COMPACTED_ALIGNMENT = 64
 YMM_HI = 576  # state component 2 (AVX): the upper halves of YMM0-15
 YMM_HI_END = 832
 XSAVE_AREA_SIZE = 4096
@@ -114,10 +120,18 @@ class VectorState:
     only when it must.
     """
 
-    __slots__ = ("area", "changed", "in_use", "layout")
+    __slots__ = ("aligned", "area", "changed", "in_use", "layout")
 
-    def __init__(self, area: bytearray, layout: dict[int, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        area: bytearray,
+        layout: dict[int, tuple[int, int]] | None = None,
+        aligned: frozenset[int] = frozenset(),
+    ) -> None:
         self.layout = dict(layout) if layout is not None else dict(DEFAULT_LAYOUT)
+        # Components that start 64-byte aligned in the compacted format
+        # (CPUID.(0xD, i):ECX bit 1).
+        self.aligned = aligned
         end = max([HEADER_END, *(offset + size for offset, size in self.layout.values())])
         if len(area) < end:
             raise ValueError(f"an XSAVE area with this layout needs at least {end} bytes")
@@ -147,12 +161,34 @@ class VectorState:
         self.area[XSTATE_BV : XSTATE_BV + 8] = self.in_use.to_bytes(8, "little")
 
     @classmethod
-    def reset(cls, layout: dict[int, tuple[int, int]] | None = None) -> VectorState:
+    def reset(
+        cls, layout: dict[int, tuple[int, int]] | None = None, aligned: frozenset[int] = frozenset()
+    ) -> VectorState:
         """The state after power-on (FCW 0x37f, MXCSR 0x1f80, registers zero)."""
         area = bytearray(XSAVE_AREA_SIZE)
         struct.pack_into("<H", area, FCW, FCW_RESET)
         struct.pack_into("<II", area, MXCSR, MXCSR_RESET, 0xFFFF)
-        return cls(area, layout)
+        return cls(area, layout, aligned)
+
+    def compacted(self, components: int) -> list[tuple[int, int, int, int]]:
+        """Where each extended component of ``components`` lies in a compacted area
+        whose XCOMP_BV holds ``components``: (bit, offset there, offset in the
+        standard-format ``area``, size), in bit order (SDM vol. 1, 13.4.3)."""
+        unknown = components & ~self.components & ~COMPACTED_FORMAT
+        if unknown:
+            raise ExecutionError(
+                "-", f"a compacted XSAVE area with components {unknown:#x}, whose layout is unknown"
+            )
+        placed = []
+        at = HEADER_END
+        for index, (standard, size) in sorted(self.layout.items()):
+            if not components >> index & 1:
+                continue
+            if index in self.aligned:
+                at = -(-at // COMPACTED_ALIGNMENT) * COMPACTED_ALIGNMENT
+            placed.append((1 << index, at, standard, size))
+            at += size
+        return placed
 
     @property
     def components(self) -> int:
@@ -725,6 +761,91 @@ def _random_number(cpu: Cpu, insn: Instruction) -> None:
     regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | FLAG_CF
 
 
+def _bit_count(kind: str) -> Handler:
+    """popcnt, tzcnt, lzcnt r, r/m (16, 32 or 64 bits).
+
+    popcnt clears OF SF AF CF PF and sets ZF for a zero source; tzcnt and lzcnt
+    set CF for a zero source (the result is then the operand width) and ZF for a
+    zero result, and leave OF SF AF PF undefined: here OF is kept and the others
+    cleared, as this project's (AMD) hosts do (checked natively by the tests)."""
+
+    def handler(cpu: Cpu, insn: Instruction) -> None:
+        size = 8 if insn.rex_w else 2 if insn.operand16 else 4
+        bits = 8 * size
+        mask = (1 << bits) - 1
+        if insn.rm != NO_REGISTER:
+            source = _gpr(cpu, insn.rm) & mask
+        else:
+            source = int.from_bytes(cpu.read(effective_address(cpu, insn), size), "little")
+        flags = 0
+        cleared = FLAG_ZF | FLAG_CF | FLAG_SF | FLAG_AF | FLAG_PF
+        if kind == "popcnt":
+            result = source.bit_count()
+            flags = FLAG_ZF if source == 0 else 0
+            cleared |= FLAG_OF
+        else:
+            if kind == "tzcnt":
+                result = bits if source == 0 else (source & -source).bit_length() - 1
+            else:
+                result = bits - source.bit_length()
+            flags = (FLAG_CF if source == 0 else 0) | (FLAG_ZF if result == 0 else 0)
+        regs = cpu.regs
+        if size == 2:  # a 16-bit write keeps the register's upper bits
+            index = ENCODING_TO_INDEX[insn.reg]
+            regs[index] = (regs[index] & ~0xFFFF & MASK64) | result
+        else:
+            _set_gpr(cpu, insn.reg, result, size)
+        regs[RFLAGS] = (regs[RFLAGS] & ~cleared & MASK64) | flags
+
+    return handler
+
+
+FSW_ES = 1 << 7  # x87 status: an unmasked exception is pending
+
+
+def _fwait(cpu: Cpu, insn: Instruction) -> None:
+    """fwait: nothing, unless it must fault (#NM with CR0.TS and CR0.MP, #MF with an
+    unmasked x87 exception pending); those are not delivered here."""
+    cr0 = cpu.cr0
+    if cr0 & CR0_TS and cr0 & CR0_MP:
+        raise ExecutionError("#NM", "fwait with CR0.TS and CR0.MP set (lazy FPU switch)")
+    fsw = int.from_bytes(cpu.vector().area[FSW : FSW + 2], "little")
+    if fsw & FSW_ES:
+        raise ExecutionError("#MF", "fwait with an unmasked x87 exception pending")
+
+
+def _fninit(cpu: Cpu, insn: Instruction) -> None:
+    """fninit: the x87 unit's initial state (FCW 0x37f, status, tags and pointers
+    cleared); MXCSR and the XMM registers are not x87 state and stay.  The eight
+    physical registers keep their values, but TOP becomes 0, so the area, which
+    holds them in stack order ST(i) = R((TOP + i) mod 8), is rotated."""
+    cr0 = cpu.cr0
+    if cr0 & CR0_EM:
+        raise ExecutionError("#NM", "fninit with CR0.EM set")
+    if cr0 & CR0_TS:
+        raise ExecutionError("#NM", "fninit with CR0.TS set (lazy FPU switch)")
+    vec = cpu.vector()
+    area = vec.area
+    top = (int.from_bytes(area[FSW : FSW + 2], "little") >> 11) & 7
+    stack = [bytes(area[ST0 + 16 * i : ST0 + 16 * i + 16]) for i in range(8)]
+    area[ST0:XMM0] = b"".join(stack[(i - top) % 8] for i in range(8))
+    area[0:MXCSR] = FCW_RESET.to_bytes(2, "little") + bytes(MXCSR - 2)
+    vec.changed |= X87_COMPONENT
+    vec.in_use |= X87_COMPONENT
+
+
+def _access_check(set_it: bool) -> Handler:
+    """clac / stac: clear or set RFLAGS.AC, which lets kernel code touch user pages
+    under SMAP.  Only kernel code reaches the fallback (user code runs natively,
+    where these raise #UD at CPL 3)."""
+
+    def handler(cpu: Cpu, insn: Instruction) -> None:
+        regs = cpu.regs
+        regs[RFLAGS] = regs[RFLAGS] | FLAG_AC if set_it else regs[RFLAGS] & ~FLAG_AC & MASK64
+
+    return handler
+
+
 # -- MXCSR, XCR0 and the state-save instructions ---------------------------------------
 
 
@@ -861,8 +982,51 @@ def _xsave(cpu: Cpu, insn: Instruction) -> None:
     cpu.write(address, bytes(image))
 
 
+def _xsavec(cpu: Cpu, insn: Instruction) -> None:
+    """xsavec: the compacted format with the init optimization (SDM vol. 1, 13.10).
+
+    Component i is written only if requested and in use, at the place the
+    compacted format gives it among all requested ones; XSTATE_BV says which
+    were written and XCOMP_BV (bit 63 set) which were requested.  Only those two
+    header fields are written.  SSE counts as in use when MXCSR is not at its
+    reset value, as the CPU's XINUSE tracks it, so MXCSR is never lost.
+    """
+    _check_xsave(cpu, insn)
+    vec = cpu.vector()
+    rfbm = _requested(cpu, insn, vec)
+    address = _aligned(cpu, insn, 64)
+    area = vec.area
+    in_use = vec.in_use | (SSE_COMPONENT if vec.mxcsr != MXCSR_RESET else 0)
+    written = rfbm & in_use
+    placed = vec.compacted(rfbm)
+    end = max([HEADER_END, *(offset + size for _, offset, _, size in placed)])
+    image = bytearray(cpu.read(address, end))
+    if written & X87_COMPONENT:
+        image[0:MXCSR] = _x87_image(area, insn.rex_w)
+        image[ST0:XMM0] = area[ST0:XMM0]
+    if rfbm & SSE_COMPONENT:
+        image[MXCSR:ST0] = area[MXCSR:ST0]
+    if written & SSE_COMPONENT:
+        image[XMM0:LEGACY_END] = area[XMM0:LEGACY_END]
+    for bit, offset, standard, size in placed:
+        if written & bit:
+            image[offset : offset + size] = area[standard : standard + size]
+    image[XSTATE_BV:HEADER_END] = (
+        written.to_bytes(8, "little")
+        + (rfbm | COMPACTED_FORMAT).to_bytes(8, "little")
+        + image[XCOMP_BV + 8 : HEADER_END]
+    )
+    cpu.write(address, bytes(image))
+
+
 def _xrstor(cpu: Cpu, insn: Instruction) -> None:
-    """xrstor, standard format: load what XSTATE_BV marks, initialise the rest of RFBM."""
+    """xrstor: load what XSTATE_BV marks, initialise the rest of RFBM.
+
+    The area's XCOMP_BV bit 63 chooses the standard or the compacted form (SDM
+    vol. 1, 13.8), which differ in where extended components lie and in MXCSR:
+    the standard form loads it whenever SSE or AVX is requested, the compacted
+    form only with SSE's state, and resets it when SSE is initialised.
+    """
     _check_xsave(cpu, insn)
     vec = cpu.vector()
     rfbm = _requested(cpu, insn, vec)
@@ -870,19 +1034,42 @@ def _xrstor(cpu: Cpu, insn: Instruction) -> None:
     header = cpu.read(address + XSTATE_BV, 64)
     xstate_bv = int.from_bytes(header[0:8], "little")
     xcomp_bv = int.from_bytes(header[8:16], "little")
-    if xcomp_bv >> 63:
-        raise ExecutionError("-", "xrstor of a compacted-format area is not emulated")
-    if xstate_bv & ~cpu.xcr0() or any(header[8:]):
-        raise ExecutionError("#GP", "xrstor of an area with an invalid XSAVE header")
-    extended = _extended(vec, rfbm)
-    end = max([LEGACY_END, *(stop for _, _, stop in extended)])
+    compacted = bool(xcomp_bv & COMPACTED_FORMAT)
+    xcr0 = cpu.xcr0()
+    if compacted:
+        held = xcomp_bv & ~COMPACTED_FORMAT
+        if held & ~xcr0 or xstate_bv & ~held or any(header[16:]):
+            raise ExecutionError("#GP", "xrstor of a compacted area with an invalid XSAVE header")
+        extended = [
+            (bit, offset, standard, size)
+            for bit, offset, standard, size in vec.compacted(held)
+            if rfbm & bit
+        ]
+        # Requested components the area does not hold (offset -1) are initialised.
+        extended += [
+            (bit, -1, start, stop - start) for bit, start, stop in _extended(vec, rfbm & ~held)
+        ]
+    else:
+        if xstate_bv & ~xcr0 or any(header[8:]):
+            raise ExecutionError("#GP", "xrstor of an area with an invalid XSAVE header")
+        extended = [(bit, start, start, stop - start) for bit, start, stop in _extended(vec, rfbm)]
+    end = max([LEGACY_END, *(offset + size for _, offset, _, size in extended if offset >= 0)])
     image = cpu.read(address, end)
-    mxcsr = int.from_bytes(image[MXCSR : MXCSR + 4], "little")
-    load_mxcsr = bool(rfbm & (SSE_COMPONENT | AVX_COMPONENT))
+    loaded = rfbm & xstate_bv
+    if compacted:
+        load_mxcsr = bool(rfbm & SSE_COMPONENT)
+        mxcsr_bytes = (
+            image[MXCSR : MXCSR + 4]
+            if loaded & SSE_COMPONENT
+            else MXCSR_RESET.to_bytes(4, "little")
+        )
+    else:
+        load_mxcsr = bool(rfbm & (SSE_COMPONENT | AVX_COMPONENT))
+        mxcsr_bytes = image[MXCSR : MXCSR + 4]
+    mxcsr = int.from_bytes(mxcsr_bytes, "little")
     if load_mxcsr and mxcsr & ~vec.mxcsr_mask:
         raise ExecutionError("#GP", f"xrstor of MXCSR {mxcsr:#x} sets reserved bits")
     area = vec.area
-    loaded = rfbm & xstate_bv
     if rfbm & X87_COMPONENT:
         if loaded & X87_COMPONENT:
             _restore_x87(area, image, insn.rex_w)
@@ -890,14 +1077,16 @@ def _xrstor(cpu: Cpu, insn: Instruction) -> None:
             area[0:MXCSR] = FCW_RESET.to_bytes(2, "little") + bytes(MXCSR - 2)
             area[ST0:XMM0] = bytes(XMM0 - ST0)
     if load_mxcsr:
-        area[MXCSR : MXCSR + 4] = image[MXCSR : MXCSR + 4]
+        area[MXCSR : MXCSR + 4] = mxcsr_bytes
     if rfbm & SSE_COMPONENT:
         area[XMM0:LEGACY_END] = (
             image[XMM0:LEGACY_END] if loaded & SSE_COMPONENT else bytes(LEGACY_END - XMM0)
         )
-    for bit, start, stop in extended:
+    for bit, offset, standard, size in extended:
         # Every extended user component initialises to zeros.
-        area[start:stop] = image[start:stop] if loaded & bit else bytes(stop - start)
+        area[standard : standard + size] = (
+            image[offset : offset + size] if loaded & bit else bytes(size)
+        )
     vec.in_use = (vec.in_use & ~rfbm) | loaded
     vec.changed |= rfbm | (SSE_COMPONENT if load_mxcsr else 0)
 
@@ -969,6 +1158,14 @@ HANDLERS: dict[str, Handler] = {
     "xsave": _xsave,
     "xsaveopt": _xsave,
     "xrstor": _xrstor,
+    "xsavec": _xsavec,
+    "fwait": _fwait,
+    "fninit": _fninit,
+    "popcnt": _bit_count("popcnt"),
+    "tzcnt": _bit_count("tzcnt"),
+    "lzcnt": _bit_count("lzcnt"),
+    "clac": _access_check(set_it=False),
+    "stac": _access_check(set_it=True),
 }
 
 
@@ -978,7 +1175,7 @@ def display_name(insn: Instruction) -> str:
     if insn.rex_w:
         if name == "movd":
             return "movq"
-        if name in ("fxsave", "fxrstor", "xsave", "xsaveopt", "xrstor"):
+        if name in ("fxsave", "fxrstor", "xsave", "xsaveopt", "xrstor", "xsavec"):
             return name + "64"
     elif name == "cmpxchg16b":
         return "cmpxchg8b"

@@ -120,6 +120,34 @@ def register(sub: Any) -> None:
     layouts.add_argument("--mem-mib", type=int, default=16, help="guest RAM per VM (16)")
     layouts.add_argument("--json", action="store_true", help="print the results as JSON")
     layouts.set_defaults(handler=_layouts)
+    linux = bsub.add_parser(
+        "linux",
+        help="how much of a Linux kernel stays shared: page states after boot, and why "
+        "pages were copied (needs 'dksm guests fetch linux'; boots take minutes)",
+    )
+    linux.add_argument("--instances", default="1", metavar="N[,N...]", help="fleet sizes")
+    linux.add_argument(
+        "--modes",
+        default="dksm,dksm+merge",
+        help="none, dksm, dksm+merge (post-boot merge), ksm, dksm+ksm (comma-separated)",
+    )
+    linux.add_argument("--boot-args", default=None, help="the kernel command line")
+    linux.add_argument("--mem-mib", type=int, default=128, help="guest RAM of each VM")
+    linux.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="S", help="the longest a fleet may boot"
+    )
+    linux.add_argument("--pages-to-scan", type=int, default=None, help="ksmd's rate in ksm modes")
+    linux.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
+    linux.add_argument(
+        "--console-dir",
+        default=None,
+        metavar="DIR",
+        help="write each VM's console to a log file in DIR as it comes",
+    )
+    linux.add_argument(
+        "--plot", default=None, metavar="FILE", help="plot memory over time per mode (PNG)"
+    )
+    linux.set_defaults(handler=_linux)
     _register_devices(bsub)
 
 
@@ -344,6 +372,52 @@ def _boot(args: argparse.Namespace) -> int:
         )
         for name, ratio in ratios.items():
             print(f"first byte / bare interpreter ({name}): {ratio:.2f}")
+    return ExitStatus.OK
+
+
+def _linux(args: argparse.Namespace) -> int:
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from dksm.bench.linux import ModeResult, plot, run_mode
+    from dksm.error import DksmError
+    from dksm.guests import guest_path, linux
+    from dksm.loader.host_file import check_path
+
+    kernel = str(guest_path("linux"))
+    initrd = str(guest_path("linux-initrd"))
+    settings = {} if args.pages_to_scan is None else {"pages_to_scan": args.pages_to_scan}
+    console_dir = None
+    if args.console_dir is not None:
+        check_path(args.console_dir, "console directory")
+        console_dir = Path(args.console_dir)
+        if not console_dir.is_dir():
+            raise DksmError(f"console directory {console_dir} is not a directory")
+    results: list[ModeResult] = []
+    docs = []
+    for count in ints(args.instances, "--instances"):
+        for mode in args.modes.split(","):
+            result = run_mode(
+                mode,
+                count,
+                kernel=kernel,
+                initrd=initrd,
+                boot_args=linux.BOOT_ARGS if args.boot_args is None else args.boot_args,
+                mem_mib=args.mem_mib,
+                timeout=args.timeout,
+                ksm_settings=settings,
+                console_dir=console_dir,
+                log=lambda line: print(f"dksm: {line}", file=sys.stderr, flush=True),
+            )
+            results.append(result)
+            docs.append(asdict(result))
+            text = json.dumps({"results": docs}, indent=2)
+            if args.out:
+                Path(args.out).write_text(text + "\n")
+            if args.plot:
+                plot(results, Path(args.plot))
+    print(text)
     return ExitStatus.OK
 
 

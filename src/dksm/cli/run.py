@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,9 @@ def register(sub: Any) -> None:
         "--vcpus", type=int, default=None, help="number of vCPUs, 1 to 32 (default 1)"
     )
     parser.add_argument("--boot-args", default=None, help="kernel command line")
-    parser.add_argument("--initrd", default=None, help="initial ramdisk to load")
+    parser.add_argument(
+        "--initrd", default=None, help="initial ramdisk to load (a file, or linux-initrd)"
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -58,6 +61,12 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--info-file", metavar="FILE", help="write the VM's pid and RAM address here once built"
+    )
+    parser.add_argument(
+        "--merge-after",
+        metavar="TEXT",
+        help="once the console shows TEXT (a guest's 'boot complete' line), merge the kernel "
+        "pages the guest rewrote while booting back into the page pool, once (one vCPU)",
     )
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
@@ -99,7 +108,7 @@ def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
 
 def _config(args: argparse.Namespace) -> tuple[Any, Any]:
     """The VM config and, with --config-file, the file it came from (else None)."""
-    from dksm.guests import resolve_image_path
+    from dksm.guests import resolve_image_path, resolve_initrd_path
     from dksm.loader.host_file import check_path
     from dksm.vmm.config import DEFAULT_BOOT_ARGS, DEFAULT_MEM_MIB, VmConfig
 
@@ -112,13 +121,13 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any]:
 
         config_file = from_firecracker_json(args.config_file, refuse=FRONT_DOOR_SECTIONS)
         config = config_file.vm
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in (
                 ("mem_mib", args.mem_mib),
                 ("vcpu_count", args.vcpus),
                 ("boot_args", args.boot_args),
-                ("initrd_path", args.initrd),
+                ("initrd_path", None if args.initrd is None else resolve_initrd_path(args.initrd)),
             )
             if v is not None
         }
@@ -135,7 +144,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any]:
         boot_args=DEFAULT_BOOT_ARGS if args.boot_args is None else args.boot_args,
         mem_mib=DEFAULT_MEM_MIB if args.mem_mib is None else args.mem_mib,
         vcpu_count=1 if args.vcpus is None else args.vcpus,
-        initrd_path=args.initrd,
+        initrd_path=None if args.initrd is None else resolve_initrd_path(args.initrd),
         tsc_frequency_leaf=not args.no_tsc_leaf,
     )
     config.validate()
@@ -204,7 +213,11 @@ def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -
     serial_out = _first(args.serial_out, config_file and config_file.serial_out_path)
     if sys.stdout is not None:
         sys.stdout.flush()
-    with _serial_sink(serial_out) as sink, Instance(spec, sink) as instance:
+    merge_after = None if args.merge_after is None else os.fsencode(args.merge_after)
+    with (
+        _serial_sink(serial_out) as sink,
+        Instance(spec, sink, merge_after=merge_after) as instance,
+    ):
         sink.abandon = lambda: instance.vm.finished  # a stopping VM waits for no reader
         if args.info_file is not None:
             instance.write_info(args.info_file)
@@ -234,4 +247,15 @@ def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -
         total = sum(n for _, n in emulated)
         shown = ", ".join(f"{name}={n}" for name, n in emulated) or "none"
         print(f"dksm: instructions emulated in user space: {total} ({shown})", file=sys.stderr)
+    if args.merge_after is not None:
+        merge = instance.boot_merge.result if instance.boot_merge else None
+        if merge is None:
+            print("dksm: post-boot merge: its text never appeared", file=sys.stderr)
+        else:
+            print(
+                f"dksm: post-boot merge at {merge.at_s:.1f} s: {merge.copied} copied kernel "
+                f"pages back in the pool ({merge.merged} found there, {merge.stored} new) "
+                f"in {merge.cpu_s * 1000:.0f} ms of CPU",
+                file=sys.stderr,
+            )
     return status

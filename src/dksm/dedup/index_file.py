@@ -108,6 +108,10 @@ def _problem(fd: int) -> str | None:
         return f"it is {size} bytes, shorter than LMDB's two meta pages of {page_size} bytes"
     pages_held = size // page_size
     (last,) = _LAST_PAGE.unpack_from(meta, _LAST_PAGE_AT)
+    # The file may end before the last page the meta page counts: pages a commit
+    # allocated and freed again ("loose" pages) are counted but never written, so a
+    # large commit can leave the file a few pages short.  A tree root beyond the
+    # file's end, though, is a page LMDB would read and find missing.
     for record in _TREE_RECORD_OFFSETS:
         (root,) = _TREE_ROOT.unpack_from(meta, record + _TREE_ROOT_AT)
         if root == NO_PAGE:

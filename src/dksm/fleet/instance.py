@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dksm.devices.serial import ByteSink, GuardedSink
 from dksm.error import DksmError
+from dksm.fleet.boot_merge import BootMerge, BootMergeError
 from dksm.loader.host_file import check_path
 from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
@@ -88,30 +89,61 @@ class Instance:
     """A built VM, its pool lease (if any), and how to tear both down in order."""
 
     def __init__(
-        self, spec: InstanceSpec, serial_sink: ByteSink, sharer: PageSharer | None = None
+        self,
+        spec: InstanceSpec,
+        serial_sink: ByteSink,
+        sharer: PageSharer | None = None,
+        merge_after: bytes | None = None,
     ) -> None:
         """``sharer``: pages already referenced for this process by a launcher (see
-        :meth:`dksm.dedup.pool.PagePool.hand_over`); else the pool is opened here."""
+        :meth:`dksm.dedup.pool.PagePool.hand_over`), or a lease; else the pool is
+        opened here.  ``merge_after``: console text after which the kernel pages the
+        guest rewrote are merged back into the pool once (:mod:`dksm.fleet.boot_merge`)."""
         self.spec = spec
         self.pool: PagePool | None = None
         self.lease: Lease | None = None
+        self.boot_merge: BootMerge | None = None
         try:
+            if merge_after is not None and not spec.dedup.uses_pool:
+                raise BootMergeError(
+                    "the post-boot merge hands pages to the page pool: it needs --dedup "
+                    f"dksm or dksm+ksm, not {spec.dedup.value}"
+                )
             if sharer is None and spec.dedup.uses_pool:
                 from dksm.dedup.pool import PagePool
 
                 self.pool = PagePool.open(spec.domain, spec.pool_root)
                 self.lease = self.pool.lease()
+            merge_lease = None
+            if merge_after is not None:
+                merge_lease = self._merge_lease(sharer)
+                self.boot_merge = BootMerge(serial_sink, merge_after, spec.config.vcpu_count)
+                serial_sink = self.boot_merge
             console = GuardedSink(serial_sink)
             self.vm: MicroVm = build(spec.config, serial_sink=console, sharer=sharer or self.lease)
             console.on_error = self._console_failed
             if spec.dedup.uses_ksm:
                 self.vm.memory.advise_mergeable(code_only=spec.ksm_scope is KsmScope.TEXT)
+            if self.boot_merge is not None and merge_lease is not None:
+                self.boot_merge.attach(self.vm.memory, merge_lease, os.getpid())
         except BaseException:
             # Keep the error that stopped the build; a lease that cannot be released
             # now (a full tmpfs, say) is swept once this process has exited.
+            if hasattr(self, "vm"):
+                self.vm.close()
+            if self.boot_merge is not None:
+                self.boot_merge.close()
             with contextlib.suppress(DksmError):
                 self._release_pool()
             raise
+
+    def _merge_lease(self, sharer: PageSharer | None) -> Lease:
+        from dksm.dedup.pool import Lease
+
+        lease = self.lease or (sharer if isinstance(sharer, Lease) else None)
+        if lease is None:
+            raise BootMergeError("the post-boot merge needs this VM's own pool lease")
+        return lease
 
     def _console_failed(self, exc: OSError) -> None:
         self.vm.finish(
@@ -168,6 +200,8 @@ class Instance:
 
     def close(self) -> None:
         self.vm.close()  # unmaps guest RAM, and with it every pool mapping
+        if self.boot_merge is not None:
+            self.boot_merge.close()
         self._release_pool()
 
     def __enter__(self) -> Instance:

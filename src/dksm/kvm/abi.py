@@ -309,6 +309,66 @@ class Xcrs(ctypes.Structure):
     )
 
 
+class VcpuException(ctypes.Structure):
+    _fields_ = (
+        ("injected", ctypes.c_uint8),
+        ("nr", ctypes.c_uint8),
+        ("has_error_code", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("error_code", ctypes.c_uint32),
+    )
+
+
+class VcpuInterrupt(ctypes.Structure):
+    _fields_ = (
+        ("injected", ctypes.c_uint8),
+        ("nr", ctypes.c_uint8),
+        ("soft", ctypes.c_uint8),
+        ("shadow", ctypes.c_uint8),
+    )
+
+
+class VcpuNmi(ctypes.Structure):
+    _fields_ = (
+        ("injected", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("masked", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
+
+
+class VcpuSmi(ctypes.Structure):
+    _fields_ = (
+        ("smm", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("smm_inside_nmi", ctypes.c_uint8),
+        ("latched_init", ctypes.c_uint8),
+    )
+
+
+class VcpuTripleFault(ctypes.Structure):
+    _fields_ = (("pending", ctypes.c_uint8),)
+
+
+class VcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events (64 bytes): pending and injected exceptions,
+    interrupts and NMIs.  dksm sets only the exception part; the rest travels
+    unchanged from KVM_GET_VCPU_EVENTS to KVM_SET_VCPU_EVENTS."""
+
+    _fields_ = (
+        ("exception", VcpuException),
+        ("interrupt", VcpuInterrupt),
+        ("nmi", VcpuNmi),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("smi", VcpuSmi),
+        ("triple_fault", VcpuTripleFault),
+        ("reserved", ctypes.c_uint8 * 26),
+        ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    )
+
+
 # struct kvm_run: the fixed head, then the exit union at offset 32.
 class RunIo(ctypes.Structure):
     _fields_ = (
@@ -441,3 +501,5 @@ KVM_GET_TSC_KHZ = _io(0xA3)  # on a vCPU
 KVM_GET_XSAVE = _ior(0xA4, Xsave)
 KVM_SET_XSAVE = _iow(0xA5, Xsave)
 KVM_GET_XCRS = _ior(0xA6, Xcrs)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, VcpuEvents)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, VcpuEvents)

@@ -288,6 +288,14 @@ class Vcpu:
         _ioctl(self.fd, abi.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
         return xcrs
 
+    def get_vcpu_events(self) -> abi.VcpuEvents:
+        events = abi.VcpuEvents()
+        _ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events: abi.VcpuEvents) -> None:
+        _ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
     def translate(self, linear_address: int) -> abi.Translation:
         tr = abi.Translation(linear_address=linear_address)
         _ioctl(self.fd, abi.KVM_TRANSLATE, tr, "KVM_TRANSLATE")

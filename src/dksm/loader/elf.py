@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from dksm.arch import layout
 from dksm.loader.host_file import read_regular_file
-from dksm.loader.image_format import describe_unbootable
+from dksm.loader.image_format import describe_unbootable, is_bzimage
 from dksm.loader.segment import PAGE_SIZE, KernelImage, LoaderError, Segment
 
 ELF_MAGIC = b"\x7fELF"
@@ -77,9 +77,21 @@ def load_elf(path: str, mem_size: int) -> KernelImage:
     return parse_elf(data, mem_size, path)
 
 
+def _size_limit(mem_size: int) -> int:
+    """The largest vmlinux worth decompressing from a bzImage for a guest of
+    ``mem_size`` bytes (the ELF file holds more than the segments it loads)."""
+    return mem_size + layout.HIMEM_START + (64 << 20)
+
+
 def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
+    """Segments and entry of the ELF kernel ``data`` (or of the vmlinux inside a
+    bzImage, see :mod:`dksm.loader.bzimage`)."""
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise LoaderError(f"{path}: {describe_unbootable(data)}")
+        if not is_bzimage(data):
+            raise LoaderError(f"{path}: {describe_unbootable(data)}")
+        from dksm.loader.bzimage import extract_vmlinux
+
+        data = extract_vmlinux(data, _size_limit(mem_size), path)
     if len(data) < EHDR.size:
         raise LoaderError(f"{path}: truncated ELF header ({len(data)} bytes, need {EHDR.size})")
     (

@@ -46,6 +46,8 @@ class GuestMemory:
         self.pages_shared = 0
         # Guest ranges of the image's code (read-only executable segments), whole pages.
         self.code_ranges: list[tuple[int, int]] = []
+        # Guest ranges [start, end) mapped from the page pool at load time.
+        self.shared_spans: list[tuple[int, int]] = []
 
     def view(self) -> memoryview:
         if self.ram is None:
@@ -77,6 +79,7 @@ class GuestMemory:
             content = memoryview(segment.data)[lo:hi]
             if sharer.map_pages(self.host_address + start, content).mapped:
                 self.pages_shared += (end - start) // page
+                self.shared_spans.append((start, end))
                 self.write(segment.guest_addr, segment.data[:lo])
                 self.write(end, segment.data[hi:])
                 return

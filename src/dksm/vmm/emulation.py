@@ -3,7 +3,7 @@
 On a PVM host (docs/BOOT.md, last section) guest kernel-mode code is run by the host
 kernel's instruction emulator.  It runs plain SSE moves and ``fxsave`` itself,
 but not SSE arithmetic and shuffles, ``ldmxcsr``/``stmxcsr``, ``xgetbv``,
-``xsaveopt``/``xrstor``: it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation
+``xsaveopt``/``xsavec``/``xrstor``: it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation
 failure, and running again fails at the same RIP.  :class:`EmulationFallback`
 decodes the instruction (:mod:`dksm.arch.x86_decode`), executes it against the
 vCPU (:mod:`dksm.arch.x86_execute` on a :class:`VcpuCpu`), advances RIP and lets the
@@ -75,6 +75,9 @@ BATCH_LIMIT = 64
 # Decoded instructions kept (keyed by their bytes); cleared when full.
 DECODE_CACHE_LIMIT = 1 << 16
 XSAVE_CPUID_LEAF = 0xD
+INT3 = b"\xcc"
+BREAKPOINT_VECTOR = 3  # #BP
+XSAVE_COMPACTED_ALIGNED = 1 << 1  # CPUID.(0xD, i):ECX: 64-byte aligned when compacted
 
 # Page-table entry bits (SDM vol. 3, 4.5).
 PTE_PRESENT = 1 << 0
@@ -139,17 +142,21 @@ def describe_mode(sregs: abi.Sregs) -> str:
     return f"{kind}, CPL {cpl}"
 
 
-def xsave_layout(kvm: Kvm) -> dict[int, tuple[int, int]]:
-    """(offset, size) of each extended XSAVE component KVM supports (CPUID 0xD).
+def xsave_layout(kvm: Kvm) -> tuple[dict[int, tuple[int, int]], frozenset[int]]:
+    """(offset, size) of each extended XSAVE component KVM supports (CPUID 0xD),
+    and the components the compacted format aligns to 64 bytes (ECX bit 1).
 
     ``KVM_GET_XSAVE`` uses the host's standard-format layout, which these leaves
     describe; AVX is at 576 everywhere, but AVX-512 differs between vendors.
     """
     layout = dict(x86_execute.DEFAULT_LAYOUT)
+    aligned = set()
     for entry in kvm.supported_cpuid():
         if entry.function == XSAVE_CPUID_LEAF and entry.index >= 2 and entry.eax and entry.ebx:
             layout[entry.index] = (entry.ebx, entry.eax)
-    return layout
+            if entry.ecx & XSAVE_COMPACTED_ALIGNED:
+                aligned.add(entry.index)
+    return layout, frozenset(aligned)
 
 
 class VcpuCpu:
@@ -255,7 +262,8 @@ class VcpuCpu:
         if not self._vector_loaded:
             self._vcpu.get_xsave(self._area)
             if self._vector is None:
-                self._vector = VectorState(self._area, xsave_layout(self._kvm))
+                layout, aligned = xsave_layout(self._kvm)
+                self._vector = VectorState(self._area, layout, aligned)
             else:
                 self._vector.refresh()
             self._vector_loaded = True
@@ -476,6 +484,9 @@ class EmulationFallback:
             sregs = cpu.sregs
             if not (sregs.efer & EFER_LMA and sregs.cs.l):
                 raise EmulationError(self._message(code, "only 64-bit code is emulated"))
+            if code[:1] == INT3:
+                self._breakpoint(cpu)
+                return
             if regs[RFLAGS] & FLAG_TF:
                 raise EmulationError(
                     self._message(code, "single-stepping (RFLAGS.TF) is not emulated")
@@ -506,6 +517,23 @@ class EmulationFallback:
         finally:
             self._exits += 1
             self._seconds += time.perf_counter() - start
+
+    def _breakpoint(self, cpu: VcpuCpu) -> None:
+        """int3 in kernel mode, which the PVM host's emulator refuses (Linux runs one
+        at boot to test its breakpoint handler): deliver #BP through the guest's
+        IDT.  #BP is a trap, so the return address the guest sees is the byte
+        after the int3: RIP moves past it, then KVM injects the exception."""
+        regs = cpu.regs
+        regs[RIP] = (regs[RIP] + len(INT3)) & MASK64
+        cpu.commit()
+        events = self._vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = BREAKPOINT_VECTOR
+        events.exception.has_error_code = 0
+        events.exception.pending = 0
+        events.exception.error_code = 0
+        self._vcpu.set_vcpu_events(events)
+        self._count("int3")
 
     def _run_on(self, cpu: VcpuCpu) -> None:
         """Execute the instructions that follow while they are known and complete."""

@@ -116,6 +116,8 @@ RULES: tuple[Rule, ...] = (
     _ioctl(abi.KVM_SET_XSAVE, "emulation fallback (vector registers)"),
     _ioctl(abi.KVM_GET_XCRS, "emulation fallback (xgetbv)"),
     _ioctl(abi.KVM_TRANSLATE, "emulation fallback (guest-virtual addresses)"),
+    _ioctl(abi.KVM_GET_VCPU_EVENTS, "emulation fallback (int3 delivered as #BP)"),
+    _ioctl(abi.KVM_SET_VCPU_EVENTS, "emulation fallback (int3 delivered as #BP)"),
     _ioctl(abi.KVM_CHECK_EXTENSION, "emulation fallback (KVM_CAP_SYNC_REGS)"),
     _ioctl(abi.KVM_GET_SUPPORTED_CPUID, "emulation fallback (XSAVE layout)"),
     _ioctl(abi.KVM_IRQ_LINE, "devices raising interrupts (serial)"),
@@ -133,6 +135,9 @@ RULES: tuple[Rule, ...] = (
     _allow("lseek", "pool index commit (LMDB positions its writes)"),
     _allow("writev", "pool index commit (LMDB writes dirty pages)"),
     _allow("pwrite64", "pool index commit (LMDB meta page)"),
+    _allow("pread64", "post-boot merge: the pagemap opened before confinement"),
+    _allow("pwritev2", "post-boot merge: new pages into the pool's pages file (os.pwritev)"),
+    _allow("preadv2", "post-boot merge: a pool page's bytes compared before sharing (os.preadv)"),
     _allow(
         "fallocate",
         "pool lease release: punch freed slots out of the pages file",
