@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from dksm.dedup.ksm import (
     read_settings,
     restore_if_crashed,
 )
+from forked_child import fork_when_ready
 
 pytestmark = pytest.mark.skipif(
     not (ksm_available() and ksm_controllable() and huge_pages.thp_available()),
@@ -82,21 +84,7 @@ def _hold_session(state_file: Path, ready_fd: int) -> None:
 
 
 def _session_in_child(state_file: Path) -> int:
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(reader)
-        code = 1
-        try:
-            _hold_session(state_file, writer)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        finally:
-            os._exit(code)
-    os.close(writer)
-    assert os.read(reader, 1) == b"x"
-    os.close(reader)
-    return pid
+    return fork_when_ready(partial(_hold_session, state_file))
 
 
 def test_sigint_restores_huge_pages_and_ksmd(

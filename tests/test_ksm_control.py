@@ -9,6 +9,7 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from dksm.dedup.ksm import (
     write_settings,
 )
 from dksm.memory.host_mapping import MADV_NOHUGEPAGE, PAGE_SIZE, advise, map_anonymous, unmap, view
+from forked_child import fork_when_ready
 
 pytestmark = pytest.mark.skipif(
     not (ksm_available() and ksm_controllable()),
@@ -114,21 +116,7 @@ def _session_until_signalled(state_file: Path, ready_fd: int) -> None:
 
 
 def _run_session_in_child(state_file: Path) -> int:
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(reader)
-        code = 1
-        try:
-            _session_until_signalled(state_file, writer)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        finally:
-            os._exit(code)
-    os.close(writer)
-    assert os.read(reader, 1) == b"x"
-    os.close(reader)
-    return pid
+    return fork_when_ready(partial(_session_until_signalled, state_file))
 
 
 def test_sigterm_inside_a_session_restores_settings(
