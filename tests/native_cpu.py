@@ -15,7 +15,7 @@ import mmap
 import subprocess
 from pathlib import Path
 
-from dksm.arch.x86_execute import REGISTER_COUNT, RFLAGS, RIP
+from dksm.x86emu.registers import REGISTER_COUNT, RFLAGS, RIP
 
 # struct native_state (offsets used by the stub below)
 REGS_OFFSET = 0  # 16 GPRs, kvm_regs order

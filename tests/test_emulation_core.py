@@ -8,12 +8,24 @@ import struct
 
 import pytest
 
-from dksm.arch.x86_decode import XMM_INTEGER, DecodeError, decode, instruction_shape
-from dksm.arch.x86_execute import (
+from dksm.kvm import abi
+from dksm.vmm.emulation import failure_message
+from dksm.x86emu.cpu import (
     AVX_COMPONENT,
+    MXCSR,
+    SSE_COMPONENT,
+    X87_COMPONENT,
+    XMM0,
+    XSTATE_BV,
+    ExecutionError,
+    VectorState,
+)
+from dksm.x86emu.decode import XMM_INTEGER, DecodeError, decode, instruction_shape
+from dksm.x86emu.execute import execute
+from dksm.x86emu.paging import PageWalker, PagingMode
+from dksm.x86emu.registers import (
     CR0_TS,
     CR4_OSFXSR,
-    MXCSR,
     RAX,
     RCX,
     RDX,
@@ -21,17 +33,8 @@ from dksm.arch.x86_execute import (
     RFLAGS,
     RIP,
     RSI,
-    SSE_COMPONENT,
-    X87_COMPONENT,
-    XMM0,
-    XSTATE_BV,
-    ExecutionError,
-    PlainCpu,
-    VectorState,
-    execute,
 )
-from dksm.kvm import abi
-from dksm.vmm.emulation import PageWalker, PagingMode, failure_message
+from plain_cpu import PlainCpu
 
 BASE = 0x10000
 

@@ -2,7 +2,7 @@
 
 Each case is assembled by the system assembler, then run on random registers,
 flags, MXCSR, x87/XMM state and memory twice: natively (through the stub in
-``native_cpu``) and by :func:`dksm.arch.x86_execute.execute` on a
+``native_cpu``) and by :func:`dksm.x86emu.execute.execute` on a
 :class:`PlainCpu` holding the same values.  Registers, flags, memory and the
 whole FXSAVE image (x87, MXCSR, XMM0-15) must be equal afterwards.
 """
@@ -18,22 +18,12 @@ from pathlib import Path
 import pytest
 
 from dksm.arch.cpuid import host_cpu_flags
-from dksm.arch.x86_decode import decode
-from dksm.arch.x86_execute import (
-    COMPACTED_FORMAT,
-    LEGACY_END,
-    MXCSR,
-    REGISTER_COUNT,
-    RFLAGS,
-    RIP,
-    RSP,
-    XSTATE_BV,
-    PlainCpu,
-    VectorState,
-    display_name,
-    execute,
-)
+from dksm.x86emu.cpu import COMPACTED_FORMAT, LEGACY_END, MXCSR, XSTATE_BV, VectorState
+from dksm.x86emu.decode import decode
+from dksm.x86emu.execute import display_name, execute
+from dksm.x86emu.registers import REGISTER_COUNT, RFLAGS, RIP, RSP
 from native_cpu import NativeCpu
+from plain_cpu import PlainCpu
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

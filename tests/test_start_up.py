@@ -16,8 +16,9 @@ from conftest import requires_kvm
 # must not import (each costs milliseconds of every start).
 NOT_ON_THE_RUN_PATH = (
     "dksm.vmm.emulation",
-    "dksm.arch.x86_decode",
-    "dksm.arch.x86_disassemble",
+    "dksm.x86emu.decode",
+    "dksm.x86emu.execute",
+    "dksm.x86emu.disassemble",
     "dksm.devices.virtio.device",
     "dksm.devices.tap",
     "socket",

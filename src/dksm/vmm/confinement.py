@@ -296,9 +296,16 @@ def _load_filter(program: bytes) -> None:
 # standard library (imported by every VMM anyway, so importing them costs nothing).
 _EMULATION_FALLBACK = (
     "dksm.kvm.exits",
-    "dksm.arch.x86_decode",
-    "dksm.arch.x86_execute",
-    "dksm.arch.x86_disassemble",
+    "dksm.x86emu.registers",
+    "dksm.x86emu.decode",
+    "dksm.x86emu.cpu",
+    "dksm.x86emu.operands",
+    "dksm.x86emu.sse",
+    "dksm.x86emu.system",
+    "dksm.x86emu.xsave",
+    "dksm.x86emu.execute",
+    "dksm.x86emu.paging",
+    "dksm.x86emu.disassemble",
     "dksm.vmm.emulation",
     "dksm.vmm.emulation_unicorn",
 )
@@ -315,6 +322,9 @@ def _load_emulation_fallback(load_now: bool) -> None:
 
     for name in _EMULATION_NEEDS:
         importlib.import_module(name)
+    # Held modules need their package imported; the emulator's is empty but for its
+    # docstring, and a package cannot be held.
+    importlib.import_module("dksm.x86emu")
     if load_now:
         for name in _EMULATION_FALLBACK:
             importlib.import_module(name)

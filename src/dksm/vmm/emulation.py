@@ -5,8 +5,8 @@ kernel's instruction emulator.  It runs plain SSE moves and ``fxsave`` itself,
 but not SSE arithmetic and shuffles, ``ldmxcsr``/``stmxcsr``, ``xgetbv``,
 ``xsaveopt``/``xsavec``/``xrstor``: it answers with ``KVM_EXIT_INTERNAL_ERROR`` / emulation
 failure, and running again fails at the same RIP.  :class:`EmulationFallback`
-decodes the instruction (:mod:`dksm.arch.x86_decode`), executes it against the
-vCPU (:mod:`dksm.arch.x86_execute` on a :class:`VcpuCpu`), advances RIP and lets the
+decodes the instruction (:mod:`dksm.x86emu.decode`), executes it against the
+vCPU (:mod:`dksm.x86emu.execute` on a :class:`VcpuCpu`), advances RIP and lets the
 vCPU loop re-enter the guest.  On hardware KVM it is never called.
 
 Design, by measurement (``dksm bench emulation``; this host, PVM):
@@ -51,20 +51,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dksm.arch import x86_decode, x86_execute
-from dksm.arch.x86_decode import DecodeError, Instruction
-from dksm.arch.x86_execute import (
-    FLAG_TF,
-    MASK64,
-    RFLAGS,
-    RIP,
-    ExecutionError,
-    Handler,
-    VectorState,
-)
 from dksm.error import DksmError
 from dksm.kvm import abi, exits
 from dksm.kvm.system import Kvm, Vcpu
+from dksm.x86emu import decode as x86_decode
+from dksm.x86emu import execute as x86_execute
+from dksm.x86emu.cpu import DEFAULT_LAYOUT, X87_COMPONENT, ExecutionError, Handler, VectorState
+from dksm.x86emu.decode import DecodeError, Instruction
+from dksm.x86emu.paging import PAGE_MASK, PAGE_SIZE, PageWalker, PagingMode, page_pieces
+from dksm.x86emu.registers import CR0_PE, EFER_LMA, FLAG_TF, MASK64, RFLAGS, RIP
 
 if TYPE_CHECKING:
     from dksm.vmm.emulation_unicorn import UnicornExecutor
@@ -78,24 +73,6 @@ XSAVE_CPUID_LEAF = 0xD
 INT3 = b"\xcc"
 BREAKPOINT_VECTOR = 3  # #BP
 XSAVE_COMPACTED_ALIGNED = 1 << 1  # CPUID.(0xD, i):ECX: 64-byte aligned when compacted
-
-# Page-table entry bits (SDM vol. 3, 4.5).
-PTE_PRESENT = 1 << 0
-PTE_WRITABLE = 1 << 1
-PTE_USER = 1 << 2
-PTE_ACCESSED = 1 << 5
-PTE_DIRTY = 1 << 6
-PTE_LARGE = 1 << 7
-PTE_NO_EXECUTE = 1 << 63
-PHYSICAL_MASK = 0x000F_FFFF_FFFF_F000
-PAGE_SIZE = 4096
-PAGE_MASK = PAGE_SIZE - 1
-CR0_PE = 1 << 0
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_LA57 = 1 << 12
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
 
 
 class EmulationError(DksmError):
@@ -149,7 +126,7 @@ def xsave_layout(kvm: Kvm) -> tuple[dict[int, tuple[int, int]], frozenset[int]]:
     ``KVM_GET_XSAVE`` uses the host's standard-format layout, which these leaves
     describe; AVX is at 576 everywhere, but AVX-512 differs between vendors.
     """
-    layout = dict(x86_execute.DEFAULT_LAYOUT)
+    layout = dict(DEFAULT_LAYOUT)
     aligned = set()
     for entry in kvm.supported_cpuid():
         if entry.function == XSAVE_CPUID_LEAF and entry.index >= 2 and entry.eax and entry.ebx:
@@ -160,7 +137,7 @@ def xsave_layout(kvm: Kvm) -> tuple[dict[int, tuple[int, int]], frozenset[int]]:
 
 
 class VcpuCpu:
-    """A :class:`dksm.arch.x86_execute.Cpu` backed by a stopped vCPU and guest RAM.
+    """A :class:`dksm.x86emu.cpu.Cpu` backed by a stopped vCPU and guest RAM.
 
     Valid for one exit at a time: :meth:`begin` binds it to the current exit,
     :meth:`commit` hands the changes back to KVM.
@@ -276,7 +253,7 @@ class VcpuCpu:
             values: dict[int, int] = {
                 xcrs.xcrs[i].xcr: xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs)
             }
-            self._xcr0 = values.get(abi.XCR_XFEATURE_ENABLED_MASK, x86_execute.X87_COMPONENT)
+            self._xcr0 = values.get(abi.XCR_XFEATURE_ENABLED_MASK, X87_COMPONENT)
         return self._xcr0
 
     def read(self, address: int, size: int) -> bytes:
@@ -285,7 +262,7 @@ class VcpuCpu:
             physical = self._translate(address, write=False) + offset
             return bytes(self._ram[physical : physical + size])
         out = bytearray()
-        for start, length in _pages(address, size):
+        for start, length in page_pieces(address, size):
             physical = self._translate(start, write=False) + (start & PAGE_MASK)
             out += self._ram[physical : physical + length]
         return bytes(out)
@@ -294,7 +271,7 @@ class VcpuCpu:
         # Translate (and check) every page before writing any byte.
         pieces = [
             (self._translate(start, write=True) + (start & PAGE_MASK), length)
-            for start, length in _pages(address, len(data))
+            for start, length in page_pieces(address, len(data))
         ]
         done = 0
         for physical, length in pieces:
@@ -304,7 +281,7 @@ class VcpuCpu:
     def fetch(self, address: int, size: int) -> bytes:
         """Instruction bytes at ``address``; as many as are mapped and executable."""
         out = b""
-        for start, length in _pages(address, size):
+        for start, length in page_pieces(address, size):
             try:
                 physical = self._translate(start, write=False, fetch=True) + (start & PAGE_MASK)
             except ExecutionError:
@@ -338,80 +315,6 @@ class VcpuCpu:
             write=write,
             fetch=fetch,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class PagingMode:
-    """The control registers a page walk depends on, and the CPL."""
-
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    cpl: int
-
-
-class PageWalker:
-    """Linear to guest-physical translation through the guest's own page tables
-    (4- or 5-level, 4 KiB, 2 MiB and 1 GiB pages), as the CPU does it: permission
-    checks, and accessed and dirty bits set once the walk has succeeded."""
-
-    def __init__(self, ram: memoryview) -> None:
-        self._size = len(ram)
-        self._words = ram.cast("B").cast("Q")  # page-table entries, by index
-
-    def walk(self, address: int, mode: PagingMode, write: bool, fetch: bool = False) -> int:
-        """The guest-physical address of the 4 KiB page holding ``address``."""
-        cr0, cr4 = mode.cr0, mode.cr4
-        if not cr0 & CR0_PG:
-            return address & ~PAGE_MASK & MASK64
-        la57 = bool(cr4 & CR4_LA57)
-        top = 56 if la57 else 47
-        if (address >> top) not in (0, (1 << (64 - top)) - 1):
-            raise ExecutionError("#GP", f"non-canonical address {address:#x}")
-        user = mode.cpl == 3
-        check_write = write and (user or cr0 & CR0_WP)
-        nx = bool(mode.efer & EFER_NXE)
-        words = self._words
-        table = mode.cr3 & PHYSICAL_MASK
-        physical = 0
-        updates: list[tuple[int, int]] = []
-        for shift in (48, 39, 30, 21, 12) if la57 else (39, 30, 21, 12):
-            slot = table + ((address >> shift) & 0x1FF) * 8
-            if slot + 8 > self._size:
-                raise ExecutionError("#PF", f"the page table for {address:#x} is not in RAM")
-            entry = words[slot >> 3]
-            if not entry & PTE_PRESENT:
-                raise ExecutionError("#PF", f"linear address {address:#x} is not mapped")
-            if check_write and not entry & PTE_WRITABLE:
-                raise ExecutionError("#PF", f"linear address {address:#x} is read-only")
-            if user and not entry & PTE_USER:
-                raise ExecutionError("#PF", f"linear address {address:#x} is supervisor-only")
-            if fetch and nx and entry & PTE_NO_EXECUTE:
-                raise ExecutionError("#PF", f"linear address {address:#x} is not executable")
-            leaf = shift == 12 or (shift in (21, 30) and entry & PTE_LARGE)
-            wanted = entry | PTE_ACCESSED | (PTE_DIRTY if leaf and write else 0)
-            if wanted != entry:
-                updates.append((slot >> 3, wanted))
-            if leaf:
-                size = 1 << shift
-                physical = (entry & PHYSICAL_MASK & ~(size - 1)) | (address & (size - 1))
-                break
-            table = entry & PHYSICAL_MASK
-        for index, value in updates:
-            words[index] = value
-        return physical & ~PAGE_MASK
-
-
-def _pages(address: int, size: int) -> list[tuple[int, int]]:
-    """Split [address, address + size) at page boundaries: (start, length) pieces."""
-    pieces = []
-    while size > 0:
-        length = min(size, PAGE_SIZE - (address & PAGE_MASK))
-        pieces.append((address, length))
-        address = (address + length) & MASK64
-        size -= length
-    return pieces
 
 
 _Decoded = tuple[Instruction, Handler, str]
@@ -593,7 +496,7 @@ class EmulationFallback:
     def _long_tail_name(self, code: bytes) -> str:
         name = self._long_tail_names.get(code)
         if name is None:
-            from dksm.arch.x86_disassemble import disassemble
+            from dksm.x86emu.disassemble import disassemble
 
             found = disassemble(code)
             name = found.text.split()[0] if found else f"simd {code.hex(' ')}"
@@ -626,7 +529,7 @@ class EmulationFallback:
 
 def failure_message(rip: int, code: bytes, mode: str, reason: str) -> str:
     """One line for the user: where, which bytes, what instruction, which mode, why."""
-    from dksm.arch.x86_disassemble import disassemble
+    from dksm.x86emu.disassemble import disassemble
 
     shown = code
     text = "no disassembler available (install capstone or binutils)"

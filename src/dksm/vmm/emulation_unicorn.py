@@ -25,8 +25,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dksm.arch.x86_execute import RFLAGS, RIP, ExecutionError
 from dksm.vmm.emulation import VcpuCpu
+from dksm.x86emu.cpu import ExecutionError
+from dksm.x86emu.registers import RFLAGS, RIP
 
 EFER_MSR = 0xC0000080
 # struct kvm_regs order (rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags).

@@ -2,7 +2,7 @@
 
 On a PVM host (docs/BOOT.md, last section) the host kernel's instruction emulator runs
 all guest kernel-mode code and rejects SSE, the XSAVE family and a few system
-instructions; the VMM executes those itself (:mod:`dksm.arch.x86_execute`).  This
+instructions; the VMM executes those itself (:mod:`dksm.x86emu.execute`).  This
 module turns the raw bytes at the guest's RIP into an :class:`Instruction`: which
 operation, its register and memory operands, its immediate, and its real length
 (KVM reports 15 bytes, whatever the instruction's length).
