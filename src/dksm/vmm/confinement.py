@@ -296,9 +296,10 @@ def _load_filter(program: bytes) -> None:
 # standard library (imported by every VMM anyway, so importing them costs nothing).
 _EMULATION_FALLBACK = (
     "dksm.kvm.exits",
-    "dksm.x86emu.registers",
+    "dksm.x86emu.opcodes",
     "dksm.x86emu.decode",
     "dksm.x86emu.cpu",
+    "dksm.x86emu.registers",
     "dksm.x86emu.operands",
     "dksm.x86emu.sse",
     "dksm.x86emu.system",

@@ -58,6 +58,7 @@ from dksm.x86emu import decode as x86_decode
 from dksm.x86emu import execute as x86_execute
 from dksm.x86emu.cpu import DEFAULT_LAYOUT, X87_COMPONENT, ExecutionError, Handler, VectorState
 from dksm.x86emu.decode import DecodeError, Instruction
+from dksm.x86emu.opcodes import MAX_INSTRUCTION_LENGTH
 from dksm.x86emu.paging import PAGE_MASK, PAGE_SIZE, PageWalker, PagingMode, page_pieces
 from dksm.x86emu.registers import CR0_PE, EFER_LMA, FLAG_TF, MASK64, RFLAGS, RIP
 
@@ -383,7 +384,7 @@ class EmulationFallback:
         rip = regs[RIP]
         try:
             if not code:
-                code = cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH)
+                code = cpu.fetch(rip, MAX_INSTRUCTION_LENGTH)
             sregs = cpu.sregs
             if not (sregs.efer & EFER_LMA and sregs.cs.l):
                 raise EmulationError(self._message(code, "only 64-bit code is emulated"))
@@ -401,7 +402,7 @@ class EmulationFallback:
                 return
             insn, handler, name = decoded
             if insn.length > len(code):  # KVM gave fewer bytes than the instruction has
-                decoded = self._decode(cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH))
+                decoded = self._decode(cpu.fetch(rip, MAX_INSTRUCTION_LENGTH))
                 if isinstance(decoded, str):
                     raise EmulationError(self._message(code, decoded))
                 insn, handler, name = decoded
@@ -445,7 +446,7 @@ class EmulationFallback:
             rip = regs[RIP]
             if rip in self._batch_ends:
                 return
-            code = cpu.fetch(rip, x86_decode.MAX_INSTRUCTION_LENGTH)
+            code = cpu.fetch(rip, MAX_INSTRUCTION_LENGTH)
             decoded = self._decode(code)
             if isinstance(decoded, str):
                 if len(self._batch_ends) >= DECODE_CACHE_LIMIT:

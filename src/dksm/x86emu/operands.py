@@ -7,7 +7,8 @@ before anything is changed (see :mod:`dksm.x86emu.execute`).
 from __future__ import annotations
 
 from dksm.x86emu.cpu import Cpu, ExecutionError
-from dksm.x86emu.decode import NO_REGISTER, RIP_BASE, Instruction
+from dksm.x86emu.decode import Instruction
+from dksm.x86emu.opcodes import NO_REGISTER, RIP_BASE
 from dksm.x86emu.registers import (
     CR0_EM,
     CR0_TS,

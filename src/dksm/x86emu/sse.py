@@ -12,7 +12,8 @@ import struct
 from collections.abc import Callable
 
 from dksm.x86emu.cpu import Cpu, Handler
-from dksm.x86emu.decode import NO_REGISTER, Instruction
+from dksm.x86emu.decode import Instruction
+from dksm.x86emu.opcodes import NO_REGISTER
 from dksm.x86emu.operands import (
     check_sse,
     effective_address,

@@ -21,7 +21,8 @@ from dksm.x86emu.cpu import (
     ExecutionError,
     Handler,
 )
-from dksm.x86emu.decode import NO_REGISTER, Instruction
+from dksm.x86emu.decode import Instruction
+from dksm.x86emu.opcodes import NO_REGISTER
 from dksm.x86emu.operands import aligned_address, effective_address, read_gpr, write_gpr
 from dksm.x86emu.registers import (
     CR0_EM,
