@@ -9,6 +9,11 @@ decodes the instruction (:mod:`dksm.x86emu.decode`), executes it against the
 vCPU (:mod:`dksm.x86emu.execute` on a :class:`VcpuCpu`), advances RIP and lets the
 vCPU loop re-enter the guest.  On hardware KVM it is never called.
 
+Over 500 lines and kept whole: everything here is the one bridge between a vCPU and
+the emulator (the CPU view over ``kvm_run``, the batching loop, its statistics and the
+messages that name an instruction it cannot run), and each part reads the same
+per-vCPU state; split, they would pass that state around instead of owning it.
+
 Design, by measurement (``dksm bench emulation``; this host, PVM):
 
 - Every vCPU ioctl costs about 6 µs and ``KVM_RUN`` with two emulated instructions
