@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from dksm.error import DksmError
@@ -108,15 +108,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(words[1:], "dksm vmm")
     parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     args = parser.parse_args(words)
+
+    def handle() -> int:
+        try:
+            _repair_ksm_after_a_crash()
+            status: int = args.handler(args)
+            sys.stdout.flush()  # here, where a closed pipe can still be told apart
+        except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise
+            _silence_stdout()
+            return _BROKEN_PIPE_STATUS
+        return status
+
+    return said_as_errors(handle)
+
+
+def said_as_errors(call: Callable[[], int]) -> int:
+    """``call()``, with its dksm errors and interruption said on stderr as every
+    ``dksm`` command says them, and mapped to their exit statuses."""
     try:
-        _repair_ksm_after_a_crash()
-        status: int = args.handler(args)
-        sys.stdout.flush()  # here, where a closed pipe can still be told apart
-    except BrokenPipeError:
-        if not _stdout_reader_gone():
-            raise
-        _silence_stdout()
-        return _BROKEN_PIPE_STATUS
+        return call()
     except DksmError as exc:
         # One line per problem (a config document may have several), each escaped so
         # that a path holding a newline cannot split it.
@@ -126,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dksm: interrupted", file=sys.stderr)
         return ExitStatus.INTERRUPTED
-    return status
 
 
 if __name__ == "__main__":

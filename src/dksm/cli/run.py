@@ -177,23 +177,10 @@ def handle(args: argparse.Namespace) -> int:
     if target is not None and config.vsock is not None:
         # The vsock device's socket file outlives what the confined VMM may remove.
         from dksm.cli.guardian import run_guarded
+        from dksm.cli.main import said_as_errors
 
-        return run_guarded(lambda: _reported(_run, args, config, config_file, target))
+        return run_guarded(lambda: said_as_errors(lambda: _run(args, config, config_file, target)))
     return _run(args, config, config_file, target)
-
-
-def _reported(run: Any, *args: Any) -> int:
-    """``run(*args)`` in a guarded child, its errors said as the command line says them."""
-    try:
-        status: int = run(*args)
-        return status
-    except DksmError as exc:
-        for line in exc.lines():
-            print(f"dksm: error: {line}", file=sys.stderr)
-        return ExitStatus.ERROR
-    except KeyboardInterrupt:
-        print("dksm: interrupted", file=sys.stderr)
-        return ExitStatus.INTERRUPTED
 
 
 def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -> int:

@@ -60,6 +60,11 @@ class DedupMode(enum.Enum):
             choices = ", ".join(m.value for m in cls)
             raise DksmError(f"unknown dedup mode '{text}'; choose one of {choices}") from None
 
+    @classmethod
+    def parse_list(cls, text: str) -> list[DedupMode]:
+        """Comma-separated modes, in order (``none,ksm,dksm``)."""
+        return [cls.parse(m.strip()) for m in text.split(",") if m.strip()]
+
 
 class KsmScope(enum.Enum):
     """What of a VM's RAM the KSM modes offer to ksmd (``MADV_MERGEABLE``)."""
