@@ -106,9 +106,7 @@ def test_new_slots_are_found_by_hash_and_counted(index: PoolIndex) -> None:
     with index.write() as txn:
         first, at_end = index.allocate(txn, 3)
         assert (first, at_end) == (0, True)
-        index.add_slots(
-            txn, 0, [b"hash-a..", b"hash-b..", b"hash-a.."], {0: 1, 1: 2, 2: 1}, at_end=True
-        )
+        index.add_slots(txn, 0, [b"hash-a..", b"hash-b..", b"hash-a.."], {0: 1, 1: 2, 2: 1})
     with index.read() as txn:
         assert index.end(txn) == 3
         assert index.entries(txn) == (3, 0)
@@ -125,7 +123,7 @@ def test_slots_reaching_zero_are_freed_and_their_space_reused(index: PoolIndex) 
     with index.write() as txn:
         index.allocate(txn, 4)
         keys = [b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8]
-        index.add_slots(txn, 0, keys, {0: 1, 1: 1, 2: 2, 3: 1}, at_end=True)
+        index.add_slots(txn, 0, keys, {0: 1, 1: 1, 2: 2, 3: 1})
     with index.write() as txn:
         assert index.drop_references(txn, {1: 1, 2: 1}) == [1]  # slot 2 keeps one
         index.release_runs(txn, [(1, 1)])
@@ -137,9 +135,7 @@ def test_slots_reaching_zero_are_freed_and_their_space_reused(index: PoolIndex) 
 def test_free_ranges_coalesce_and_the_end_moves_down_over_them(index: PoolIndex) -> None:
     with index.write() as txn:
         index.allocate(txn, 5)
-        index.add_slots(
-            txn, 0, [bytes([n]) * 8 for n in range(5)], dict.fromkeys(range(5), 1), at_end=True
-        )
+        index.add_slots(txn, 0, [bytes([n]) * 8 for n in range(5)], dict.fromkeys(range(5), 1))
         index.drop_references(txn, {1: 1, 3: 1})
         index.release_runs(txn, [(1, 1), (3, 1)])
         assert index.free_ranges(txn) == [(1, 1), (3, 1)]
@@ -155,7 +151,7 @@ def test_free_ranges_coalesce_and_the_end_moves_down_over_them(index: PoolIndex)
 def test_a_lease_holds_its_chunks_until_removed(index: PoolIndex) -> None:
     with index.write() as txn:
         index.allocate(txn, 2)
-        index.add_slots(txn, 0, [b"x" * 8, b"y" * 8], {0: 2, 1: 1}, at_end=True)
+        index.add_slots(txn, 0, [b"x" * 8, b"y" * 8], {0: 2, 1: 1})
         lease_id = index.new_lease(txn, pid=123, start_time=456, pid_namespace=789)
         lease = index.lease(txn, lease_id)
         assert lease == LeaseRecord(lease_id, 123, 456, 789, 0)
@@ -197,6 +193,6 @@ def test_what_was_committed_is_there_when_opened_again(tmpfs: Path) -> None:
         with again.read() as txn:
             assert not again.run(txn)
             assert again.read_counters(txn)["pages_merged"] == 5
-            assert again.meta_text(txn, "format") == "2"
+            assert again.meta_text(txn, "format") == "3"
     finally:
         again.close()

@@ -9,6 +9,16 @@ bytes are compared before a page is shared).
 
 Conventions: ``slots[page]`` is a slot number, ``-1`` for a page without one yet, or
 ``-2 - i`` for a page equal to the ``i``-th page the load stores itself.
+
+Finding candidates without hashing every page: content the pool already holds was
+mostly stored a load at a time, in consecutive slots, so where page ``p`` was found
+at slot ``s``, page ``p + k`` is most likely at slot ``s + k``.  A load hashes and
+looks up only one page in :data:`ANCHOR_EVERY` (its *anchors*), predicts the slots
+of the pages after each anchor found (:func:`predicted_runs`), and compares whole
+runs of predicted slots with its bytes at once.  A prediction is a candidate like a
+hash match, and the bytes decide as for one; only the pages no prediction matched
+are hashed and looked up one by one.  The hash a slot is recorded under is not
+needed: a slot in use holds the bytes it was stored with.
 """
 
 from __future__ import annotations
@@ -26,6 +36,64 @@ on are exactly ``data`` (whole pages)."""
 COMPARE_RUN = 4096
 NO_SLOT = b"\xff" * 8  # sorts after every real slot; never allocated
 NO_SLOT_NUMBER = int.from_bytes(NO_SLOT, "big")
+# One page in this many is hashed and looked up to predict the slots of the pages
+# after it; a prediction that fails costs the pages up to the next anchor a hash
+# and a lookup each.
+ANCHOR_EVERY = 32
+
+Run = tuple[int, int, int]
+"""(first page, first slot, length): pages ``first page ...`` in consecutive slots."""
+
+
+def predicted_runs(count: int, anchor_slots: Sequence[int | None], end: int) -> list[Run]:
+    """The slots predicted for a load of ``count`` pages whose anchors (pages 0,
+    :data:`ANCHOR_EVERY`, ...) the index found at ``anchor_slots`` (None: not found),
+    as runs no longer than :data:`ANCHOR_EVERY` pages, below slot ``end``.
+
+    An anchor found at slot ``s`` predicts the pages after it, up to the next anchor
+    found, at ``s + 1, s + 2, ...``; pages before the first anchor found get none."""
+    found: list[Run] = []
+    base: int | None = None  # slot - page, from the last anchor found
+    for position, anchor_slot in enumerate(anchor_slots):
+        page = position * ANCHOR_EVERY
+        if anchor_slot is not None:
+            base = anchor_slot - page
+        if base is None:
+            continue
+        length = min(ANCHOR_EVERY, count - page, end - (base + page))
+        if length > 0:
+            found.append((page, base + page, length))
+    return found
+
+
+def matching_runs(holds: SlotComparer, data: memoryview, runs: Sequence[Run]) -> list[Run]:
+    """The runs whose stored pages hold exactly their part of ``data``.
+
+    Consecutive runs that continue each other (an image stored in one piece) are
+    compared together, up to :data:`COMPARE_RUN` pages at a time; when such a group
+    differs somewhere, each of its runs is compared alone."""
+    matched: list[Run] = []
+    start = 0
+    while start < len(runs):
+        page, slot, length = runs[start]
+        stop = start + 1
+        while stop < len(runs):
+            next_page, next_slot, next_length = runs[stop]
+            if next_page != page + length or next_slot != slot + length:
+                break
+            if length + next_length > COMPARE_RUN:
+                break
+            length += next_length
+            stop += 1
+        if holds(slot, data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]):
+            matched.append((page, slot, length))
+        elif stop - start > 1:
+            for run_page, run_slot, run_length in runs[start:stop]:
+                part = data[run_page * PAGE_SIZE : (run_page + run_length) * PAGE_SIZE]
+                if holds(run_slot, part):
+                    matched.append((run_page, run_slot, run_length))
+        start = stop
+    return matched
 
 
 def runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:
