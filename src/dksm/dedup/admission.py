@@ -48,10 +48,12 @@ Run = tuple[int, int, int]
 def predicted_runs(count: int, anchor_slots: Sequence[int | None], end: int) -> list[Run]:
     """The slots predicted for a load of ``count`` pages whose anchors (pages 0,
     :data:`ANCHOR_EVERY`, ...) the index found at ``anchor_slots`` (None: not found),
-    as runs no longer than :data:`ANCHOR_EVERY` pages, below slot ``end``.
+    as runs below slot ``end``.
 
     An anchor found at slot ``s`` predicts the pages after it, up to the next anchor
-    found, at ``s + 1, s + 2, ...``; pages before the first anchor found get none."""
+    found, at ``s + 1, s + 2, ...``; pages before the first anchor found get none.
+    Predictions that continue each other (an image stored in one piece) make one
+    run, of at most :data:`COMPARE_RUN` pages."""
     found: list[Run] = []
     base: int | None = None  # slot - page, from the last anchor found
     for position, anchor_slot in enumerate(anchor_slots):
@@ -61,38 +63,39 @@ def predicted_runs(count: int, anchor_slots: Sequence[int | None], end: int) -> 
         if base is None:
             continue
         length = min(ANCHOR_EVERY, count - page, end - (base + page))
-        if length > 0:
-            found.append((page, base + page, length))
+        if length <= 0:
+            continue
+        if found:
+            last_page, last_slot, last_length = found[-1]
+            if (
+                last_page + last_length == page
+                and last_slot + last_length == base + page
+                and last_length + length <= COMPARE_RUN
+            ):
+                found[-1] = (last_page, last_slot, last_length + length)
+                continue
+        found.append((page, base + page, length))
     return found
 
 
 def matching_runs(holds: SlotComparer, data: memoryview, runs: Sequence[Run]) -> list[Run]:
-    """The runs whose stored pages hold exactly their part of ``data``.
+    """The parts of ``runs`` whose stored pages hold exactly their part of ``data``.
 
-    Consecutive runs that continue each other (an image stored in one piece) are
-    compared together, up to :data:`COMPARE_RUN` pages at a time; when such a group
-    differs somewhere, each of its runs is compared alone."""
+    Each run is compared at once; one that differs somewhere is compared again
+    :data:`ANCHOR_EVERY` pages at a time (the pages of a part that differs are left
+    to be found by their hashes)."""
     matched: list[Run] = []
-    start = 0
-    while start < len(runs):
-        page, slot, length = runs[start]
-        stop = start + 1
-        while stop < len(runs):
-            next_page, next_slot, next_length = runs[stop]
-            if next_page != page + length or next_slot != slot + length:
-                break
-            if length + next_length > COMPARE_RUN:
-                break
-            length += next_length
-            stop += 1
+    for page, slot, length in runs:
         if holds(slot, data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]):
             matched.append((page, slot, length))
-        elif stop - start > 1:
-            for run_page, run_slot, run_length in runs[start:stop]:
-                part = data[run_page * PAGE_SIZE : (run_page + run_length) * PAGE_SIZE]
-                if holds(run_slot, part):
-                    matched.append((run_page, run_slot, run_length))
-        start = stop
+            continue
+        if length <= ANCHOR_EVERY:
+            continue
+        for offset in range(0, length, ANCHOR_EVERY):
+            size = min(ANCHOR_EVERY, length - offset)
+            part = data[(page + offset) * PAGE_SIZE : (page + offset + size) * PAGE_SIZE]
+            if holds(slot + offset, part):
+                matched.append((page + offset, slot + offset, size))
     return matched
 
 
@@ -159,6 +162,9 @@ def distinct_new_pages(
     position of its twin in the returned list.  Pages whose hash matched an earlier
     new page with other bytes are added to ``collided``.
     """
+    unplaced = [page for page, slot in enumerate(slots) if slot == -1]
+    if len({hash_keys[page] for page in unplaced}) == len(unplaced):
+        return unplaced  # no two share a hash, so no two are equal: nothing to compare
     fresh: list[int] = []
     by_hash: dict[bytes, list[int]] = {}
     for page, slot in enumerate(slots):

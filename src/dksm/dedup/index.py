@@ -297,7 +297,11 @@ def stored_format(dir_fd: int, path: Path, hint: str) -> str | None:
 
 
 def pack_slots(slots: Sequence[int]) -> bytes:
-    packed = array.array("Q", slots)
+    if isinstance(slots, array.array) and slots.itemsize == 8:
+        packed = array.array("Q")
+        packed.frombytes(slots.tobytes())  # slot numbers are never negative
+    else:
+        packed = array.array("Q", slots)
     if sys.byteorder == "little":
         packed.byteswap()
     return packed.tobytes()
@@ -881,20 +885,25 @@ class SlotBlocks:
 
     def create(self, first: int, hash_keys: Sequence[bytes], counts: Sequence[int]) -> None:
         """Put slots ``first, first+1, ...`` (free until now) in use, holding pages with
-        these hashes and starting with these counts."""
-        entries = []
-        for position, (page_hash, references) in enumerate(zip(hash_keys, counts, strict=True)):
-            slot = first + position
-            block, offset = divmod(slot, SLOT_BLOCK)
+        these hashes and starting with these counts (each above zero)."""
+        if len(hash_keys) != len(counts) or 0 in counts:
+            raise PoolError("new slots need one hash and a count above zero each")
+        done = 0
+        while done < len(counts):
+            block, offset = divmod(first + done, SLOT_BLOCK)
+            take = min(len(counts) - done, SLOT_BLOCK - offset)
             block_counts = self._block_counts(block)
-            if block_counts[offset] or not references:
-                raise self._index.damaged(f"slot {slot} was allocated while in use")
-            block_counts[offset] = references
+            if any(block_counts[offset : offset + take]):
+                raise self._index.damaged(f"slots from {first + done} were allocated in use")
+            block_counts[offset : offset + take] = array.array("Q", counts[done : done + take])
+            hashes = b"".join(hash_keys[done : done + take])
+            if len(hashes) != take * _HASH_SIZE:
+                raise PoolError(f"page hashes are {_HASH_SIZE} bytes each")
             at = offset * _HASH_SIZE
-            self._block_hashes(block)[at : at + _HASH_SIZE] = page_hash
+            self._block_hashes(block)[at : at + len(hashes)] = hashes
             self._changed.add(block)
-            entries.append((page_hash, u64(slot)))
-        entries.sort()
+            done += take
+        entries = sorted(zip(hash_keys, map(u64, range(first, first + len(counts))), strict=True))
         self._txn.cursor(db=self._index.hashes).putmulti(entries, dupdata=True)
 
     def drop(self, counts: dict[int, int]) -> list[int]:

@@ -44,12 +44,10 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first slot, length, first page) of each run of consecutive slots."""
     count = len(slots)
     # An image stored at its first load is one run: checked in C, not page by page.
-    if (
-        count
-        and slots[-1] - slots[0] == count - 1
-        and array.array("q", slots) == array.array("q", range(slots[0], slots[0] + count))
-    ):
-        return [(slots[0], count, 0)]
+    if count and slots[-1] - slots[0] == count - 1:
+        whole = array.array("q", range(slots[0], slots[0] + count))
+        if (slots if isinstance(slots, array.array) else array.array("q", slots)) == whole:
+            return [(slots[0], count, 0)]
     # Pages in consecutive slots share ``slot - page``: grouped on it in C, so the
     # Python work is per run, not per page.
     found: list[tuple[int, int, int]] = []

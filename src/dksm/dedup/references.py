@@ -16,12 +16,13 @@ import array
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from dksm.dedup import admission
 from dksm.dedup.index import ManifestRecord, PoolIndex, SlotBlocks, Transaction
 from dksm.dedup.mapping import slot_runs
+from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolError
 from dksm.dedup.store import Store
 from dksm.error import DksmError
@@ -30,6 +31,8 @@ from dksm.memory.host_mapping import PAGE_SIZE
 HashKeys = Callable[[memoryview, int], list[bytes]]
 """``hash_keys(data, every)``: the index key of pages 0, every, 2 * every ... of data."""
 _UNPLACED = (-1,)
+# Pages a merge stores are copied out this many (4 MiB) at a time.
+STORE_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -93,28 +96,10 @@ def admit(
             rest = [page for page, slot in enumerate(slots) if slot < 0] if -1 in slots else []
             fresh_count = failed = 0
             if rest:
-                part = data if len(rest) == count and not live else _gather(data, rest)
-                keys = hash_keys(part, 1)
-                found, fresh, collided = _find_or_plan(index, txn, pages.holds, part, keys)
-                fresh_count = len(fresh)
-                failed = len(collided.intersection(fresh))
-                first = stop = 0
-                if fresh:
-                    first, _ = index.allocate(txn, fresh_count)
-                    stop = first + fresh_count
-                    admission.place_new_pages(found, fresh, first)
-                    wrote = True  # a failure from here on leaves pages to give back
-                    pages.write(first, [part[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
-                    stored = Counter(slot for slot in found if first <= slot < stop)
-                    blocks.create(
-                        first,
-                        [keys[p] for p in fresh],
-                        [stored[slot] for slot in range(first, stop)],
-                    )
-                for page, slot in zip(rest, found, strict=True):
-                    slots[page] = slot
-                    if not first <= slot < stop:
-                        blocks.add(slot)
+                wrote = True  # a failure from here on may leave pages to give back
+                fresh_count, failed = _find_or_store(
+                    index, txn, blocks, pages, data, rest, hash_keys, slots, copy=live
+                )
             blocks.flush()
             manifest = None
             if span_key is not None and index.manifest(txn, span_key) is None:
@@ -168,15 +153,61 @@ def _predicted_in_use(
     return admission.matching_runs(holds, data, in_use)
 
 
-def _gather(data: memoryview, pages: list[int]) -> memoryview:
-    """A copy of some of ``data``'s pages, in order (runs of pages copied at once)."""
-    copy = bytearray(len(pages) * PAGE_SIZE)
-    at = 0
-    for first, length in admission.runs(pages):
-        size = length * PAGE_SIZE
-        copy[at : at + size] = data[first * PAGE_SIZE : first * PAGE_SIZE + size]
-        at += size
-    return memoryview(copy)
+def _find_or_store(
+    index: PoolIndex,
+    txn: Transaction,
+    blocks: SlotBlocks,
+    pages: PagesFile,
+    data: memoryview,
+    rest: list[int],
+    hash_keys: HashKeys,
+    slots: array.array[int],
+    *,
+    copy: bool,
+) -> tuple[int, int]:
+    """Find by hash, else store, the pages ``rest`` of ``data``, referencing each and
+    filling in its slot: (pages stored, pages stored after a hash collision).
+
+    With ``copy`` (memory that may change meanwhile) they are copied out first,
+    :data:`STORE_CHUNK` at a time into one buffer, and hashed, compared and stored
+    from the copy; later chunks find the pages of earlier ones in the index."""
+    if not copy and len(rest) * PAGE_SIZE == len(data):
+        chunks: Iterator[tuple[list[int], memoryview]] = iter([(rest, data)])
+    else:
+        chunks = _copied(data, rest)
+    stored = failed = 0
+    for chunk, part in chunks:
+        keys = hash_keys(part, 1)
+        found, fresh, collided = _find_or_plan(index, txn, pages.holds, part, keys)
+        first = stop = 0
+        if fresh:
+            first, _ = index.allocate(txn, len(fresh))
+            stop = first + len(fresh)
+            admission.place_new_pages(found, fresh, first)
+            pages.write(first, [part[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
+            uses = Counter(slot for slot in found if first <= slot < stop)
+            blocks.create(first, [keys[p] for p in fresh], [uses[s] for s in range(first, stop)])
+            stored += len(fresh)
+            failed += len(collided.intersection(fresh))
+        for page, slot in zip(chunk, found, strict=True):
+            slots[page] = slot
+            if not first <= slot < stop:
+                blocks.add(slot)
+    return stored, failed
+
+
+def _copied(data: memoryview, pages: list[int]) -> Iterator[tuple[list[int], memoryview]]:
+    """``pages`` of ``data`` in chunks of at most :data:`STORE_CHUNK`, each with a copy
+    of its pages (in one buffer, reused: a chunk is done with before the next)."""
+    buffer = memoryview(bytearray(min(len(pages), STORE_CHUNK) * PAGE_SIZE))
+    for start in range(0, len(pages), STORE_CHUNK):
+        chunk = pages[start : start + STORE_CHUNK]
+        at = 0
+        for first, length in admission.runs(chunk):
+            size = length * PAGE_SIZE
+            buffer[at : at + size] = data[first * PAGE_SIZE : first * PAGE_SIZE + size]
+            at += size
+        yield chunk, buffer[:at]
 
 
 def _find_or_plan(
