@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dksm.dedup.index import LeaseRecord, PoolIndex
+from dksm.dedup.index import SLOT_BLOCK, LeaseRecord, PoolIndex
 from dksm.dedup.pages_file import PagesFile, PagesFileError
 from dksm.memory.host_mapping import PAGE_SIZE
 
@@ -146,6 +146,31 @@ def test_free_ranges_coalesce_and_the_end_moves_down_over_them(index: PoolIndex)
         index.release_runs(txn, [(4, 1)])
         assert index.free_ranges(txn) == []  # 1..4 touched the end: the end is 1 now
         assert index.end(txn) == 1
+
+
+def test_slot_counts_span_blocks_and_an_empty_block_leaves_no_record(index: PoolIndex) -> None:
+    first = SLOT_BLOCK - 3  # six slots over two blocks
+    keys = [bytes([n]) * 8 for n in range(6)]
+    with index.write() as txn:
+        index.allocate(txn, first + 6)
+        index.add_slots(txn, first, keys, dict.fromkeys(range(first, first + 6), 1))
+        blocks = index.slot_blocks(txn)
+        assert blocks.in_use_from(first - 1, 8) == 0
+        assert blocks.in_use_from(first, 8) == 6
+        blocks.add_run(first + 1, 4)
+        blocks.flush()
+    with index.read() as txn:
+        counted = [(r.slot, r.page_hash, r.references) for r in index.slot_records(txn)]
+        assert counted == [(first + n, keys[n], 2 if 1 <= n <= 4 else 1) for n in range(6)]
+        assert list(index.slot_block_problems(txn)) == []
+    with index.write() as txn:
+        freed = index.drop_references(txn, {first + n: 2 if 1 <= n <= 4 else 1 for n in range(6)})
+        assert freed == list(range(first, first + 6))
+    with index.read() as txn:
+        assert list(index.slot_records(txn)) == []
+        assert list(index.hash_entries(txn)) == []
+        assert index.entries(txn) == (0, 0)
+        assert list(index.slot_block_problems(txn)) == []
 
 
 def test_a_lease_holds_its_chunks_until_removed(index: PoolIndex) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 
 from dksm.error import DksmError
@@ -50,6 +51,7 @@ class PagesFile:
         self._view_address = 0  # the read-only mapping of the file, 0 before first use
         self._view_length = 0
         self._known_size = 0  # the file was at least this long when last looked at
+        self._view_lock = threading.Lock()
 
     def read_into(self, buffer: bytearray, first_slot: int) -> None:
         """Fill ``buffer`` (a whole number of pages) from ``first_slot`` onwards."""
@@ -72,7 +74,8 @@ class PagesFile:
         copying the stored pages out: a hole (a punched slot) reads as zeros and so
         differs from any page that is not all zeros."""
         offset = first_slot * PAGE_SIZE
-        return equals(self._readable(offset + len(data)) + offset, data)
+        with self._view_lock:  # another thread may otherwise map the file again meanwhile
+            return equals(self._readable(offset + len(data)) + offset, data)
 
     def check_size(self) -> None:
         """Look at the file's size again at the next comparison (once per transaction):
@@ -138,5 +141,8 @@ class PagesFile:
         return os.fstat(self.fd).st_blocks * _STAT_BLOCK_SIZE
 
     def close(self) -> None:
+        # No lock: nothing compares through a closed file (its store has no users
+        # left), and a forked child closing what it inherited may have inherited the
+        # lock held by a thread that does not exist in it.
         self._drop_view()
         os.close(self.fd)
