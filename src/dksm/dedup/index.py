@@ -94,8 +94,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import itertools
-import operator
 import os
 import struct
 import sys
@@ -107,7 +105,7 @@ from typing import Final, TypeAlias
 
 import lmdb
 
-from dksm.dedup import trust
+from dksm.dedup import slot_arrays, trust
 from dksm.dedup.index_file import data_file_problem
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
@@ -879,7 +877,7 @@ class SlotBlocks:
             if 0 in part:
                 slot = first + done + part.index(0)
                 raise self._index.damaged(f"slot {slot} was taken as in use but is not")
-            counts[offset : offset + take] = array.array("Q", map(operator.add, part, _ones(take)))
+            counts[offset : offset + take] = slot_arrays.plus_one(part)
             self._changed.add(block)
             done += take
 
@@ -953,7 +951,3 @@ class SlotBlocks:
                 txn.delete(key, db=index.slot_counts)
                 txn.delete(key, db=index.slot_hashes)
         self._changed.clear()
-
-
-def _ones(count: int) -> Iterator[int]:
-    return itertools.repeat(1, count)

@@ -103,7 +103,7 @@ class Lease:
         if admitted is None:
             return MergeResult(count, 0, 0, False, 0)
         self._references += count
-        mmaps = map_slots(self._store.pages.fd, address, admitted.slots)
+        mmaps = map_slots(self._store.pages.fd, address, admitted.slots, admitted.runs)
         return MergeResult(count, count - admitted.pages_new, admitted.pages_new, True, mmaps)
 
     def _admit(

@@ -59,9 +59,16 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return found
 
 
-def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
-    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
-    runs = slot_runs(slots)
+def map_slots(
+    pages_fd: int,
+    address: int,
+    slots: Sequence[int],
+    runs: list[tuple[int, int, int]] | None = None,
+) -> int:
+    """Map each page's slot over ``address``: one mmap per run of consecutive slots
+    (``runs``, as :func:`slot_runs` gives them, when the caller knows them)."""
+    if runs is None:
+        runs = slot_runs(slots)
     for first, length, page in runs:
         try:
             map_file_private_fixed(

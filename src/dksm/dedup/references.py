@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from dksm.dedup import admission
+from dksm.dedup import admission, slot_arrays
 from dksm.dedup.index import ManifestRecord, PoolIndex, SlotBlocks, Transaction
 from dksm.dedup.mapping import slot_runs
 from dksm.dedup.pages_file import PagesFile
@@ -42,6 +42,9 @@ class Admission:
     slots: Sequence[int]
     pages_new: int
     manifest: ManifestRecord | None = None  # the manifest the load used or made
+    # (first slot, length, first page) of each run of consecutive slots, when known
+    # without looking at every slot again.
+    runs: list[tuple[int, int, int]] | None = None
 
 
 def _gone(lease_id: int, domain: str) -> PoolError:
@@ -92,7 +95,7 @@ def admit(
             predicted = _predicted_in_use(index, txn, blocks, pages.holds, data, anchor_keys)
             for page, slot, length in predicted:
                 blocks.add_run(slot, length)
-                slots[page : page + length] = array.array("q", range(slot, slot + length))
+                slots[page : page + length] = slot_arrays.consecutive(slot, length)
             rest = [page for page, slot in enumerate(slots) if slot < 0] if -1 in slots else []
             fresh_count = failed = 0
             if rest:
@@ -122,7 +125,19 @@ def admit(
         if wrote:
             _give_back_unindexed_space(store)
         raise
-    return Admission(slots, fresh_count, manifest)
+    runs = None if rest else _slot_runs_of(predicted)
+    return Admission(slots, fresh_count, manifest, runs)
+
+
+def _slot_runs_of(matched: list[admission.Run]) -> list[tuple[int, int, int]]:
+    """The slot runs of a load whose pages all lie in these runs, in page order."""
+    runs: list[tuple[int, int, int]] = []
+    for page, slot, length in matched:
+        if runs and runs[-1][0] + runs[-1][1] == slot and runs[-1][2] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length, runs[-1][2])
+        else:
+            runs.append((slot, length, page))
+    return runs
 
 
 def _predicted_in_use(
