@@ -183,9 +183,10 @@ def _find_or_store(
     """Find by hash, else store, the pages ``rest`` of ``data``, referencing each and
     filling in its slot: (pages stored, pages stored after a hash collision).
 
-    With ``copy`` (memory that may change meanwhile) they are copied out first,
-    :data:`STORE_CHUNK` at a time into one buffer, and hashed, compared and stored
-    from the copy; later chunks find the pages of earlier ones in the index."""
+    With ``copy`` (memory that may change meanwhile), or when they are only some of
+    ``data``'s pages, they are copied out first, :data:`STORE_CHUNK` at a time into
+    one buffer, and hashed, compared and stored from the copy; later chunks find the
+    pages of earlier ones in the index."""
     if not copy and len(rest) * PAGE_SIZE == len(data):
         chunks: Iterator[tuple[list[int], memoryview]] = iter([(rest, data)])
     else:
