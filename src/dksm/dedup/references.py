@@ -96,7 +96,8 @@ def admit(
             for page, slot, length in predicted:
                 blocks.add_run(slot, length)
                 slots[page : page + length] = slot_arrays.consecutive(slot, length)
-            rest = [page for page, slot in enumerate(slots) if slot < 0] if -1 in slots else []
+            placed = sum(length for _, _, length in predicted)
+            rest = [page for page, slot in enumerate(slots) if slot < 0] if placed < count else []
             fresh_count = failed = 0
             if rest:
                 wrote = True  # a failure from here on may leave pages to give back

@@ -32,6 +32,11 @@ def _ramp(count: int) -> int:
     return int.from_bytes(array.array("q", range(count)).tobytes(), _ORDER)
 
 
+@functools.lru_cache(maxsize=32)
+def _highs(count: int) -> int:
+    return _ones(count) << 63
+
+
 def consecutive(first: int, count: int) -> array.array[int]:
     """The slot numbers ``first, first + 1, ..., first + count - 1``."""
     if not 0 <= first < _LIMIT - count:
@@ -44,9 +49,10 @@ def consecutive(first: int, count: int) -> array.array[int]:
 
 def plus_one(counts: array.array[int]) -> array.array[int]:
     """Each of ``counts`` (unsigned u64s, below 2**63) plus one."""
-    if counts and max(counts) >= _LIMIT:
+    packed = int.from_bytes(counts.tobytes(), _ORDER)
+    if packed & _highs(len(counts)):
         raise ValueError("a reference count would leave 63 bits")
-    raised = int.from_bytes(counts.tobytes(), _ORDER) + _ones(len(counts))
+    raised = packed + _ones(len(counts))
     result = array.array("Q")
     result.frombytes(raised.to_bytes(8 * len(counts), _ORDER))
     return result
