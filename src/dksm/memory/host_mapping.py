@@ -155,12 +155,14 @@ def resident_pages(fd: int, length: int) -> int:
         _libc.munmap(addr, length)
 
 
-def map_file_readonly(fd: int, offset: int, length: int) -> int:
-    """Map ``length`` bytes of file ``fd`` from ``offset`` read-only and shared, its
-    page-table entries filled at once (``MAP_POPULATE``: one system call instead of a
-    fault per page, which costs microseconds on a virtualised host).  The caller
-    unmaps it; the file must span the range (reading past its end is SIGBUS)."""
-    addr = _libc.mmap(None, length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, offset)
+def map_file_readonly(fd: int, offset: int, length: int, *, populate: bool = True) -> int:
+    """Map ``length`` bytes of file ``fd`` from ``offset`` read-only and shared; with
+    ``populate`` its page-table entries are filled at once (``MAP_POPULATE``: one
+    system call instead of a fault per page, which costs microseconds on a virtualised
+    host), else each page is filled when first read.  The caller unmaps it; reading
+    past the file's end is SIGBUS (the mapping itself may reach further)."""
+    flags = MAP_SHARED | (MAP_POPULATE if populate else 0)
+    addr = _libc.mmap(None, length, PROT_READ, flags, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         raise _fail(f"mapping {length} bytes of fd {fd} at offset {offset:#x} to read them")
     return int(addr)
