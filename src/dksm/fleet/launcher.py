@@ -57,6 +57,7 @@ from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
 from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
+from dksm.fleet.worker_fork import fork_worker, trim_heap
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
 from dksm.loader.segment import Segment, shareable_span
@@ -95,15 +96,6 @@ class _ConsoleLog:
             self.booted = True
             os.write(self.event_fd, EVENT_RECORD.pack(self.index, EVENT_BOOTED))
         return written
-
-
-def _return_freed_heap() -> None:
-    """Give back to the kernel the heap that building a VM used and freed (image
-    bytes, index transactions): glibc keeps freed memory mapped, and in a fleet of
-    forked workers every such page is private to its worker."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -225,7 +217,7 @@ def _worker_main(
             except DksmError as exc:
                 for vm in vms:
                     vm.finish(ExitStatus.ERROR, "error", str(exc))
-        _return_freed_heap()
+        trim_heap()  # what building used and freed is this worker's own
         for vm in vms:
             vm.start()
         try:
@@ -332,12 +324,13 @@ class FleetLauncher:
         sharers = {i: self._reference_pages(i, spec) for i, _, spec in indexed}
         gc.collect()
         gc.freeze()
+        trim_heap()
         go_pipes: list[tuple[int, list[int], set[str]]] = []
         for start in range(0, len(indexed), self.vms_per_worker):
             group = indexed[start : start + self.vms_per_worker]
             hosted = [(i, spec, sharers[i]) for i, _, spec in group]
             go_r, go_w = os.pipe()
-            pid = os.fork()
+            pid = fork_worker()
             if pid == 0:
                 os.close(self._events_r)
                 os.close(go_w)
