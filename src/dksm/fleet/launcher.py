@@ -62,6 +62,7 @@ from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
 from dksm.loader.segment import Segment, shareable_span
 from dksm.memory.guest_memory import PageSharer
+from dksm.vmm.builder import BuildPlan, plan_build
 from dksm.vmm.confinement import Confinement
 from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
@@ -102,34 +103,51 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-class _HostedVm:
-    """One VM inside a worker: its instance, console log and outcome file, built
-    when made and started by :meth:`start`."""
+class _VmOrder:
+    """What the supervisor computes for one VM before forking its worker, so that
+    the worker only uses it: the pages referenced for it, the config-only part of
+    its build, the names of its files."""
+
+    __slots__ = ("index", "info", "log", "outcome", "plan", "sharer", "spec")
 
     def __init__(
         self,
         index: int,
         spec: InstanceSpec,
-        files: FleetDirectory,
-        event_fd: int,
         sharer: PageSharer | None,
-        hold: bool = False,
+        plan: BuildPlan | None,
+        files: FleetDirectory,
     ) -> None:
+        self.index = index
+        self.spec = spec
+        self.sharer = sharer
+        self.plan = plan  # None: the worker plans (and reports the error planning met)
+        self.log = str(files.vm_log(index))
+        self.outcome = str(files.vm_outcome(index))
+        self.info = str(files.vm_info(index))
+
+
+class _HostedVm:
+    """One VM inside a worker: its instance, console log and outcome file, built
+    when made and started by :meth:`start`."""
+
+    def __init__(self, order: _VmOrder, event_fd: int, hold: bool = False) -> None:
+        index = order.index
         self.index = index
         self.event_fd = event_fd
         self.hold = hold
         self.held = False
         self.instance: Instance | None = None
         create = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self.log_fd = os.open(files.vm_log(index), create, 0o644)
+        self.log_fd = os.open(order.log, create, 0o644)
         # Empty until the VM ends: the supervisor reads it only after the "ended"
         # event, or after the worker died (an empty file then says as little as none).
-        self.outcome_fd = os.open(files.vm_outcome(index), create, 0o644)
+        self.outcome_fd = os.open(order.outcome, create, 0o644)
         self.status = ExitStatus.VMM_ERROR
         try:
             console = _ConsoleLog(self.log_fd, event_fd, index)
-            self.instance = Instance(spec, console, sharer=sharer)
-            self.instance.write_info(str(files.vm_info(index)))
+            self.instance = Instance(order.spec, console, sharer=order.sharer, plan=order.plan)
+            self.instance.write_info(order.info)
         except DksmError as exc:
             self.finish(ExitStatus.ERROR, "error", str(exc))
         except Exception as exc:
@@ -188,7 +206,7 @@ class _HostedVm:
 
 
 def _worker_main(
-    group: Sequence[tuple[int, InstanceSpec, PageSharer | None]],
+    group: Sequence[_VmOrder],
     files: FleetDirectory,
     event_fd: int,
     go_fd: int,
@@ -208,9 +226,7 @@ def _worker_main(
         if program is None:
             os._exit(int(ExitStatus.ERROR))
         os.close(go_fd)
-        vms = [
-            _HostedVm(index, spec, files, event_fd, sharer, hold) for index, spec, sharer in group
-        ]
+        vms = [_HostedVm(order, event_fd, hold) for order in group]
         if confinement is not None:
             try:
                 confinement.apply(program)
@@ -312,6 +328,7 @@ class FleetLauncher:
         self._first_of_image: dict[
             tuple[str, Path | None, str, int, str | None], dict[bytes, ReferencedPages]
         ] = {}
+        self._plans: dict[str, BuildPlan | None] = {}  # by config, during launch()
 
     def launch(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
         """Fork workers for every (label, spec), ``vms_per_worker`` VMs each."""
@@ -321,14 +338,17 @@ class FleetLauncher:
         # All pool work first, then all forks, then all hand-overs: every page the
         # supervisor writes after a fork is copied, and the copy left behind is
         # private to the workers already forked.
-        sharers = {i: self._reference_pages(i, spec) for i, _, spec in indexed}
+        orders = [
+            _VmOrder(i, spec, self._reference_pages(i, spec), self._plan(spec), self.files)
+            for i, _, spec in indexed
+        ]
         gc.collect()
         gc.freeze()
         trim_heap()
         go_pipes: list[tuple[int, list[int], set[str]]] = []
         for start in range(0, len(indexed), self.vms_per_worker):
             group = indexed[start : start + self.vms_per_worker]
-            hosted = [(i, spec, sharers[i]) for i, _, spec in group]
+            hosted = orders[start : start + self.vms_per_worker]
             go_r, go_w = os.pipe()
             pid = fork_worker()
             if pid == 0:
@@ -354,6 +374,18 @@ class FleetLauncher:
         # The first VMs' leases may be released from now on: nothing may be referenced
         # again through them.
         self._first_of_image.clear()
+        self._plans.clear()
+
+    def _plan(self, spec: InstanceSpec) -> BuildPlan | None:
+        """The config-only part of the VM's build, made once per distinct config; None
+        if the config is wrong (the worker then meets and reports the same error)."""
+        key = json.dumps(spec.config.to_dict(), sort_keys=True)
+        if key not in self._plans:
+            try:
+                self._plans[key] = plan_build(spec.config, vcpu_state=True)
+            except DksmError:
+                self._plans[key] = None
+        return self._plans[key]
 
     def _pool(self, spec: InstanceSpec) -> PagePool:
         key = (spec.domain, spec.pool_root)
