@@ -57,7 +57,11 @@ from dksm.dedup.pool import Lease, PagePool
 from dksm.error import DksmError
 from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
-from dksm.fleet.worker_fork import fork_worker, trim_heap
+from dksm.fleet.worker_fork import (
+    fork_bare,
+    single_threaded,
+    trim_heap,
+)
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
 from dksm.loader.segment import Segment, shareable_span
@@ -342,32 +346,46 @@ class FleetLauncher:
             _VmOrder(i, spec, self._reference_pages(i, spec), self._plan(spec), self.files)
             for i, _, spec in indexed
         ]
+        groups = [
+            (
+                indexed[start : start + self.vms_per_worker],
+                orders[start : start + self.vms_per_worker],
+            )
+            for start in range(0, len(indexed), self.vms_per_worker)
+        ]
+        kinds = [
+            {k for _, _, spec in group for k in device_kinds(spec.config)} for group, _ in groups
+        ]
+        forked: list[tuple[int, int]] = []  # (pid, go pipe) per group
         gc.collect()
         gc.freeze()
         trim_heap()
-        go_pipes: list[tuple[int, list[int], set[str]]] = []
-        for start in range(0, len(indexed), self.vms_per_worker):
-            group = indexed[start : start + self.vms_per_worker]
-            hosted = orders[start : start + self.vms_per_worker]
-            go_r, go_w = os.pipe()
-            pid = fork_worker()
-            if pid == 0:
-                os.close(self._events_r)
-                os.close(go_w)
-                _worker_main(hosted, self.files, self._events_w, go_r, self.hold, self.confinement)
-            os.close(go_r)
+        # Between two forks the supervisor does as little as it can: each page it
+        # writes there is copied once for every worker forked before.
+        bare = single_threaded()
+        try:
+            for _, hosted in groups:
+                go_r, go_w = os.pipe()
+                pid = fork_bare() if bare else os.fork()
+                if pid == 0:
+                    os.close(self._events_r)
+                    os.close(go_w)
+                    _worker_main(
+                        hosted, self.files, self._events_w, go_r, self.hold, self.confinement
+                    )
+                os.close(go_r)
+                forked.append((pid, go_w))
+        finally:  # the workers forked are supervised even if a later fork failed
             now = time.time()
-            members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
-            self.members.extend(members)
-            self.workers[pid] = members
-            kinds = {kind for _, _, spec in group for kind in device_kinds(spec.config)}
-            go_pipes.append((go_w, [i for i, _, _ in group], kinds))
-        for go_w, indexes, kinds in go_pipes:
-            pid = self.members[indexes[0]].pid
-            self._hand_over(pid, indexes)
+            for (group, _), (pid, _) in zip(groups, forked, strict=False):
+                members = [Member(i, label, pid, "booting", now) for i, label, _ in group]
+                self.members.extend(members)
+                self.workers[pid] = members
+        for (group, _), (pid, go_w), group_kinds in zip(groups, forked, kinds, strict=True):
+            self._hand_over(pid, [i for i, _, _ in group])
             program = b""
             if self.confinement is not None:  # with the calls of the group's devices
-                program = self.confinement.filter_program(pid, kinds)
+                program = self.confinement.filter_program(pid, group_kinds)
             with contextlib.suppress(BrokenPipeError):  # a worker that already died
                 os.write(go_w, GO_HEADER.pack(GO, len(program)) + program)
             os.close(go_w)

@@ -51,15 +51,17 @@ def single_threaded() -> bool:
         return False
 
 
-def fork_worker() -> int:
-    """Fork; 0 in the child, the child's pid in the parent (like :func:`os.fork`).
-
-    Without the interpreter's at-fork hooks when this process has one thread (see
-    the module's docstring); with them otherwise."""
-    if not single_threaded():
-        return os.fork()
+def fork_bare() -> int:
+    """Fork without the interpreter's at-fork hooks: only for a process that
+    :func:`single_threaded` says has one thread.  0 in the child, the child's pid in
+    the parent (like :func:`os.fork`)."""
     pid: int = _fork()
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fork: {os.strerror(err)}")
     return pid
+
+
+def fork_worker() -> int:
+    """:func:`fork_bare` when this process has one thread, else :func:`os.fork`."""
+    return fork_bare() if single_threaded() else os.fork()
