@@ -58,6 +58,7 @@ from dksm.error import DksmError
 from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.fleet.worker_fork import (
+    fill_allocator_holes,
     fork_bare,
     single_threaded,
     trim_heap,
@@ -358,6 +359,7 @@ class FleetLauncher:
         ]
         forked: list[tuple[int, int]] = []  # (pid, go pipe) per group
         gc.collect()
+        fill_allocator_holes()
         gc.freeze()
         trim_heap()
         # Between two forks the supervisor does as little as it can: each page it
