@@ -62,12 +62,13 @@ from dksm.fleet.worker_fork import (
     fork_bare,
     single_threaded,
     trim_heap,
+    wait_single_threaded,
 )
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
 from dksm.loader.segment import Segment, shareable_span
 from dksm.memory.guest_memory import PageSharer
-from dksm.vmm.builder import BuildPlan, plan_build
+from dksm.vmm.builder import BuildPlan, build, plan_build
 from dksm.vmm.confinement import Confinement
 from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
@@ -106,6 +107,18 @@ class _ConsoleLog:
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+class _NoConsole:
+    """The console of a rehearsal VM, whose guest never runs."""
+
+    def write(self, data: bytes, /) -> int:
+        return len(data)
+
+
+_NO_CONSOLE = _NoConsole()
+REHEARSALS = 16  # enough calls for 3.11 to specialise what a build runs
+REHEARSAL_THREADS_TIMEOUT = 2.0  # seconds for the rehearsals' vCPU threads to be gone
 
 
 class _VmOrder:
@@ -358,6 +371,7 @@ class FleetLauncher:
             {k for _, _, spec in group for k in device_kinds(spec.config)} for group, _ in groups
         ]
         forked: list[tuple[int, int]] = []  # (pid, go pipe) per group
+        self._rehearse(orders)
         gc.collect()
         fill_allocator_holes()
         gc.freeze()
@@ -395,6 +409,36 @@ class FleetLauncher:
         # again through them.
         self._first_of_image.clear()
         self._plans.clear()
+
+    def _rehearse(self, orders: Sequence[_VmOrder]) -> None:
+        """Build a VM of the first order's plan a few times, start it and stop it, and
+        close it, before forking; the guest never runs (the VM is stopped before its
+        vCPU threads start, so none enters it).
+
+        Why: Python 3.11 specialises a function's bytecode in place after its first
+        calls, writing into its code object (counters, then the specialised
+        instructions).  Run here first, those writes land in the supervisor's pages,
+        which the workers then share, instead of in every worker's own copy.
+        Measured at 64 one-VM workers: ~3,380 KiB of a worker's own memory without,
+        ~3,000 KiB with, for ~0.2 s of the supervisor's time.  Only VMs without
+        virtio devices are rehearsed: a device's backend (a tap, a vsock socket) is
+        the VM's alone."""
+        plan = next((o.plan for o in orders if o.plan is not None), None)
+        if plan is None or plan.config.virtio_device_count:
+            return
+        try:
+            for _ in range(REHEARSALS):
+                vm = build(plan.config, serial_sink=_NO_CONSOLE, plan=plan)
+                try:
+                    vm.finish(ExitCause.INTERRUPTED, "rehearsal")  # before any vCPU starts
+                    vm.start()
+                    vm.stop(ExitCause.INTERRUPTED, "rehearsal")
+                finally:
+                    vm.close()
+        except DksmError:
+            return  # the workers meet it, and report it
+        finally:
+            wait_single_threaded(REHEARSAL_THREADS_TIMEOUT)
 
     def _plan(self, spec: InstanceSpec) -> BuildPlan | None:
         """The config-only part of the VM's build, made once per distinct config; None

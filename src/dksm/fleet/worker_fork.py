@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
@@ -58,6 +59,17 @@ def single_threaded() -> bool:
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:
         return False
+
+
+def wait_single_threaded(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for this process's other threads to be gone (a
+    joined thread's kernel task ends a moment after); whether they are."""
+    deadline = time.monotonic() + timeout
+    while not single_threaded():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def fork_bare() -> int:
