@@ -2,19 +2,23 @@
 each hosting one or more VMs.
 
 Why fork: a fresh Python interpreter with dksm imported costs ~10 MiB of private
-memory, more than a unikernel's shared code saves.  The supervisor imports
-everything and parses each image once, freezes the garbage collector's objects (so
-a child's collections do not write to, and so copy, the pages they live on), then
-forks: every worker shares the interpreter's pages copy-on-write and pays only for
-what it dirties.  Measured here, a forked worker dirties about 0.9 MiB just by
-running, and each VM it hosts adds its guest's pages plus a few hundred KiB.
+memory, more than a unikernel's shared code saves.  Forked workers share the
+supervisor's pages copy-on-write and pay for what they write, which in Python 3.11
+(no immortal objects) is every page holding an object their code touches.  So the
+supervisor does all it can once, before forking: imports, parses each image,
+references each VM's pool pages, plans each distinct config's build
+(:func:`dksm.vmm.builder.plan_build`), rehearses a build so that the interpreter
+specialises its code in shared pages (:meth:`FleetLauncher._rehearse`), collects,
+fills the allocator's free blocks and freezes the collector's objects, and forks
+with nothing in between (:mod:`dksm.fleet.worker_fork`).  A worker then only
+copies, maps and issues ioctls.
 
 ``vms_per_worker`` trades isolation for density.  A worker runs K VMs, each on a
 vCPU thread of its own (the GIL is released inside ``KVM_RUN``): a guest's fault
 or an exception in the VMM ends only its own VM, but killing the worker ends its K
 VMs.  With K = 1 every VM has its own process, like Firecracker, and pays for its
-own interpreter pages: measured here, 4.4 MiB of host memory per idle VM at 64 VMs,
-against 0.9 MiB with K = 8 (the default) and 0.4 MiB with K = 64.  Either way the supervisor reaps,
+own interpreter pages: measured at 1,000 idle VMs, 3.0 MiB of host memory per VM,
+against 0.45 MiB with K = 8 (the default).  Either way the supervisor reaps,
 records why, and sweeps the pool so the leases of dead VMs are released.
 
 Workers report each VM's events (booted: its first complete console line; ended:

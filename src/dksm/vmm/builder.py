@@ -12,6 +12,12 @@ reverse order; the descriptor and mapping counts of the process are what they
 were (``tests/test_build_cleanup.py`` makes a build fail at each step and counts).
 Every file, tap and socket the VM will use is open when :func:`build` returns, and
 no thread is started before :meth:`MicroVm.start`.
+
+What depends on the config alone (the checked input, the image, the boot
+structures and each vCPU's CPUID, MSRs and registers) is the build's plan
+(:class:`BuildPlan`): :func:`build` makes it first, or takes one made earlier by
+:func:`plan_build`, as a fleet supervisor does once per config for the workers it
+forks, which then only copy and issue ioctls.
 """
 
 from __future__ import annotations
