@@ -185,3 +185,35 @@ def test_a_read_only_drive_serves_a_fleet_and_a_read_write_one_is_refused(tmp_pa
         f"dksm: error: read-write drive {drive} would serve 2 VMs, but it serves one VM at a "
         "time (a fleet shares only read-only drives)"
     ]
+
+
+def test_a_confined_fleet_vm_leaves_no_vsock_socket_behind(tmp_path: Path) -> None:
+    # The worker made the socket before it was confined and may not remove it after;
+    # the supervisor removes it once the worker has ended.  (With a vsock device the
+    # probe serves the host until it is stopped.)
+    uds = tmp_path / "fleet-vsock.sock"
+    config = tmp_path / "vsock-fleet.json"
+    config.write_text(
+        json.dumps(
+            {
+                "boot-source": {
+                    "kernel_image_path": str(guest_path("virtioprobe")),
+                    "boot_args": "console=ttyS0",
+                },
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 16},
+                "vsock": {"guest_cid": 3, "uds_path": str(uds)},
+            }
+        )
+    )
+    up = dksm("fleet", "up", "--config-file", str(config), "--domain", "vsock-fleet")
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        deadline = time.monotonic() + 30
+        while "vsock cid 3" not in (logs := dksm("fleet", "logs", fleet_id, "0").stdout):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.1)
+        assert uds.is_socket()
+    finally:
+        assert dksm("fleet", "down", fleet_id).returncode == 0
+    assert not uds.exists()

@@ -30,7 +30,10 @@ before any of them runs; the supervisor is not, as it must sweep the pools.  A
 confined worker opens no file, so each VM's log and outcome files are opened while
 it is built.  Its seccomp program, which names its pid, is compiled by the
 supervisor and comes with the "go": compiling it in the worker would cost each
-worker about 0.9 MiB of private memory.
+worker about 0.9 MiB of private memory.  Nor may a confined worker remove the vsock
+sockets its VMs listened on: a worker with vsock devices writes each one down on a
+pipe of its own as it makes it (:mod:`dksm.vmm.socket_cleanup`), and the supervisor
+removes them once it has reaped the worker.
 
 Why one module over 500 lines: it holds both ends of one protocol, the supervisor's
 (fork, send the go with the worker's seccomp program, read event records) and the
@@ -41,6 +44,7 @@ steps change together on both sides, so they are read together.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -77,6 +81,7 @@ from dksm.vmm.confinement import Confinement
 from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
 from dksm.vmm.machine import ExitCause
+from dksm.vmm.socket_cleanup import RECORD_MAX, remove_reported, report_to
 
 DEFAULT_VMS_PER_WORKER = 8
 EVENT_RECORD = struct.Struct("<II")  # VM index, event
@@ -351,6 +356,8 @@ class FleetLauncher:
             tuple[str, Path | None, str, int, str | None], dict[bytes, ReferencedPages]
         ] = {}
         self._plans: dict[str, BuildPlan | None] = {}  # by config, during launch()
+        # Live worker pid -> the read end of the pipe its vsock sockets are reported on.
+        self._socket_reports: dict[int, int] = {}
 
     def launch(self, specs: Sequence[tuple[str, InstanceSpec]]) -> None:
         """Fork workers for every (label, spec), ``vms_per_worker`` VMs each."""
@@ -384,16 +391,25 @@ class FleetLauncher:
         # writes there is copied once for every worker forked before.
         bare = single_threaded()
         try:
-            for _, hosted in groups:
+            for (_, hosted), group_kinds in zip(groups, kinds, strict=True):
                 go_r, go_w = os.pipe()
+                reports = self._socket_report_pipe(len(hosted)) if "vsock" in group_kinds else None
                 pid = fork_bare() if bare else os.fork()
                 if pid == 0:
                     os.close(self._events_r)
                     os.close(go_w)
+                    for fd in self._socket_reports.values():  # other workers' pipes
+                        os.close(fd)
+                    if reports is not None:
+                        os.close(reports[0])
+                        report_to(reports[1])
                     _worker_main(
                         hosted, self.files, self._events_w, go_r, self.hold, self.confinement
                     )
                 os.close(go_r)
+                if reports is not None:
+                    os.close(reports[1])
+                    self._socket_reports[pid] = reports[0]
                 forked.append((pid, go_w))
         finally:  # the workers forked are supervised even if a later fork failed
             now = time.time()
@@ -413,6 +429,19 @@ class FleetLauncher:
         # again through them.
         self._first_of_image.clear()
         self._plans.clear()
+
+    @staticmethod
+    def _socket_report_pipe(vms: int) -> tuple[int, int]:
+        """A pipe for a worker of ``vms`` VMs to report its vsock sockets on: large
+        enough for one record per VM, since the supervisor reads it only once the
+        worker has ended (a full pipe would stop the worker building)."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)  # a stray holder of the write end never stalls a reap
+        needed = vms * RECORD_MAX
+        with contextlib.suppress(OSError):  # the default is 64 KiB: 500 VMs
+            if needed > fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ):
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, needed)
+        return read_end, write_end
 
     def _rehearse(self, orders: Sequence[_VmOrder]) -> None:
         """Build a VM of the first order's plan a few times, start it and stop it, and
@@ -573,6 +602,7 @@ class FleetLauncher:
             if pid == 0:
                 break
             self._collect_events(0)
+            self._remove_sockets(pid)
             for member in self.workers.pop(pid, []):
                 if member.state in LIVE_STATES:
                     result = _read_outcome(self.files, member.index)
@@ -581,6 +611,13 @@ class FleetLauncher:
         if ended:
             self.sweep_pools()
         return ended
+
+    def _remove_sockets(self, pid: int) -> None:
+        """Remove the vsock sockets an ended worker reported (and only those)."""
+        fd = self._socket_reports.pop(pid, None)
+        if fd is not None:
+            remove_reported(fd)
+            os.close(fd)
 
     def sweep_pools(self) -> None:
         for pool in self._pools.values():

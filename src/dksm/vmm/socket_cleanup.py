@@ -18,6 +18,9 @@ import os
 import stat
 
 _report_fd: int | None = None
+# The longest record: a Unix socket's path (at most 107 bytes), its inode in decimal
+# and two NULs.
+RECORD_MAX = 108 + 20 + 2
 
 
 def report_to(fd: int | None) -> None:
@@ -36,11 +39,13 @@ def report(path: str, inode: int) -> None:
 
 
 def remove_reported(fd: int) -> list[str]:
-    """Read every record on ``fd`` (to its end: the VMM has ended) and remove each
-    socket still there with the inode it was made with; the paths removed."""
+    """Read every record on ``fd`` (to its end: the VMM has ended; or, on a
+    non-blocking ``fd``, to what is there) and remove each socket still there with
+    the inode it was made with; the paths removed."""
     data = bytearray()
-    while chunk := os.read(fd, 65536):
-        data += chunk
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
     fields = bytes(data).split(b"\0")
     removed = []
     for raw_path, raw_inode in zip(fields[0:-1:2], fields[1::2], strict=False):
