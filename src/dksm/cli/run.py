@@ -6,12 +6,14 @@ import argparse
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import ExitStatus, status_for
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from typing import Any
+
     from dksm.vmm.confinement import Credentials
 
 

@@ -95,7 +95,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeAlias
 
 import lmdb
 
@@ -103,6 +102,10 @@ from dksm.dedup import trust
 from dksm.dedup.index_file import data_file_problem
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final, TypeAlias
 
 Transaction: TypeAlias = "lmdb.Transaction[bytes]"
 """A transaction on the index, as this module's context managers give it: callers

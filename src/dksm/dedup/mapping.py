@@ -14,11 +14,11 @@ from __future__ import annotations
 import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE, HostMappingError, map_file_private_fixed
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.dedup.index import ManifestRecord
 

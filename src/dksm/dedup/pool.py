@@ -131,7 +131,6 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Self
 
 import xxhash
 
@@ -156,6 +155,10 @@ from dksm.dedup.store import (
     validate_domain,
 )
 from dksm.memory.host_mapping import PAGE_SIZE
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "DEFAULT_DOMAIN",

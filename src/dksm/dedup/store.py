@@ -36,7 +36,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from dksm.dedup import trust
 from dksm.dedup.index import (
@@ -52,6 +51,10 @@ from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError, PoolMissingError
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final
 
 DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
 POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"

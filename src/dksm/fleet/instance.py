@@ -12,22 +12,23 @@ import contextlib
 import enum
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from dksm.devices.serial import ByteSink, GuardedSink
+from dksm.devices.serial import GuardedSink
 from dksm.error import DksmError
 from dksm.fleet.boot_merge import BootMerge, BootMergeError
 from dksm.loader.host_file import check_path
-from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import ExitCause, MicroVm, Outcome
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from pathlib import Path
 
     from dksm.dedup.pool import Lease, PagePool
+    from dksm.devices.serial import ByteSink
     from dksm.fleet.directory import VmInfo
+    from dksm.memory.guest_memory import PageSharer
 
 DEFAULT_DOMAIN = "default"
 

@@ -27,10 +27,15 @@ from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf
 from dksm.loader.initrd import place_initrd, read_initrd
 from dksm.loader.segment import Segment
-from dksm.memory.guest_memory import GuestMemory, PageSharer
+from dksm.memory.guest_memory import GuestMemory
 from dksm.vmm import device_manager
 from dksm.vmm.config import VmConfig
-from dksm.vmm.machine import DeviceThreads, ExitCause, MicroVm
+from dksm.vmm.machine import ExitCause, MicroVm
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.memory.guest_memory import PageSharer
+    from dksm.vmm.machine import DeviceThreads
 
 ACPI_SHUTDOWN_PORT = 0x604
 

@@ -16,7 +16,6 @@ conversion error.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
 
 from dksm.arch import layout
 from dksm.error import DksmError, one_line
@@ -32,7 +31,10 @@ from dksm.vmm.device_config import (
     vsock_config,
 )
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from typing import Any
+
     from dksm.vmm.schema import VmConfigDocument
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"

@@ -26,11 +26,11 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dksm.arch import layout
 from dksm.error import DksmError
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.devices.bus import MmioBus
     from dksm.devices.virtio.block import BackingFile

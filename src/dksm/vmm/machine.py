@@ -51,7 +51,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 from dksm.devices.bus import MmioBus, PortBus
 from dksm.devices.i8042 import I8042
@@ -60,8 +59,20 @@ from dksm.kvm import abi, exits
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.memory.guest_memory import GuestMemory
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from dksm.vmm.emulation import EmulationFallback
+
+    class DeviceThreads(Protocol):
+        """A device served on threads of its own: started with the vCPUs, closed once
+        they are all out of the guest and before guest RAM is unmapped."""
+
+        def start(self) -> None: ...
+
+        def close(self) -> None: ...
+
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02
@@ -75,15 +86,6 @@ class _VmmHold:
 
 
 _VMM_HOLD = _VmmHold()
-
-
-class DeviceThreads(Protocol):
-    """A device served on threads of its own: started with the vCPUs, closed once
-    they are all out of the guest and before guest RAM is unmapped."""
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class ExitCause(enum.Enum):

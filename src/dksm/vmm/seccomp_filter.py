@@ -39,9 +39,12 @@ import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from dksm.kvm import abi
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Flag values the rules compare, from the kernel's uapi headers.
 CLONE_THREAD = 0x00010000  # linux/sched.h
