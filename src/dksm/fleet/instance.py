@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from dksm.devices.serial import GuardedSink
 from dksm.error import DksmError
-from dksm.fleet.boot_merge import BootMerge, BootMergeError
 from dksm.loader.host_file import check_path
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
 
     from dksm.dedup.pool import Lease, PagePool
     from dksm.devices.serial import ByteSink
+    from dksm.fleet.boot_merge import BootMerge
     from dksm.fleet.directory import VmInfo
     from dksm.memory.guest_memory import PageSharer
 
@@ -110,11 +110,14 @@ class Instance:
         self.lease: Lease | None = None
         self.boot_merge: BootMerge | None = None
         try:
-            if merge_after is not None and not spec.dedup.uses_pool:
-                raise BootMergeError(
-                    "the post-boot merge hands pages to the page pool: it needs --dedup "
-                    f"dksm or dksm+ksm, not {spec.dedup.value}"
-                )
+            if merge_after is not None:  # its module only where it is asked for
+                from dksm.fleet.boot_merge import BootMerge, BootMergeError
+
+                if not spec.dedup.uses_pool:
+                    raise BootMergeError(
+                        "the post-boot merge hands pages to the page pool: it needs --dedup "
+                        f"dksm or dksm+ksm, not {spec.dedup.value}"
+                    )
             if sharer is None and spec.dedup.uses_pool:
                 from dksm.dedup.pool import PagePool
 
@@ -145,6 +148,7 @@ class Instance:
 
     def _merge_lease(self, sharer: PageSharer | None) -> Lease:
         from dksm.dedup.pool import Lease
+        from dksm.fleet.boot_merge import BootMergeError
 
         lease = self.lease or (sharer if isinstance(sharer, Lease) else None)
         if lease is None:

@@ -25,8 +25,6 @@ from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf
-from dksm.loader.initrd import place_initrd, read_initrd
-from dksm.loader.segment import Segment
 from dksm.memory.guest_memory import GuestMemory
 from dksm.vmm import device_manager
 from dksm.vmm.config import VmConfig
@@ -34,6 +32,7 @@ from dksm.vmm.machine import ExitCause, MicroVm
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from dksm.loader.segment import Segment
     from dksm.memory.guest_memory import PageSharer
     from dksm.vmm.machine import DeviceThreads
 
@@ -67,6 +66,8 @@ def build(
     initrd: Segment | None = None
     initrd_size = 0
     if config.initrd_path:
+        from dksm.loader.initrd import place_initrd, read_initrd  # only VMs with one
+
         ramdisk = read_initrd(config.initrd_path, config.mem_size)
         initrd = place_initrd(ramdisk, config.mem_size, image)
         initrd_size = ramdisk.size

@@ -20,21 +20,19 @@ from dataclasses import dataclass, fields
 from dksm.arch import layout
 from dksm.error import DksmError, one_line
 from dksm.loader.host_file import HostFileError, check_path, read_regular_file
-from dksm.vmm.device_config import (
-    DeviceConfigError,
-    DriveConfig,
-    EntropyConfig,
-    NetworkInterfaceConfig,
-    VsockConfig,
-    drive_config,
-    network_interface_config,
-    vsock_config,
-)
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    # Imported where a config has devices: a VM without them (most starts) does
+    # not pay for their classes and patterns.
     from typing import Any
 
+    from dksm.vmm.device_config import (
+        DriveConfig,
+        EntropyConfig,
+        NetworkInterfaceConfig,
+        VsockConfig,
+    )
     from dksm.vmm.schema import VmConfigDocument
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
@@ -129,6 +127,13 @@ class VmConfig:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> VmConfig:
+        from dksm.vmm.device_config import (
+            DriveConfig,
+            EntropyConfig,
+            NetworkInterfaceConfig,
+            VsockConfig,
+        )
+
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in doc.items() if k in known}
         values["drives"] = tuple(DriveConfig(**d) for d in doc.get("drives", ()))
@@ -308,6 +313,12 @@ def validate_document(doc: Any, where: str) -> VmConfigDocument:
 def vm_config(document: VmConfigDocument) -> VmConfig:
     """The builder's value for a validated (and accepted) document."""
     from dksm.guests import resolve_image_path
+    from dksm.vmm.device_config import (
+        EntropyConfig,
+        drive_config,
+        network_interface_config,
+        vsock_config,
+    )
 
     boot = document.boot_source
     machine = document.machine_config
@@ -338,6 +349,7 @@ def vm_config(document: VmConfigDocument) -> VmConfig:
 def accept_document(doc: Any, where: str, *, refuse: dict[str, str] | None = None) -> ConfigFile:
     """Validate ``doc``, refuse what dksm cannot do (one line per feature, plus the
     sections in ``refuse``), and turn the rest into a :class:`ConfigFile`."""
+    from dksm.vmm.device_config import DeviceConfigError
     from dksm.vmm.schema import unsupported
 
     document = validate_document(doc, where)
