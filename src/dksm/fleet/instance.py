@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from dataclasses import dataclass
 
 from dksm.devices.serial import GuardedSink
 from dksm.error import DksmError
 from dksm.loader.host_file import check_path
+from dksm.value import Value
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import ExitCause, MicroVm, Outcome
@@ -82,13 +82,22 @@ class KsmScope(enum.Enum):
             raise DksmError(f"unknown KSM scope '{text}'; choose one of {choices}") from None
 
 
-@dataclass(frozen=True)
-class InstanceSpec:
-    config: VmConfig
-    dedup: DedupMode = DedupMode.DKSM
-    domain: str = DEFAULT_DOMAIN
-    pool_root: Path | None = None
-    ksm_scope: KsmScope = KsmScope.RAM
+class InstanceSpec(Value):
+    __slots__ = ("config", "dedup", "domain", "ksm_scope", "pool_root")
+
+    def __init__(
+        self,
+        config: VmConfig,
+        dedup: DedupMode = DedupMode.DKSM,
+        domain: str = DEFAULT_DOMAIN,
+        pool_root: Path | None = None,
+        ksm_scope: KsmScope = KsmScope.RAM,
+    ) -> None:
+        self.config = config
+        self.dedup = dedup
+        self.domain = domain
+        self.pool_root = pool_root
+        self.ksm_scope = ksm_scope
 
 
 class Instance:

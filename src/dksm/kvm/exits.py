@@ -4,7 +4,7 @@
 of its members say themselves which of their fields are valid (the emulation
 failure's instruction bytes exist only when its flag says so).  :func:`decode`
 reads the union once, by reason, through the named fields of :mod:`dksm.kvm.abi`,
-and returns one frozen value per kind of exit, so no caller reads the union at
+and returns one value per kind of exit, so no caller reads the union at
 raw offsets or trusts a field the kernel did not fill.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 
 from dksm.kvm import abi
+from dksm.value import Value
 
 # The longest x86 instruction; also the size of emulation_failure.insn_bytes.
 MAX_INSTRUCTION_LENGTH = 15
@@ -20,30 +21,7 @@ MAX_INSTRUCTION_LENGTH = 15
 _EMULATION_FAILURE_WORDS = 3
 
 
-class _Exit:
-    """An exit as a value: equal to an exit of its kind with the same fields.
-
-    Plain slotted classes rather than dataclasses: ``dksm run`` imports this module
-    at every start, and making ten dataclasses cost it about 5 ms; none is changed
-    after :func:`decode` made it (I/O data lies in ``kvm_run`` anyway)."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash((type(self), self._values()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class IoExit(_Exit):
+class IoExit(Value):
     """Port I/O: ``count`` accesses of ``size`` bytes; ``data`` lies in ``kvm_run``
     (the guest reads what is written into it on an IN)."""
 
@@ -57,7 +35,7 @@ class IoExit(_Exit):
         self.data = data
 
 
-class MmioExit(_Exit):
+class MmioExit(Value):
     """An access to guest-physical memory no slot covers; ``data`` is writable for a read."""
 
     __slots__ = ("address", "data", "is_write", "length")
@@ -69,25 +47,25 @@ class MmioExit(_Exit):
         self.data = data
 
 
-class Halted(_Exit):
+class Halted(Value):
     """HLT with no in-kernel LAPIC to wait in."""
 
     __slots__ = ()
 
 
-class Shutdown(_Exit):
+class Shutdown(Value):
     """Triple fault."""
 
     __slots__ = ()
 
 
-class Interrupted(_Exit):
+class Interrupted(Value):
     """A signal (or ``immediate_exit``) ended ``KVM_RUN`` early."""
 
     __slots__ = ()
 
 
-class SystemEvent(_Exit):
+class SystemEvent(Value):
     """Reset, shutdown or crash, as the guest asked the platform (``KVM_SYSTEM_EVENT_*``)."""
 
     __slots__ = ("type",)
@@ -96,7 +74,7 @@ class SystemEvent(_Exit):
         self.type = type
 
 
-class FailEntry(_Exit):
+class FailEntry(Value):
     """The hardware refused to enter the guest."""
 
     __slots__ = ("hardware_reason",)
@@ -105,7 +83,7 @@ class FailEntry(_Exit):
         self.hardware_reason = hardware_reason
 
 
-class EmulationFailure(_Exit):
+class EmulationFailure(Value):
     """KVM could not emulate an instruction; ``instruction`` holds its bytes when KVM
     gave them (empty otherwise: read them from guest memory at RIP)."""
 
@@ -115,7 +93,7 @@ class EmulationFailure(_Exit):
         self.instruction = instruction
 
 
-class InternalError(_Exit):
+class InternalError(Value):
     """Any other KVM internal error."""
 
     __slots__ = ("suberror",)
@@ -124,7 +102,7 @@ class InternalError(_Exit):
         self.suberror = suberror
 
 
-class OtherExit(_Exit):
+class OtherExit(Value):
     """An exit reason dksm does not handle."""
 
     __slots__ = ("reason",)
