@@ -23,7 +23,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -176,8 +175,7 @@ def main() -> None:
             DriveConfig("root", str(disk), is_root_device=True),
             DriveConfig("spare", str(spare), is_read_only=True),
         )
-        full = replace(
-            base,
+        full = base.replace(
             drives=drives,
             network_interfaces=(NetworkInterfaceConfig("eth0", tap),) if tap else (),
             vsock=VsockConfig(3, str(work / "v.sock")),
@@ -191,16 +189,16 @@ def main() -> None:
         not_elf = work / "not-an-image"
         not_elf.write_bytes(b"plain text, not an ELF image\n" * 10)
         gone = work / "gone.img"
-        cases["bad_config"] = repeated(replace(full, vcpu_count=0))
-        cases["bad_image"] = repeated(replace(full, kernel_path=str(not_elf)))
+        cases["bad_config"] = repeated(full.replace(vcpu_count=0))
+        cases["bad_image"] = repeated(full.replace(kernel_path=str(not_elf)))
         cases["missing_drive"] = repeated(
-            replace(full, drives=(drives[0], DriveConfig("gone", str(gone))))
+            full.replace(drives=(drives[0], DriveConfig("gone", str(gone))))
         )
         cases["missing_tap"] = repeated(
-            replace(full, network_interfaces=(NetworkInterfaceConfig("eth0", "dksmnotap9"),))
+            full.replace(network_interfaces=(NetworkInterfaceConfig("eth0", "dksmnotap9"),))
         )
         cases["vsock_directory_missing"] = repeated(
-            replace(full, vsock=VsockConfig(3, str(work / "no-such-dir" / "v.sock")))
+            full.replace(vsock=VsockConfig(3, str(work / "no-such-dir" / "v.sock")))
         )
         cases["address_space"] = address_space(full)
         cases["not_kvm"] = not_kvm()

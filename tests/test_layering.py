@@ -93,8 +93,9 @@ def _runtime_imports(path: Path) -> set[str]:
 
 def test_small_modules_import_only_what_their_job_needs() -> None:
     """Modules other code leans on without wanting their neighbours: the exit decoder
-    needs only the ABI (and the value base), admission nothing of the pool, the fleet's file protocol
-    nothing of dksm, and the exit statuses nothing of the VM (start-up time)."""
+    needs only the ABI (and the value base), admission nothing of the pool, the
+    fleet's file protocol nothing of dksm, and the exit statuses nothing of the VM
+    (start-up time)."""
     allowed = {
         "kvm/exits.py": {"dksm.kvm.abi", "dksm.value.Value"},
         "dedup/admission.py": {"dksm.memory.host_mapping.PAGE_SIZE"},

@@ -11,6 +11,10 @@ cost every instance what freezing costs).
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Self
+
 
 class Value:
     """Equal to a value of its own class with equal fields (``__slots__``, in order)."""
@@ -19,6 +23,16 @@ class Value:
 
     def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
+
+    def fields(self) -> dict[str, object]:
+        """Each field's name and value, in order (values themselves not copied)."""
+        return dict(zip(self.__slots__, self._values(), strict=True))
+
+    def replace(self, **changes: object) -> Self:
+        """A copy with ``changes`` (field names and new values), as
+        :func:`dataclasses.replace` makes one; every field is an ``__init__``
+        parameter of the same name."""
+        return type(self)(**{**self.fields(), **changes})
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self._values() == other._values()

@@ -136,9 +136,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.no_tsc_leaf:
             overrides["tsc_frequency_leaf"] = False
         if overrides:
-            from dataclasses import replace
-
-            config = replace(config, **overrides)
+            config = config.replace(**overrides)
         config.validate()
         return config, config_file
     config = VmConfig(
