@@ -316,7 +316,7 @@ _EMULATION_FALLBACK = (
     "dksm.vmm.emulation",
     "dksm.vmm.emulation_unicorn",
 )
-_EMULATION_NEEDS = ("ctypes", "dataclasses", "importlib", "re", "struct", "time", "typing")
+_EMULATION_NEEDS = ("ctypes", "importlib", "re", "struct", "time")
 
 
 def _load_emulation_fallback(load_now: bool) -> None:
