@@ -22,13 +22,17 @@ import importlib.machinery
 import sys
 from collections.abc import Iterable
 from types import CodeType, ModuleType
-from typing import TYPE_CHECKING, cast
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+# A loader by protocol: importing importlib.abc would cost milliseconds of every
+# start, so only the type checker sees the base class.
 if TYPE_CHECKING:
-    from importlib.abc import Loader
+    from importlib.abc import Loader as _LoaderBase
+else:
+    _LoaderBase = object
 
 
-class _HeldLoader:
+class _HeldLoader(_LoaderBase):
     """Runs a module's code that was read earlier."""
 
     def __init__(self, code: CodeType) -> None:
@@ -71,9 +75,7 @@ def hold(names: Iterable[str]) -> None:
         code = loader.get_code(name)
         if code is None:
             raise ImportError(f"{name} has no code to hold", name=name)
-        # A loader by protocol: importing importlib.abc would cost milliseconds.
-        held_loader = cast("Loader", _HeldLoader(code))
-        spec = importlib.machinery.ModuleSpec(name, held_loader, origin=found.origin)
+        spec = importlib.machinery.ModuleSpec(name, _HeldLoader(code), origin=found.origin)
         spec.has_location = True  # __file__ as if imported from the file
         spec.cached = found.cached
         _FINDER.specs[name] = spec
