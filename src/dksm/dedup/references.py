@@ -17,7 +17,6 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from dksm.dedup import admission
 from dksm.dedup.index import ManifestRecord, Transaction
@@ -26,15 +25,24 @@ from dksm.dedup.pool_errors import PoolError
 from dksm.dedup.store import Store
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
+from dksm.value import Value
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(Value):
     """The slot of each page of a load, and how many of them it stored itself."""
 
-    slots: Sequence[int]
-    pages_new: int
-    manifest: ManifestRecord | None = None  # the manifest the load used or made
+    __slots__ = ("manifest", "pages_new", "slots")
+
+    def __init__(
+        self,
+        slots: Sequence[int],
+        pages_new: int,
+        # the manifest the load used or made
+        manifest: ManifestRecord | None = None,
+    ) -> None:
+        self.slots = slots
+        self.pages_new = pages_new
+        self.manifest = manifest
 
 
 def _gone(lease_id: int, domain: str) -> PoolError:
