@@ -27,13 +27,38 @@ NOT_ON_THE_RUN_PATH = (
 )
 
 
-def _imported(*args: str) -> set[str]:
+# Modules of milliseconds each (or that pull such in) that a VM of the shipped hello
+# guest with the page pool does not import, confined or not: typing and dataclasses
+# (with inspect, ast, dis, tokenize), json, the device config with its patterns, the
+# config-file schema, the post-boot merge, the initrd loader, KSM control.
+HEAVY = (
+    "typing",
+    "dataclasses",
+    "inspect",
+    "ast",
+    "dis",
+    "tokenize",
+    "json",
+    "subprocess",
+    "shutil",
+    "tempfile",
+    "dksm.vmm.device_config",
+    "dksm.vmm.schema",
+    "dksm.fleet.boot_merge",
+    "dksm.fleet.directory",
+    "dksm.loader.initrd",
+    "dksm.dedup.ksm",
+)
+
+
+def _imported(*args: str, env: dict[str, str] | None = None) -> set[str]:
     """The modules a ``dksm`` command imported, from ``python -X importtime``."""
     ran = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "dksm", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert ran.returncode == 0, ran.stderr
     lines = [line for line in ran.stderr.splitlines() if line.startswith("import time:")]
@@ -45,6 +70,20 @@ def test_run_imports_neither_devices_nor_emulation_it_does_not_use() -> None:
     imported = _imported("run", "--kernel", "hello", "--mem-mib", "16")
     assert "dksm.vmm.builder" in imported  # the probe sees the run path itself
     assert sorted(imported.intersection(NOT_ON_THE_RUN_PATH)) == []
+
+
+@requires_kvm
+@pytest.mark.parametrize("confine", [True, False], ids=["confined", "unconfined"])
+def test_run_with_the_pool_imports_no_heavy_module(confine: bool, tmp_path: Path) -> None:
+    # A record of KSM settings left by a crashed dksm elsewhere on the host would
+    # make any command import KSM control to restore them: point it at none.
+    env = {**os.environ, "DKSM_KSM_STATE": str(tmp_path / "no-ksm-record.json")}
+    flags = () if confine else ("--no-confine",)
+    imported = _imported("run", "--kernel", "hello", "--mem-mib", "16", "--dedup", "dksm",
+                         *flags, env=env)  # fmt: skip
+    assert {"dksm.vmm.builder", "dksm.dedup.pool"} <= imported  # the run path, with the pool
+    assert ("dksm.vmm.confinement" in imported) == confine
+    assert sorted(imported.intersection(HEAVY)) == []
 
 
 @requires_kvm
