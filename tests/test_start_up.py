@@ -29,8 +29,9 @@ NOT_ON_THE_RUN_PATH = (
 
 # Modules of milliseconds each (or that pull such in) that a VM of the shipped hello
 # guest with the page pool does not import, confined or not: typing and dataclasses
-# (with inspect, ast, dis, tokenize), json, the device config with its patterns, the
-# config-file schema, the post-boot merge, the initrd loader, KSM control.
+# (with inspect, ast, dis, tokenize), json, datetime, the device config with its
+# patterns, the config-file schema, the post-boot merge, the initrd loader, KSM
+# control.
 HEAVY = (
     "typing",
     "dataclasses",
@@ -39,6 +40,8 @@ HEAVY = (
     "dis",
     "tokenize",
     "json",
+    "datetime",
+    "calendar",
     "subprocess",
     "shutil",
     "tempfile",
