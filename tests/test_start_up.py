@@ -3,6 +3,7 @@ fallback's code read but not run until a guest needs it."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import subprocess
 import sys
@@ -129,6 +130,35 @@ def test_held_module_runs_from_memory_after_its_file_is_gone(tmp_path: Path) -> 
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split("\n")[:2] == ["['heldpkg.late']", "42 late.py []"]
+
+
+def test_held_module_runs_its_cached_bytecode_only_while_it_matches_the_source(
+    tmp_path: Path,
+) -> None:
+    package = tmp_path / "cachedpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "fresh.py").write_text("ANSWER = 42\n")
+    (package / "stale.py").write_text("ANSWER = 1\n")
+    assert compileall.compile_dir(package, quiet=1)
+    # Changed after its bytecode was cached (and longer, whatever the clock says).
+    (package / "stale.py").write_text("ANSWER = 2  # edited\n")
+    probe = (
+        "import shutil, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import cachedpkg\n"
+        "from dksm.vmm import held_modules\n"
+        "held_modules.hold(['cachedpkg.fresh', 'cachedpkg.stale'])\n"
+        f"shutil.rmtree({str(package)!r})\n"
+        "import importlib; importlib.invalidate_caches()\n"
+        "from cachedpkg import fresh, stale\n"
+        "print(fresh.ANSWER, stale.ANSWER)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-B", "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "42 2\n"
 
 
 def test_only_source_modules_can_be_held() -> None:
