@@ -4,6 +4,7 @@ fallback's code read but not run until a guest needs it."""
 from __future__ import annotations
 
 import compileall
+import gc
 import os
 import subprocess
 import sys
@@ -166,3 +167,33 @@ def test_only_source_modules_can_be_held() -> None:
 
     with pytest.raises(ImportError, match="not a Python source module"):
         held_modules.hold(["dksm.no_such_module_here"])
+
+
+def test_start_up_holds_the_collector_off_until_it_is_over() -> None:
+    from dksm.cli.run import StartUp
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        start_up = StartUp()
+        assert not gc.isenabled()
+        start_up.over()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen  # what start-up made is out of its sight
+        start_up.over()  # again (a failed start ends here too): nothing changes
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_start_up_leaves_a_collector_its_caller_turned_off_off() -> None:
+    from dksm.cli.run import StartUp
+
+    gc.disable()
+    try:
+        start_up = StartUp()
+        start_up.over()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
