@@ -48,20 +48,20 @@ def descriptors() -> dict[int, str]:
     return held
 
 
-def mappings() -> list[str]:
-    """The name of each mapping ("" for an anonymous one)."""
+def mappings() -> list[tuple[str, int]]:
+    """The name ("" for an anonymous one) and size of each mapping, read at once:
+    reading allocates, which may map an arena of the allocator in between two reads."""
     with open("/proc/self/maps") as maps:
         fields = [line.split(maxsplit=5) for line in maps]
-    return [f[5].strip() if len(f) == 6 else "" for f in fields]
+    found = []
+    for f in fields:
+        start, end = f[0].split("-")
+        found.append((f[5].strip() if len(f) == 6 else "", int(end, 16) - int(start, 16)))
+    return found
 
 
 def mapped_bytes() -> int:
-    total = 0
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = line.split()[0].split("-")
-            total += int(end, 16) - int(start, 16)
-    return total
+    return sum(size for _, size in mappings())
 
 
 def snapshot() -> dict[str, Any]:
@@ -69,9 +69,9 @@ def snapshot() -> dict[str, Any]:
     maps = mappings()
     return {
         "fds": descriptors(),
-        "named_maps": sorted(m for m in maps if m),
+        "named_maps": sorted(name for name, _ in maps if name),
         "maps": len(maps),
-        "mapped_bytes": mapped_bytes(),
+        "mapped_bytes": sum(size for _, size in maps),
         "threads": len(os.listdir("/proc/self/task")),
     }
 
