@@ -30,11 +30,14 @@ NOT_ON_THE_RUN_PATH = (
 
 
 # Modules of milliseconds each (or that pull such in) that a VM of the shipped hello
-# guest with the page pool does not import, confined or not: typing and dataclasses
-# (with inspect, ast, dis, tokenize), json, datetime, the device config with its
-# patterns, the config-file schema, the post-boot merge, the initrd loader, KSM
-# control.
+# guest with the page pool does not import, confined or not: argparse with gettext
+# and locale (plain flags are read without it), typing and dataclasses (with
+# inspect, ast, dis, tokenize), json, datetime, the device config with its patterns,
+# the config-file schema, the post-boot merge, the initrd loader, KSM control.
 HEAVY = (
+    "argparse",
+    "gettext",
+    "locale",
     "typing",
     "dataclasses",
     "inspect",
