@@ -96,3 +96,30 @@ def test_pages_already_placed_are_not_stored() -> None:
     assert fresh == [1]
     admission.place_new_pages(slots, fresh, 20)
     assert slots == [7, 20, 8]
+
+
+def test_anchors_predict_the_slots_after_them_in_one_run() -> None:
+    every = admission.ANCHOR_EVERY
+    # Anchors at pages 0, every, 2 * every, 3 * every found at 10, 10 + every, 500 and
+    # not at all: the first two continue each other, the third starts a run, which
+    # the fourth span (predicted from it) continues.
+    runs = admission.predicted_runs(3 * every + 5, [10, 10 + every, 500, None], 10_000)
+    assert runs == [(0, 10, 2 * every), (2 * every, 500, every + 5)]
+
+
+def test_pages_before_the_first_anchor_found_and_past_the_end_get_no_prediction() -> None:
+    every = admission.ANCHOR_EVERY
+    runs = admission.predicted_runs(3 * every, [None, 7, None], 7 + every + 3)
+    assert runs == [(every, 7, every + 3)]  # clipped at the end
+    assert admission.predicted_runs(2 * every, [None, None], 100) == []
+
+
+def test_a_run_that_differs_is_compared_again_by_anchor_spans() -> None:
+    every = admission.ANCHOR_EVERY
+    count = 3 * every
+    stored = StoredPages(*range(count))
+    wanted = list(range(count))
+    wanted[every + 1] = 10_000  # one page in the second span differs
+    matched = admission.matching_runs(stored.read, _pages(*wanted), [(0, 0, count)])
+    assert matched == [(0, 0, every), (2 * every, 2 * every, every)]
+    assert stored.reads == [(0, count), (0, every), (every, every), (2 * every, every)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dksm.dedup.index import LeaseRecord, PoolIndex
+from dksm.dedup.index import SLOT_BLOCK, LeaseRecord, PoolIndex
 from dksm.dedup.pages_file import PagesFile, PagesFileError
 from dksm.memory.host_mapping import PAGE_SIZE
 
@@ -106,9 +106,7 @@ def test_new_slots_are_found_by_hash_and_counted(index: PoolIndex) -> None:
     with index.write() as txn:
         first, at_end = index.allocate(txn, 3)
         assert (first, at_end) == (0, True)
-        index.add_slots(
-            txn, 0, [b"hash-a..", b"hash-b..", b"hash-a.."], {0: 1, 1: 2, 2: 1}, at_end=True
-        )
+        index.add_slots(txn, 0, [b"hash-a..", b"hash-b..", b"hash-a.."], {0: 1, 1: 2, 2: 1})
     with index.read() as txn:
         assert index.end(txn) == 3
         assert index.entries(txn) == (3, 0)
@@ -125,7 +123,7 @@ def test_slots_reaching_zero_are_freed_and_their_space_reused(index: PoolIndex) 
     with index.write() as txn:
         index.allocate(txn, 4)
         keys = [b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8]
-        index.add_slots(txn, 0, keys, {0: 1, 1: 1, 2: 2, 3: 1}, at_end=True)
+        index.add_slots(txn, 0, keys, {0: 1, 1: 1, 2: 2, 3: 1})
     with index.write() as txn:
         assert index.drop_references(txn, {1: 1, 2: 1}) == [1]  # slot 2 keeps one
         index.release_runs(txn, [(1, 1)])
@@ -137,9 +135,7 @@ def test_slots_reaching_zero_are_freed_and_their_space_reused(index: PoolIndex) 
 def test_free_ranges_coalesce_and_the_end_moves_down_over_them(index: PoolIndex) -> None:
     with index.write() as txn:
         index.allocate(txn, 5)
-        index.add_slots(
-            txn, 0, [bytes([n]) * 8 for n in range(5)], dict.fromkeys(range(5), 1), at_end=True
-        )
+        index.add_slots(txn, 0, [bytes([n]) * 8 for n in range(5)], dict.fromkeys(range(5), 1))
         index.drop_references(txn, {1: 1, 3: 1})
         index.release_runs(txn, [(1, 1), (3, 1)])
         assert index.free_ranges(txn) == [(1, 1), (3, 1)]
@@ -152,10 +148,35 @@ def test_free_ranges_coalesce_and_the_end_moves_down_over_them(index: PoolIndex)
         assert index.end(txn) == 1
 
 
+def test_slot_counts_span_blocks_and_an_empty_block_leaves_no_record(index: PoolIndex) -> None:
+    first = SLOT_BLOCK - 3  # six slots over two blocks
+    keys = [bytes([n]) * 8 for n in range(6)]
+    with index.write() as txn:
+        index.allocate(txn, first + 6)
+        index.add_slots(txn, first, keys, dict.fromkeys(range(first, first + 6), 1))
+        blocks = index.slot_blocks(txn)
+        assert blocks.in_use_from(first - 1, 8) == 0
+        assert blocks.in_use_from(first, 8) == 6
+        blocks.add_run(first + 1, 4)
+        blocks.flush()
+    with index.read() as txn:
+        counted = [(r.slot, r.page_hash, r.references) for r in index.slot_records(txn)]
+        assert counted == [(first + n, keys[n], 2 if 1 <= n <= 4 else 1) for n in range(6)]
+        assert list(index.slot_block_problems(txn)) == []
+    with index.write() as txn:
+        freed = index.drop_references(txn, {first + n: 2 if 1 <= n <= 4 else 1 for n in range(6)})
+        assert freed == list(range(first, first + 6))
+    with index.read() as txn:
+        assert list(index.slot_records(txn)) == []
+        assert list(index.hash_entries(txn)) == []
+        assert index.entries(txn) == (0, 0)
+        assert list(index.slot_block_problems(txn)) == []
+
+
 def test_a_lease_holds_its_chunks_until_removed(index: PoolIndex) -> None:
     with index.write() as txn:
         index.allocate(txn, 2)
-        index.add_slots(txn, 0, [b"x" * 8, b"y" * 8], {0: 2, 1: 1}, at_end=True)
+        index.add_slots(txn, 0, [b"x" * 8, b"y" * 8], {0: 2, 1: 1})
         lease_id = index.new_lease(txn, pid=123, start_time=456, pid_namespace=789)
         lease = index.lease(txn, lease_id)
         assert lease == LeaseRecord(lease_id, 123, 456, 789, 0)
@@ -197,6 +218,6 @@ def test_what_was_committed_is_there_when_opened_again(tmpfs: Path) -> None:
         with again.read() as txn:
             assert not again.run(txn)
             assert again.read_counters(txn)["pages_merged"] == 5
-            assert again.meta_text(txn, "format") == "2"
+            assert again.meta_text(txn, "format") == "3"
     finally:
         again.close()

@@ -130,8 +130,29 @@ def test_a_pool_of_the_format_before_manifests_is_refused_by_its_format(root: Pa
             for table in tables:
                 txn.drop(table, delete=True)
             txn.put(b"format", b"1", db=meta)
-    with pytest.raises(PoolError, match="has format 1, and this dksm reads only format 2"):
+    with pytest.raises(PoolError, match="has format 1, and this dksm reads only format 3"):
         PagePool.open("older", root)
+
+
+def test_a_pool_of_the_format_before_slot_blocks_is_refused_with_the_way_out(root: Path) -> None:
+    """Format 2 kept one record per slot: refused as an older format, in one line that
+    says how to remove it."""
+    PagePool.open("older", root).close()
+    with lmdb.open(str(root / "older" / "index"), max_dbs=16) as env:
+        meta = env.open_db(b"meta")
+        tables = [env.open_db(name) for name in (b"slot_counts", b"slot_hashes")]
+        slots = env.open_db(b"slots")
+        with env.begin(write=True) as txn:
+            for table in tables:
+                txn.drop(table, delete=True)
+            txn.put(struct.pack(">Q", 0), b"h" * 8 + struct.pack(">Q", 1), db=slots)
+            txn.put(b"format", b"2", db=meta)
+    with pytest.raises(PoolError) as refused:
+        PagePool.open("older", root)
+    message = str(refused.value)
+    assert "has format 2, and this dksm reads only format 3" in message
+    assert "dksm pool purge --domain older" in message and "--force" in message
+    assert "\n" not in message
 
 
 def test_an_index_that_is_not_lmdb_is_refused(root: Path) -> None:

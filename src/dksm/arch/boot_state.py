@@ -49,17 +49,33 @@ MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 0x1
 
 
-def write_page_tables(ram: memoryview) -> None:
-    """Identity-map guest-physical 0-1 GiB with 2 MiB pages."""
-    struct.pack_into("<Q", ram, layout.PML4_ADDR, layout.PDPT_ADDR | PTE_PRESENT_WRITABLE)
-    struct.pack_into("<Q", ram, layout.PDPT_ADDR, layout.PD_ADDR | PTE_PRESENT_WRITABLE)
+def page_tables() -> list[tuple[int, bytes]]:
+    """Identity-map guest-physical 0-1 GiB with 2 MiB pages: (guest address, bytes)
+    of each table."""
     entries = [(i << 21) | PDE_PRESENT_WRITABLE_HUGE for i in range(512)]
-    struct.pack_into("<512Q", ram, layout.PD_ADDR, *entries)
+    return [
+        (layout.PML4_ADDR, struct.pack("<Q", layout.PDPT_ADDR | PTE_PRESENT_WRITABLE)),
+        (layout.PDPT_ADDR, struct.pack("<Q", layout.PD_ADDR | PTE_PRESENT_WRITABLE)),
+        (layout.PD_ADDR, struct.pack("<512Q", *entries)),
+    ]
+
+
+def gdt_and_idt() -> list[tuple[int, bytes]]:
+    """(guest address, bytes) of the GDT and of the (empty) IDT."""
+    return [
+        (layout.GDT_ADDR, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES)),
+        (layout.IDT_ADDR, struct.pack("<Q", 0)),
+    ]
+
+
+def write_page_tables(ram: memoryview) -> None:
+    for address, data in page_tables():
+        ram[address : address + len(data)] = data
 
 
 def write_gdt_and_idt(ram: memoryview) -> None:
-    struct.pack_into(f"<{len(GDT_ENTRIES)}Q", ram, layout.GDT_ADDR, *GDT_ENTRIES)
-    struct.pack_into("<Q", ram, layout.IDT_ADDR, 0)
+    for address, data in gdt_and_idt():
+        ram[address : address + len(data)] = data
 
 
 def _segment_from_gdt(entry: int, selector: int) -> abi.Segment:

@@ -39,6 +39,7 @@ def problems(
             yield f"hash {page_hash.hex()} names slot {slot}, which does not hold it"
     if len(hash_entries) != len(slot_records):
         yield f"{len(hash_entries)} hash entries for {len(slot_records)} slots"
+    yield from index.slot_block_problems(txn)
     held: Counter[int] = Counter()
     leases = {r.lease_id: r for r in index.lease_records(txn)}
     manifests = {m.key: m for m in index.manifest_records(txn)}

@@ -6,23 +6,29 @@ mid-transaction loses its transaction and nothing else), and the whole database
 is a memory map, so a lookup costs no system call.  This module owns the byte
 layout; :mod:`dksm.dedup.pool` owns what the records mean for page sharing.
 
-Schema, format 2 (every integer is an unsigned 64-bit big-endian number, so that
-LMDB's byte order of keys is their numeric order):
+Schema, format 3 (every integer is an unsigned 64-bit big-endian number, so that
+LMDB's byte order of keys is their numeric order, except the counts of slot blocks):
 
 ``meta``
-    ``format`` -> ``b"1"``, ``page_size`` -> ``b"4096"``, ``layout`` -> :data:`LAYOUT`
+    ``format`` -> ``b"3"``, ``page_size`` -> ``b"4096"``, ``layout`` -> :data:`LAYOUT`
     (ASCII), ``run`` -> ``b"1"`` or ``b"0"``, ``next_lease`` -> u64 (the next lease
     id), ``next_manifest`` -> u64 (the next manifest id), ``end`` -> u64 (slots
-    ``[0, end)`` exist in the pages file: each is either in ``slots`` or inside one
-    ``free`` range).
+    ``[0, end)`` exist in the pages file: each is either in use (``slot_counts``) or
+    inside one ``free`` range).
 ``counters``
     counter name (ASCII) -> u64: :data:`COUNTERS`.
 ``hashes`` (sorted duplicates of fixed size)
     page hash (8 bytes) -> slot, one duplicate per slot holding a page with that
     hash; several only after a hash collision.
-``slots``
-    slot -> page hash (8 bytes) || reference count (u64, never 0: a slot whose count
-    would reach 0 is deleted).
+``slot_counts``
+    block number -> the reference count of each of the block's :data:`SLOT_BLOCK`
+    slots (slot ``block * SLOT_BLOCK + i`` is the i-th), little-endian u64s: 0 for a
+    slot not in use.  A block with no slot in use has no record.  Counts are kept a
+    block to a record because loads reference runs of consecutive slots: thousands
+    of references change a handful of records (:class:`SlotBlocks`).
+``slot_hashes``
+    block number -> the page hash (8 bytes) of each of the block's slots, zeros for
+    a slot not in use; recorded exactly for the blocks ``slot_counts`` records.
 ``leases``
     lease id -> owner pid || owner start time || owner pid namespace (inode) ||
     references held (its chunks' lengths plus, for each use of a manifest, the
@@ -97,7 +103,7 @@ from pathlib import Path
 
 import lmdb
 
-from dksm.dedup import trust
+from dksm.dedup import slot_arrays, trust
 from dksm.dedup.index_file import data_file_problem
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
@@ -111,9 +117,9 @@ Transaction: TypeAlias = "lmdb.Transaction[bytes]"
 """A transaction on the index, as this module's context managers give it: callers
 only hand it back to :class:`PoolIndex`'s methods, so LMDB is used here alone."""
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 LAYOUT: Final = (
-    "meta counters hashes:dupsort,dupfixed slots leases lease_slots free "
+    "meta counters hashes:dupsort,dupfixed slot_counts slot_hashes leases lease_slots free "
     "manifests manifest_users lease_manifests"
 )
 COUNTERS: Final = (
@@ -125,6 +131,9 @@ COUNTERS: Final = (
     "manifest_pages",
 )
 SPAN_KEY_SIZE: Final = 24
+# Slots are counted and named a block at a time: a load of thousands of pages in
+# consecutive slots changes a few records, not one per page.
+SLOT_BLOCK: Final = 512
 
 # The index holds a few dozen bytes per slot and per reference; 1 GiB of address
 # space (sparse on tmpfs) is room for tens of millions of pages.
@@ -135,9 +144,11 @@ MAX_READERS: Final = 4096
 MAX_DBS: Final = 16
 
 _U64 = struct.Struct(">Q")
-_SLOT_RECORD = struct.Struct(">8sQ")
 _LEASE_RECORD = struct.Struct(">QQQQ")
 _HASH_SIZE = 8
+_COUNTS_BLOCK_SIZE = SLOT_BLOCK * 8
+_HASHES_BLOCK_SIZE = SLOT_BLOCK * _HASH_SIZE
+_ZERO_HASHES = bytes(_HASHES_BLOCK_SIZE)
 
 
 def u64(value: int) -> bytes:
@@ -311,7 +322,11 @@ def stored_format(dir_fd: int, path: Path, hint: str) -> str | None:
 
 
 def pack_slots(slots: Sequence[int]) -> bytes:
-    packed = array.array("Q", slots)
+    if isinstance(slots, array.array) and slots.itemsize == 8:
+        packed = array.array("Q")
+        packed.frombytes(slots.tobytes())  # slot numbers are never negative
+    else:
+        packed = array.array("Q", slots)
     if sys.byteorder == "little":
         packed.byteswap()
     return packed.tobytes()
@@ -351,7 +366,8 @@ class PoolIndex:
             self.meta = self.env.open_db(b"meta", create=create)
             self.counters = self.env.open_db(b"counters", create=create)
             self.hashes = self.env.open_db(b"hashes", create=create, dupsort=True, dupfixed=True)
-            self.slots = self.env.open_db(b"slots", create=create)
+            self.slot_counts = self.env.open_db(b"slot_counts", create=create)
+            self.slot_hashes = self.env.open_db(b"slot_hashes", create=create)
             self.leases = self.env.open_db(b"leases", create=create)
             self.lease_slots = self.env.open_db(b"lease_slots", create=create)
             self.free = self.env.open_db(b"free", create=create)
@@ -495,7 +511,7 @@ class PoolIndex:
 
     def entries(self, txn: Transaction) -> tuple[int, int]:
         """(distinct pages, leases): LMDB keeps both counts, no scan needed."""
-        return txn.stat(self.slots)["entries"], txn.stat(self.leases)["entries"]
+        return txn.stat(self.hashes)["entries"], txn.stat(self.leases)["entries"]
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -511,95 +527,77 @@ class PoolIndex:
 
     # -- references ------------------------------------------------------------------
 
+    def slot_blocks(self, txn: Transaction) -> SlotBlocks:
+        """The slots' counts and hashes as ``txn`` changes them (write them back with
+        :meth:`SlotBlocks.flush` before the transaction ends)."""
+        return SlotBlocks(self, txn)
+
     def all_slots_exist(self, txn: Transaction, slots: Iterable[int]) -> bool:
-        keys = [u64(slot) for slot in slots]
-        return len(txn.cursor(db=self.slots).getmulti(keys)) == len(keys)
+        blocks = self.slot_blocks(txn)
+        return all(blocks.count(slot) for slot in slots)
 
     def add_references(self, txn: Transaction, counts: dict[int, int]) -> None:
         """Raise the reference counts of existing slots."""
-        order = sorted(counts)
-        cursor = txn.cursor(db=self.slots)
-        records = cursor.getmulti([u64(slot) for slot in order])
-        if len(records) != len(order) or any(len(r) != _SLOT_RECORD.size for _, r in records):
-            # The caller found these slots through the hash table, in this transaction.
-            found = {from_u64(key) for key, _ in records}
-            missing = [slot for slot in order if slot not in found]
-            raise self.damaged(
-                f"its hash table names slots {missing[:8]} that its slot table lacks"
-                if missing
-                else "a slot record has the wrong size"
-            )
-        # A hot path (once per distinct page loaded): plain slicing beats unpacking.
-        pack = _U64.pack
-        cursor.putmulti(
-            [
-                (key, record[:8] + pack(int.from_bytes(record[8:], "big") + counts[slot]))
-                for (key, record), slot in zip(records, order, strict=True)
-            ]
-        )
+        blocks = self.slot_blocks(txn)
+        for slot, count in counts.items():
+            blocks.add(slot, count)
+        blocks.flush()
 
     def add_slots(
-        self,
-        txn: Transaction,
-        first: int,
-        hash_keys: Sequence[bytes],
-        counts: dict[int, int],
-        *,
-        at_end: bool,
+        self, txn: Transaction, first: int, hash_keys: Sequence[bytes], counts: dict[int, int]
     ) -> None:
         """Record new slots ``first, first+1, ...`` holding pages with these hashes."""
-        records = [
-            (u64(first + i), _SLOT_RECORD.pack(page_hash, counts[first + i]))
-            for i, page_hash in enumerate(hash_keys)
-        ]
-        # Slots taken at the end sort after every existing key: LMDB appends them
-        # without searching the tree.
-        txn.cursor(db=self.slots).putmulti(records, append=at_end)
-        txn.cursor(db=self.hashes).putmulti(
-            sorted(
-                (page_hash, key) for (key, _), page_hash in zip(records, hash_keys, strict=True)
-            ),
-            dupdata=True,
-        )
+        blocks = self.slot_blocks(txn)
+        blocks.create(first, hash_keys, [counts[first + i] for i in range(len(hash_keys))])
+        blocks.flush()
 
     def drop_references(self, txn: Transaction, counts: dict[int, int]) -> list[int]:
         """Lower reference counts; delete the slots that reach zero and return them."""
-        keys = [u64(slot) for slot in sorted(counts)]
-        cursor = txn.cursor(db=self.slots)
-        records = cursor.getmulti(keys)
-        if len(records) != len(keys):
-            missing = sorted(set(counts) - {from_u64(key) for key, _ in records})
-            raise self.damaged(f"a lease references slots {missing[:8]} that it lacks")
-        freed = []
-        updated = []
-        for key, record in records:
-            page_hash, references = self._slot_record(key, record)
-            slot = from_u64(key)
-            remaining = references - counts[slot]
-            if remaining > 0:
-                updated.append((key, _SLOT_RECORD.pack(page_hash, remaining)))
-            elif remaining == 0:
-                txn.delete(key, db=self.slots)
-                txn.delete(page_hash, key, db=self.hashes)
-                freed.append(slot)
-            else:
-                raise self.damaged(
-                    f"leases hold {counts[slot]} references to slot {slot}, which counts "
-                    f"only {references}"
-                )
-        cursor.putmulti(updated)
+        blocks = self.slot_blocks(txn)
+        freed = blocks.drop(counts)
+        blocks.flush()
         return freed
 
     def slot_records(self, txn: Transaction) -> Iterator[SlotRecord]:
-        for key, record in txn.cursor(db=self.slots):
-            page_hash, references = self._slot_record(key, record)
-            yield SlotRecord(from_u64(key), page_hash, references)
+        """Every slot in use, in slot order."""
+        hashes = txn.cursor(db=self.slot_hashes)
+        for key, raw in txn.cursor(db=self.slot_counts):
+            block = self._block_number(key)
+            counts = self._counts_block(block, raw)
+            raw_hashes = hashes.get(key)
+            if raw_hashes is None or len(raw_hashes) != _HASHES_BLOCK_SIZE:
+                raise self.damaged(f"slot block {block} has counts but no hashes")
+            for offset, references in enumerate(counts):
+                if references:
+                    at = offset * _HASH_SIZE
+                    yield SlotRecord(
+                        block * SLOT_BLOCK + offset, bytes(raw_hashes[at : at + _HASH_SIZE]),
+                        references,
+                    )  # fmt: skip
 
-    def _slot_record(self, key: bytes, record: bytes) -> tuple[bytes, int]:
-        if len(record) != _SLOT_RECORD.size:
-            raise self.damaged(f"slot {from_u64(key)} has a record of {len(record)} bytes")
-        page_hash, references = _SLOT_RECORD.unpack(record)
-        return page_hash, references
+    def slot_block_problems(self, txn: Transaction) -> Iterator[str]:
+        """Blocks recorded for no slot in use, or with hashes but no counts."""
+        for key, raw in txn.cursor(db=self.slot_counts):
+            block = self._block_number(key)
+            if not any(self._counts_block(block, raw)):
+                yield f"slot block {block} is recorded although none of its slots is in use"
+        for key in txn.cursor(db=self.slot_hashes).iternext(values=False):
+            if txn.get(key, db=self.slot_counts) is None:
+                yield f"slot block {self._block_number(key)} has hashes but no counts"
+
+    def _block_number(self, key: bytes) -> int:
+        if len(key) != _U64.size:
+            raise self.damaged(f"a slot block has a key of {len(key)} bytes")
+        return from_u64(key)
+
+    def _counts_block(self, block: int, raw: bytes) -> array.array[int]:
+        if len(raw) != _COUNTS_BLOCK_SIZE:
+            raise self.damaged(f"slot block {block} has counts of {len(raw)} bytes")
+        counts = array.array("Q")
+        counts.frombytes(raw)
+        if sys.byteorder == "big":
+            counts.byteswap()
+        return counts
 
     def hash_entries(self, txn: Transaction) -> Iterator[tuple[bytes, int]]:
         for page_hash, slot in txn.cursor(db=self.hashes):
@@ -826,3 +824,157 @@ class PoolIndex:
 
     def manifest_count(self, txn: Transaction) -> int:
         return int(txn.stat(self.manifests)["entries"])
+
+
+class SlotBlocks:
+    """The counts and hashes of slots as one write transaction reads and changes
+    them, a block of :data:`SLOT_BLOCK` slots at a time; :meth:`flush` writes the
+    changed blocks back, deleting those left with no slot in use (an empty pool
+    records none).
+
+    A slot is in use while its count is above zero; its hash is then the key under
+    which the ``hashes`` table names it.  Counts are little-endian u64s, hashes 8
+    bytes each, both in slot order within their block.
+    """
+
+    def __init__(self, index: PoolIndex, txn: Transaction) -> None:
+        self._index = index
+        self._txn = txn
+        self._counts: dict[int, array.array[int]] = {}
+        self._hashes: dict[int, bytearray] = {}
+        self._changed: set[int] = set()
+
+    def _block_counts(self, block: int) -> array.array[int]:
+        counts = self._counts.get(block)
+        if counts is None:
+            raw = self._txn.get(u64(block), db=self._index.slot_counts)
+            if raw is None:
+                counts = array.array("Q", bytes(_COUNTS_BLOCK_SIZE))
+            else:
+                counts = self._index._counts_block(block, raw)
+            self._counts[block] = counts
+        return counts
+
+    def _block_hashes(self, block: int) -> bytearray:
+        hashes = self._hashes.get(block)
+        if hashes is None:
+            raw = self._txn.get(u64(block), db=self._index.slot_hashes)
+            if raw is not None and len(raw) != _HASHES_BLOCK_SIZE:
+                raise self._index.damaged(f"slot block {block} has hashes of {len(raw)} bytes")
+            hashes = bytearray(_ZERO_HASHES if raw is None else raw)
+            self._hashes[block] = hashes
+        return hashes
+
+    def count(self, slot: int) -> int:
+        """The slot's reference count: 0 when it is not in use."""
+        block, offset = divmod(slot, SLOT_BLOCK)
+        return self._block_counts(block)[offset]
+
+    def in_use_from(self, first: int, length: int) -> int:
+        """How many of the slots ``first, first+1, ...`` (at most ``length``) are in
+        use before the first that is not."""
+        done = 0
+        while done < length:
+            block, offset = divmod(first + done, SLOT_BLOCK)
+            take = min(length - done, SLOT_BLOCK - offset)
+            part = self._block_counts(block)[offset : offset + take]
+            if 0 in part:
+                return done + part.index(0)
+            done += take
+        return done
+
+    def add(self, slot: int, count: int = 1) -> None:
+        """``count`` more references to a slot in use."""
+        block, offset = divmod(slot, SLOT_BLOCK)
+        counts = self._block_counts(block)
+        if not counts[offset]:
+            raise self._index.damaged(f"its hash table names slot {slot}, which is not in use")
+        counts[offset] += count
+        self._changed.add(block)
+
+    def add_run(self, first: int, length: int) -> None:
+        """One more reference to each of the slots ``first, ..., first+length-1``,
+        all in use (:meth:`in_use_from` said so in this transaction)."""
+        done = 0
+        while done < length:
+            block, offset = divmod(first + done, SLOT_BLOCK)
+            take = min(length - done, SLOT_BLOCK - offset)
+            counts = self._block_counts(block)
+            part = counts[offset : offset + take]
+            if 0 in part:
+                slot = first + done + part.index(0)
+                raise self._index.damaged(f"slot {slot} was taken as in use but is not")
+            counts[offset : offset + take] = slot_arrays.plus_one(part)
+            self._changed.add(block)
+            done += take
+
+    def create(self, first: int, hash_keys: Sequence[bytes], counts: Sequence[int]) -> None:
+        """Put slots ``first, first+1, ...`` (free until now) in use, holding pages with
+        these hashes and starting with these counts (each above zero)."""
+        if len(hash_keys) != len(counts) or 0 in counts:
+            raise PoolError("new slots need one hash and a count above zero each")
+        done = 0
+        while done < len(counts):
+            block, offset = divmod(first + done, SLOT_BLOCK)
+            take = min(len(counts) - done, SLOT_BLOCK - offset)
+            block_counts = self._block_counts(block)
+            if any(block_counts[offset : offset + take]):
+                raise self._index.damaged(f"slots from {first + done} were allocated in use")
+            block_counts[offset : offset + take] = array.array("Q", counts[done : done + take])
+            hashes = b"".join(hash_keys[done : done + take])
+            if len(hashes) != take * _HASH_SIZE:
+                raise PoolError(f"page hashes are {_HASH_SIZE} bytes each")
+            at = offset * _HASH_SIZE
+            self._block_hashes(block)[at : at + len(hashes)] = hashes
+            self._changed.add(block)
+            done += take
+        entries = sorted(zip(hash_keys, map(u64, range(first, first + len(counts))), strict=True))
+        self._txn.cursor(db=self._index.hashes).putmulti(entries, dupdata=True)
+
+    def drop(self, counts: dict[int, int]) -> list[int]:
+        """Lower the counts of slots in use; put those reaching zero out of use (and out
+        of the hash table) and return them, in order."""
+        order = sorted(counts)
+        missing = [slot for slot in order if not self.count(slot)]
+        if missing:
+            raise self._index.damaged(f"a lease references slots {missing[:8]} that it lacks")
+        freed = []
+        hashes_table = self._index.hashes
+        for slot in order:
+            block, offset = divmod(slot, SLOT_BLOCK)
+            block_counts = self._block_counts(block)
+            references = block_counts[offset]
+            remaining = references - counts[slot]
+            if remaining < 0:
+                raise self._index.damaged(
+                    f"leases hold {counts[slot]} references to slot {slot}, which counts "
+                    f"only {references}"
+                )
+            block_counts[offset] = remaining
+            self._changed.add(block)
+            if remaining == 0:
+                hashes = self._block_hashes(block)
+                at = offset * _HASH_SIZE
+                self._txn.delete(bytes(hashes[at : at + _HASH_SIZE]), u64(slot), db=hashes_table)
+                hashes[at : at + _HASH_SIZE] = bytes(_HASH_SIZE)
+                freed.append(slot)
+        return freed
+
+    def flush(self) -> None:
+        """Write the changed blocks back (deleting those with no slot in use)."""
+        index, txn = self._index, self._txn
+        for block in sorted(self._changed):
+            key = u64(block)
+            counts = self._counts[block]
+            if any(counts):
+                if sys.byteorder == "big":
+                    counts = array.array("Q", counts)
+                    counts.byteswap()
+                txn.put(key, counts.tobytes(), db=index.slot_counts)
+                hashes = self._hashes.get(block)
+                if hashes is not None:  # loaded to be changed (or read alongside)
+                    txn.put(key, bytes(hashes), db=index.slot_hashes)
+            else:
+                txn.delete(key, db=index.slot_counts)
+                txn.delete(key, db=index.slot_hashes)
+        self._changed.clear()

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
     from dksm.dedup.pool import PagePool
 
-# merge() snapshots a region this many pages at a time, one transaction each.
-_MERGE_BATCH = 256
+# merge() takes a region this many pages (64 MiB) at a time, one transaction each:
+# large enough that the work per transaction is spread over many pages, small
+# enough to bound the time other processes wait for the lock.
+_MERGE_BATCH = 16384
 
 
 class Lease:
@@ -90,7 +92,7 @@ class Lease:
         return self._map_pages(address, data, time.thread_time_ns(), whole=True)
 
     def _map_pages(
-        self, address: int, data: memoryview, started_ns: int, *, whole: bool
+        self, address: int, data: memoryview, started_ns: int, *, whole: bool, live: bool = False
     ) -> MergeResult:
         if address % PAGE_SIZE:
             raise PoolError(f"address {address:#x} is not page aligned")
@@ -99,14 +101,16 @@ class Lease:
         count = len(data) // PAGE_SIZE
         if count == 0:
             return MergeResult(0, 0, 0, True, 0)
-        admitted = self._admit(data, started_ns, whole=whole)
+        admitted = self._admit(data, started_ns, whole=whole, live=live)
         if admitted is None:
             return MergeResult(count, 0, 0, False, 0)
         self._references += count
-        mmaps = map_slots(self._store.pages.fd, address, admitted.slots)
+        mmaps = map_slots(self._store.pages.fd, address, admitted.slots, admitted.runs)
         return MergeResult(count, count - admitted.pages_new, admitted.pages_new, True, mmaps)
 
-    def _admit(self, data: memoryview, started_ns: int, *, whole: bool) -> Admission | None:
+    def _admit(
+        self, data: memoryview, started_ns: int, *, whole: bool, live: bool = False
+    ) -> Admission | None:
         """Reference ``data``'s pages under this lease: through the manifest of its
         content when it is a whole load (an image's span) the pool already holds,
         else page by page (making the manifest of a whole load for next time).
@@ -121,8 +125,10 @@ class Lease:
                     return None
                 if used:
                     return Admission(known.slots, 0, known)
-        hash_keys = self.pool.hash_keys(data)
-        return admit(store, domain, self.lease_id, data, hash_keys, started_ns, span_key)
+        return admit(
+            store, domain, self.lease_id, data, self.pool.hash_keys, started_ns, span_key,
+            live=live,
+        )  # fmt: skip
 
     def reference_pages(self, content: bytes | bytearray | memoryview) -> ReferencedPages | None:
         """Find or store ``content`` (whole pages) and reference it under this lease,
@@ -167,23 +173,21 @@ class Lease:
     def merge(self, address: int, length: int) -> MergeResult:
         """Replace the pages of a populated private region with pool mappings.
 
-        The madvise-like API: the region's current bytes (copied out first, a batch
-        at a time) are looked up or stored, then the pool's pages are mapped over the
-        region.  Only regions nobody writes meanwhile may be merged: a write between
-        the copy and the mapping is lost.
+        The madvise-like API: the region's bytes are compared in place with the
+        pool's (the pages the pool lacks are copied out, then hashed and stored), and
+        the pool's pages are mapped over the region.  Only regions nobody writes
+        meanwhile may be merged: a write between the comparison and the mapping is
+        lost.
         """
         self._check_usable()
         if address % PAGE_SIZE or length % PAGE_SIZE:
             raise PoolError(f"region {address:#x}+{length:#x} is not whole pages")
-        region = view(address, length)
-        snapshot = bytearray(min(length, _MERGE_BATCH * PAGE_SIZE))
         pages = merged = new = mmaps = 0
-        for offset in range(0, length, len(snapshot) or 1):
-            started_ns = time.thread_time_ns()  # the copy is part of the cost
-            size = min(len(snapshot), length - offset)
-            batch = memoryview(snapshot)[:size]
-            batch[:] = region[offset : offset + size]
-            result = self._map_pages(address + offset, batch, started_ns, whole=False)
+        step = _MERGE_BATCH * PAGE_SIZE
+        for offset in range(0, length, step):
+            started_ns = time.thread_time_ns()
+            batch = view(address + offset, min(step, length - offset))
+            result = self._map_pages(address + offset, batch, started_ns, whole=False, live=True)
             if not result.mapped:
                 return MergeResult(pages + result.pages, merged, new, False, mmaps)
             pages += result.pages

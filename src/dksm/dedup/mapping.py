@@ -12,6 +12,8 @@ with nothing but ``mmap`` calls.  The invariants that make this safe are the poo
 from __future__ import annotations
 
 import array
+import itertools
+import operator
 from collections.abc import Sequence
 
 from dksm.error import DksmError
@@ -56,27 +58,31 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first slot, length, first page) of each run of consecutive slots."""
     count = len(slots)
     # An image stored at its first load is one run: checked in C, not page by page.
-    if (
-        count
-        and slots[-1] - slots[0] == count - 1
-        and array.array("Q", slots) == array.array("Q", range(slots[0], slots[0] + count))
-    ):
-        return [(slots[0], count, 0)]
+    if count and slots[-1] - slots[0] == count - 1:
+        whole = array.array("q", range(slots[0], slots[0] + count))
+        if (slots if isinstance(slots, array.array) else array.array("q", slots)) == whole:
+            return [(slots[0], count, 0)]
+    # Pages in consecutive slots share ``slot - page``: grouped on it in C, so the
+    # Python work is per run, not per page.
     found: list[tuple[int, int, int]] = []
-    start = 0
-    while start < count:
-        first = slots[start]
-        stop = start + 1
-        while stop < count and slots[stop] == first + stop - start:
-            stop += 1
-        found.append((first, stop - start, start))
-        start = stop
+    page = 0
+    for offset, run in itertools.groupby(map(operator.sub, slots, itertools.count())):
+        length = len(list(run))
+        found.append((offset + page, length, page))
+        page += length
     return found
 
 
-def map_slots(pages_fd: int, address: int, slots: Sequence[int]) -> int:
-    """Map each page's slot over ``address``: one mmap per run of consecutive slots."""
-    runs = slot_runs(slots)
+def map_slots(
+    pages_fd: int,
+    address: int,
+    slots: Sequence[int],
+    runs: list[tuple[int, int, int]] | None = None,
+) -> int:
+    """Map each page's slot over ``address``: one mmap per run of consecutive slots
+    (``runs``, as :func:`slot_runs` gives them, when the caller knows them)."""
+    if runs is None:
+        runs = slot_runs(slots)
     for first, length, page in runs:
         try:
             map_file_private_fixed(

@@ -40,14 +40,19 @@ counters, verify, purge); :mod:`dksm.dedup.lease` is :class:`Lease`;
 :mod:`dksm.dedup.consistency` is the check :meth:`PagePool.verify` runs; the index's
 schema is :mod:`dksm.dedup.index`'s alone.
 
-Loading content (:meth:`Lease.map_pages`) hashes each page (xxh3-64) before taking
-the lock, then in one LMDB write transaction looks each hash up, confirms every hash
-match byte for byte against the pages file, stores the pages it did not find in
-consecutive slots (first fit among free ranges, else at the end), takes one
-reference per page and names those references in the caller's lease.  After the
-commit it maps the slots over the caller's memory, one ``mmap`` per run of
-consecutive slots.  There is no daemon: reclaim happens when a lease is released,
-and the leases of dead processes are swept by whichever process next opens the pool.
+Loading content (:meth:`Lease.map_pages`, :meth:`Lease.merge`) hashes one page in
+32 (xxh3-64, before taking the lock), then in one LMDB write transaction looks those
+hashes up, predicts that the pages after each one found lie in the slots after its
+slot (content is stored a load at a time, in consecutive slots), and compares each
+predicted run with the pool's bytes in place.  Only the pages no prediction matched
+are hashed and looked up one by one, every hash match confirmed byte for byte too.
+The pages still unfound are stored in consecutive slots (first fit among free
+ranges, else at the end); each page takes one reference, named in the caller's
+lease.  After the commit it maps the slots over the caller's memory, one ``mmap``
+per run of consecutive slots.  ``merge`` compares the region itself, in place; only
+the pages it stores are copied out first, so what is stored matches its hash.
+There is no daemon: reclaim happens when a lease is released, and the leases of dead
+processes are swept by whichever process next opens the pool.
 
 Known loads in one step: a load of a whole span (an image's read-only pages) also
 gets a *manifest*, keyed by a 128-bit hash of the whole span (xxh3-128, memory speed)
@@ -83,10 +88,10 @@ Everything else relies on these:
    out of the file.  Exact counts matter because punching a hole in a tmpfs file
    unmaps those pages from every private mapping that has not copied them: one
    reference too few and a live VM suddenly reads zeros.
-3. **Bytes are compared before a page is shared.**  A hash match is only a
-   candidate; it is confirmed against the pages file byte for byte, and a mismatch
-   stores the page in a new slot (counted in ``merging_failed``).  A weak or
-   colliding hash costs time, never correctness.
+3. **Bytes are compared before a page is shared.**  A hash match (or a predicted
+   slot) is only a candidate; it is confirmed against the pages file byte for byte,
+   and a mismatch stores the page in a new slot (counted in ``merging_failed`` when
+   the hash matched).  A weak or colliding hash costs time, never correctness.
 4. **Only read-only content enters the pool** (a contract on callers).  The pool
    stores what it is given; sharing is only sound for pages no sharer modifies in
    place -- code and read-only data -- since a shared page must mean the same to
@@ -310,7 +315,7 @@ class PagePool:
         self._closed = False
         self._hash_key: Callable[[memoryview], bytes]
         if page_hash is None:
-            self._hash_key = page_key
+            self._hash_key = xxhash.xxh3_64_digest  # page_key, without the extra call
         else:
             custom = page_hash
             self._hash_key = lambda page: (custom(page) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "big")
@@ -429,10 +434,12 @@ class PagePool:
 
     # -- loading -----------------------------------------------------------------------
 
-    def hash_keys(self, data: memoryview) -> list[bytes]:
-        """The index key (hash) of each page of ``data``, as every opener computes it."""
+    def hash_keys(self, data: memoryview, every: int = 1) -> list[bytes]:
+        """The index key (hash) of each page of ``data`` (or of pages 0, ``every``,
+        2 * ``every`` ...), as every opener computes it."""
         key = self._hash_key
-        return [key(data[offset : offset + PAGE_SIZE]) for offset in range(0, len(data), PAGE_SIZE)]
+        step = every * PAGE_SIZE
+        return [key(data[offset : offset + PAGE_SIZE]) for offset in range(0, len(data), step)]
 
     def hand_over(self, lease: Lease, owner: ProcessIdentity) -> None:
         """Make ``owner`` (a live process, typically just forked) the lease's owner.

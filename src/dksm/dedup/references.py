@@ -16,22 +16,29 @@ import array
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from dksm.dedup import admission
-from dksm.dedup.index import ManifestRecord, Transaction
+from dksm.dedup import admission, slot_arrays
+from dksm.dedup.index import ManifestRecord, PoolIndex, SlotBlocks, Transaction
 from dksm.dedup.mapping import slot_runs
+from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolError
 from dksm.dedup.store import Store
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
 from dksm.value import Value
 
+HashKeys = Callable[[memoryview, int], list[bytes]]
+"""``hash_keys(data, every)``: the index key of pages 0, every, 2 * every ... of data."""
+_UNPLACED = (-1,)
+# Pages a merge stores are copied out this many (4 MiB) at a time.
+STORE_CHUNK = 1024
+
 
 class Admission(Value):
     """The slot of each page of a load, and how many of them it stored itself."""
 
-    __slots__ = ("manifest", "pages_new", "slots")
+    __slots__ = ("manifest", "pages_new", "runs", "slots")
 
     def __init__(
         self,
@@ -39,10 +46,14 @@ class Admission(Value):
         pages_new: int,
         # the manifest the load used or made
         manifest: ManifestRecord | None = None,
+        # (first slot, length, first page) of each run of consecutive slots, when
+        # known without looking at every slot again.
+        runs: list[tuple[int, int, int]] | None = None,
     ) -> None:
         self.slots = slots
         self.pages_new = pages_new
         self.manifest = manifest
+        self.runs = runs
 
 
 def _gone(lease_id: int, domain: str) -> PoolError:
@@ -57,21 +68,28 @@ def admit(
     domain: str,
     lease_id: int,
     data: memoryview,
-    hash_keys: list[bytes],
+    hash_keys: HashKeys,
     started_ns: int,
     span_key: bytes | None = None,
+    *,
+    live: bool = False,
 ) -> Admission | None:
     """Find or store every page and reference it under the lease, in one transaction.
 
-    Returns the slot of each page, or None when the run switch is off.  The calling
-    thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.  With a
-    ``span_key`` (the load's whole content is an image's), a manifest of it is made
-    if none has that key yet: it takes the references and the lease uses it, so
+    Returns the slot of each page, or None when the run switch is off.  ``hash_keys``
+    hashes pages the way every opener of the pool does; the anchors' hashes are
+    taken before the lock (see :mod:`dksm.dedup.admission`).  With ``live`` the
+    caller's memory may still change (a region being merged): the pages to store are
+    copied before they are hashed, so what is stored always matches its hash.  The
+    calling thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.
+    With a ``span_key`` (the load's whole content is an image's), a manifest of it is
+    made if none has that key yet: it takes the references and the lease uses it, so
     the next load of the same content needs no per-page work (:func:`use_known`).
     """
     index = store.index
     pages = store.pages
-    count = len(hash_keys)
+    count = len(data) // PAGE_SIZE
+    anchor_keys = hash_keys(data, admission.ANCHOR_EVERY)
     wrote = False
     try:
         with index.write() as txn:
@@ -80,36 +98,22 @@ def admit(
             lease = index.lease(txn, lease_id)
             if lease is None:
                 raise _gone(lease_id, domain)
-            first_slots = index.first_slots(txn, hash_keys)
-            lookup = first_slots.get
-            none = admission.NO_SLOT
-            candidates = [int.from_bytes(lookup(key, none), "big") for key in hash_keys]
-            slots, unconfirmed = admission.confirm(pages.holds, data, candidates)
-            collided: set[int] = set()  # pages whose hash matched a page with other bytes
-            for page in unconfirmed:  # try the other slots with that hash
-                others = index.slots_with_hash(txn, hash_keys[page])
-                found = admission.find_equal(pages.holds, data, page, others)
-                if found is None:
-                    collided.add(page)
-                else:
-                    slots[page] = found
-
-            fresh = admission.distinct_new_pages(data, hash_keys, slots, collided)
-            failed = len(collided.intersection(fresh))
-            if fresh:
-                first, at_end = index.allocate(txn, len(fresh))
-                admission.place_new_pages(slots, fresh, first)
-                wrote = True  # a failure from here on leaves pages to give back
-                pages.write(first, [data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
-            counts = Counter(slots)
-            if fresh:
-                new_range = range(first, first + len(fresh))
-                index.add_slots(txn, first, [hash_keys[p] for p in fresh], counts, at_end=at_end)
-                existing = {s: n for s, n in counts.items() if s not in new_range}
-            else:
-                existing = counts
-            if existing:
-                index.add_references(txn, existing)
+            pages.check_size()
+            blocks = index.slot_blocks(txn)
+            slots = array.array("q", _UNPLACED) * count
+            predicted = _predicted_in_use(index, txn, blocks, pages.holds, data, anchor_keys)
+            for page, slot, length in predicted:
+                blocks.add_run(slot, length)
+                slots[page : page + length] = slot_arrays.consecutive(slot, length)
+            placed = sum(length for _, _, length in predicted)
+            rest = [page for page, slot in enumerate(slots) if slot < 0] if placed < count else []
+            fresh_count = failed = 0
+            if rest:
+                wrote = True  # a failure from here on may leave pages to give back
+                fresh_count, failed = _find_or_store(
+                    index, txn, blocks, pages, data, rest, hash_keys, slots, copy=live
+                )
+            blocks.flush()
             manifest = None
             if span_key is not None and index.manifest(txn, span_key) is None:
                 manifest_id = index.add_manifest(txn, span_key, slots)
@@ -121,7 +125,7 @@ def admit(
                 txn,
                 {
                     "pages_scanned": count,
-                    "pages_merged": count - len(fresh),
+                    "pages_merged": count - fresh_count,
                     "merging_failed": failed,
                     "references": count,
                     "merge_cpu_ns": time.thread_time_ns() - started_ns,
@@ -131,7 +135,132 @@ def admit(
         if wrote:
             _give_back_unindexed_space(store)
         raise
-    return Admission(slots, len(fresh), manifest)
+    runs = None if rest else _slot_runs_of(predicted)
+    return Admission(slots, fresh_count, manifest, runs)
+
+
+def _slot_runs_of(matched: list[admission.Run]) -> list[tuple[int, int, int]]:
+    """The slot runs of a load whose pages all lie in these runs, in page order."""
+    runs: list[tuple[int, int, int]] = []
+    for page, slot, length in matched:
+        if runs and runs[-1][0] + runs[-1][1] == slot and runs[-1][2] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length, runs[-1][2])
+        else:
+            runs.append((slot, length, page))
+    return runs
+
+
+def _predicted_in_use(
+    index: PoolIndex,
+    txn: Transaction,
+    blocks: SlotBlocks,
+    holds: admission.SlotComparer,
+    data: memoryview,
+    anchor_keys: list[bytes],
+) -> list[admission.Run]:
+    """The runs of ``data``'s pages that the slots predicted from its anchors hold:
+    slots in use only, compared byte for byte (:mod:`dksm.dedup.admission`)."""
+    found = index.first_slots(txn, anchor_keys)
+    if not found:
+        return []
+    anchor_slots = [
+        None if (raw := found.get(key)) is None else int.from_bytes(raw, "big")
+        for key in anchor_keys
+    ]
+    count = len(data) // PAGE_SIZE
+    in_use: list[admission.Run] = []
+    for page, slot, length in admission.predicted_runs(count, anchor_slots, index.end(txn)):
+        while length > 0:
+            usable = blocks.in_use_from(slot, length)
+            if usable:
+                in_use.append((page, slot, usable))
+            page, slot, length = page + usable + 1, slot + usable + 1, length - usable - 1
+    return admission.matching_runs(holds, data, in_use)
+
+
+def _find_or_store(
+    index: PoolIndex,
+    txn: Transaction,
+    blocks: SlotBlocks,
+    pages: PagesFile,
+    data: memoryview,
+    rest: list[int],
+    hash_keys: HashKeys,
+    slots: array.array[int],
+    *,
+    copy: bool,
+) -> tuple[int, int]:
+    """Find by hash, else store, the pages ``rest`` of ``data``, referencing each and
+    filling in its slot: (pages stored, pages stored after a hash collision).
+
+    With ``copy`` (memory that may change meanwhile), or when they are only some of
+    ``data``'s pages, they are copied out first, :data:`STORE_CHUNK` at a time into
+    one buffer, and hashed, compared and stored from the copy; later chunks find the
+    pages of earlier ones in the index."""
+    if not copy and len(rest) * PAGE_SIZE == len(data):
+        chunks: Iterator[tuple[list[int], memoryview]] = iter([(rest, data)])
+    else:
+        chunks = _copied(data, rest)
+    stored = failed = 0
+    for chunk, part in chunks:
+        keys = hash_keys(part, 1)
+        found, fresh, collided = _find_or_plan(index, txn, pages.holds, part, keys)
+        first = stop = 0
+        if fresh:
+            first, _ = index.allocate(txn, len(fresh))
+            stop = first + len(fresh)
+            admission.place_new_pages(found, fresh, first)
+            pages.write(first, [part[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in fresh])
+            uses = Counter(slot for slot in found if first <= slot < stop)
+            blocks.create(first, [keys[p] for p in fresh], [uses[s] for s in range(first, stop)])
+            stored += len(fresh)
+            failed += len(collided.intersection(fresh))
+        for page, slot in zip(chunk, found, strict=True):
+            slots[page] = slot
+            if not first <= slot < stop:
+                blocks.add(slot)
+    return stored, failed
+
+
+def _copied(data: memoryview, pages: list[int]) -> Iterator[tuple[list[int], memoryview]]:
+    """``pages`` of ``data`` in chunks of at most :data:`STORE_CHUNK`, each with a copy
+    of its pages (in one buffer, reused: a chunk is done with before the next)."""
+    buffer = memoryview(bytearray(min(len(pages), STORE_CHUNK) * PAGE_SIZE))
+    for start in range(0, len(pages), STORE_CHUNK):
+        chunk = pages[start : start + STORE_CHUNK]
+        at = 0
+        for first, length in admission.runs(chunk):
+            size = length * PAGE_SIZE
+            buffer[at : at + size] = data[first * PAGE_SIZE : first * PAGE_SIZE + size]
+            at += size
+        yield chunk, buffer[:at]
+
+
+def _find_or_plan(
+    index: PoolIndex,
+    txn: Transaction,
+    holds: admission.SlotComparer,
+    data: memoryview,
+    keys: list[bytes],
+) -> tuple[list[int], list[int], set[int]]:
+    """Find each page of ``data`` by its hash, confirming every match byte for byte:
+    (slot of each page as :mod:`dksm.dedup.admission` writes them, the pages to
+    store, the pages whose hash matched a page with other bytes)."""
+    first_slots = index.first_slots(txn, keys)
+    lookup = first_slots.get
+    none = admission.NO_SLOT
+    candidates = [int.from_bytes(lookup(key, none), "big") for key in keys]
+    found, unconfirmed = admission.confirm(holds, data, candidates)
+    collided: set[int] = set()  # pages whose hash matched a page with other bytes
+    for page in unconfirmed:  # try the other slots with that hash
+        others = index.slots_with_hash(txn, keys[page])
+        slot = admission.find_equal(holds, data, page, others)
+        if slot is None:
+            collided.add(page)
+        else:
+            found[page] = slot
+    fresh = admission.distinct_new_pages(data, keys, found, collided)
+    return found, fresh, collided
 
 
 def find_known(store: Store, span_key: bytes, data: memoryview) -> ManifestRecord | None:
@@ -147,6 +276,7 @@ def find_known(store: Store, span_key: bytes, data: memoryview) -> ManifestRecor
     if manifest is None:
         return None
     slots = manifest.slots
+    store.pages.check_size()
     for first, length, page in slot_runs(slots):
         part = data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]
         if not store.pages.holds(first, part):

@@ -11,6 +11,7 @@ tap device, not one we just made).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -55,15 +56,15 @@ def interface_flags(name: str) -> int:
 def check_tap(name: str) -> None:
     """Refuse a name that is not an existing interface, or one that is down."""
     check_name(name)
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        raise TapError(
-            f"tap device {name} does not exist (create it with: ip tuntap add {name} mode tap)"
-        ) from None
+    # SIOCGIFFLAGS, unlike if_nametoindex, keeps its errno: a missing interface
+    # (ENODEV) is told apart from a host out of descriptors or sockets.
     try:
         flags = interface_flags(name)
     except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise TapError(
+                f"tap device {name} does not exist (create it with: ip tuntap add {name} mode tap)"
+            ) from None
         raise TapError(
             f"cannot read the flags of network interface {name}: {exc.strerror}"
         ) from exc

@@ -115,7 +115,9 @@ class VmInfo:
     pages_shared: int
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not asdict(): a fleet worker writes this, and each page of code and objects
+        # it runs is copied into the worker (asdict's recursion is a few dozen).
+        return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> VmInfo:

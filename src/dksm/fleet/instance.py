@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from dksm.fleet.boot_merge import BootMerge
     from dksm.fleet.directory import VmInfo
     from dksm.memory.guest_memory import PageSharer
+    from dksm.vmm.builder import BuildPlan
 
 DEFAULT_DOMAIN = "default"
 
@@ -109,11 +110,14 @@ class Instance:
         serial_sink: ByteSink,
         sharer: PageSharer | None = None,
         merge_after: bytes | None = None,
+        plan: BuildPlan | None = None,
     ) -> None:
         """``sharer``: pages already referenced for this process by a launcher (see
         :meth:`dksm.dedup.pool.PagePool.hand_over`), or a lease; else the pool is
         opened here.  ``merge_after``: console text after which the kernel pages the
-        guest rewrote are merged back into the pool once (:mod:`dksm.fleet.boot_merge`)."""
+        guest rewrote are merged back into the pool once (:mod:`dksm.fleet.boot_merge`).
+        ``plan``: the build's config-only part, made beforehand for ``spec.config``
+        (:func:`dksm.vmm.builder.plan_build`)."""
         self.spec = spec
         self.pool: PagePool | None = None
         self.lease: Lease | None = None
@@ -137,8 +141,11 @@ class Instance:
                 merge_lease = self._merge_lease(sharer)
                 self.boot_merge = BootMerge(serial_sink, merge_after, spec.config.vcpu_count)
                 serial_sink = self.boot_merge
+
             console = GuardedSink(serial_sink)
-            self.vm: MicroVm = build(spec.config, serial_sink=console, sharer=sharer or self.lease)
+            self.vm: MicroVm = build(
+                spec.config, serial_sink=console, sharer=sharer or self.lease, plan=plan
+            )
             console.on_error = self._console_failed
             if spec.dedup.uses_ksm:
                 self.vm.memory.advise_mergeable(code_only=spec.ksm_scope is KsmScope.TEXT)
@@ -199,8 +206,12 @@ class Instance:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(text)
+                try:  # os.write, not a file object: less code run in a fleet worker
+                    written = 0
+                    while written < len(text):
+                        written += os.write(fd, text[written:])
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):

@@ -224,6 +224,25 @@ def cpuid2_struct(count: int) -> type[ctypes.Structure]:
     return Cpuid2
 
 
+def msrs_table(entries: list[tuple[int, int]]) -> ctypes.Structure:
+    """A ``struct kvm_msrs`` holding ``entries`` (MSR index, value)."""
+    msrs = msrs_struct(len(entries))()
+    msrs.nmsrs = len(entries)
+    for i, (index, value) in enumerate(entries):
+        msrs.entries[i].index = index
+        msrs.entries[i].data = value
+    return msrs
+
+
+def cpuid2_table(entries: list[CpuidEntry2]) -> ctypes.Structure:
+    """A ``struct kvm_cpuid2`` holding ``entries``."""
+    cpuid = cpuid2_struct(len(entries))()
+    cpuid.nent = len(entries)
+    for i, entry in enumerate(entries):
+        cpuid.entries[i] = entry
+    return cpuid
+
+
 class PitConfig(ctypes.Structure):
     _fields_ = (("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 15))
 

@@ -242,23 +242,22 @@ class Vcpu:
         _ioctl(self.fd, abi.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
     def set_msrs(self, entries: list[tuple[int, int]]) -> None:
-        msrs = abi.msrs_struct(len(entries))()
-        msrs.nmsrs = len(entries)
-        for i, (index, value) in enumerate(entries):
-            msrs.entries[i].index = index
-            msrs.entries[i].data = value
+        self.set_msrs_table(abi.msrs_table(entries))
+
+    def set_msrs_table(self, msrs: ctypes.Structure) -> None:
+        """``KVM_SET_MSRS`` with a table made by :func:`abi.msrs_table` (perhaps in
+        another process, before it forked this one)."""
+        count: int = msrs.nmsrs
         written = _ioctl(self.fd, abi.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
-        if written != len(entries):
-            bad = entries[written][0]
-            raise KvmError(
-                f"KVM_SET_MSRS wrote {written} of {len(entries)} MSRs (MSR {bad:#x} refused)"
-            )
+        if written != count:
+            bad: int = msrs.entries[written].index
+            raise KvmError(f"KVM_SET_MSRS wrote {written} of {count} MSRs (MSR {bad:#x} refused)")
 
     def set_cpuid(self, entries: list[abi.CpuidEntry2]) -> None:
-        cpuid = abi.cpuid2_struct(len(entries))()
-        cpuid.nent = len(entries)
-        for i, entry in enumerate(entries):
-            cpuid.entries[i] = entry
+        self.set_cpuid_table(abi.cpuid2_table(entries))
+
+    def set_cpuid_table(self, cpuid: ctypes.Structure) -> None:
+        """``KVM_SET_CPUID2`` with a table made by :func:`abi.cpuid2_table`."""
         _ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def tsc_khz(self) -> int:

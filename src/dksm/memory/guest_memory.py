@@ -1,9 +1,11 @@
 """Guest RAM: one private anonymous mapping, and how an image's segments enter it.
 
 RAM is mapped with ``MAP_NORESERVE`` so that a guest pays only for the pages it
-touches.  Writable segments are copied in; read-only pages may instead be handed
-to a :class:`PageSharer` (the page pool), which replaces that part of the mapping
-with copy-on-write views of shared frames.  KVM sees one memory slot either way.
+touches, between two guard pages so that it is a mapping of its own
+(:func:`dksm.memory.host_mapping.map_guarded`).  Writable segments are copied in;
+read-only pages may instead be handed to a :class:`PageSharer` (the page pool),
+which replaces that part of the mapping with copy-on-write views of shared
+frames.  KVM sees one memory slot either way.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ class GuestMemory:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.host_address = host_mapping.map_anonymous(size)
+        self.host_address = host_mapping.map_guarded(size)
         try:
             self.ram: memoryview | None = host_mapping.view(self.host_address, size)
         except BaseException:
-            host_mapping.unmap(self.host_address, size)
+            host_mapping.unmap_guarded(self.host_address, size)
             raise
         self.pages_shared = 0
         # Guest ranges of the image's code (read-only executable segments), whole pages.
@@ -102,4 +104,4 @@ class GuestMemory:
         if self.ram is not None:
             self.ram.release()
             self.ram = None
-            host_mapping.unmap(self.host_address, self.size)
+            host_mapping.unmap_guarded(self.host_address, self.size)

@@ -17,6 +17,7 @@ from dksm.error import DksmError
 
 PAGE_SIZE = 4096
 
+PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 MAP_PRIVATE = 0x02
@@ -105,6 +106,32 @@ def map_anonymous(length: int, *, noreserve: bool = True) -> int:
     return int(addr)
 
 
+def map_guarded(length: int) -> int:
+    """:func:`map_anonymous` (``noreserve``) between two inaccessible guard pages;
+    return the address of the accessible part.  Release with :func:`unmap_guarded`.
+
+    For guest RAM: the kernel merges adjacent anonymous mappings of equal flags, so
+    the RAM of VMs mapped one after another in one process became one mapping,
+    which ``/proc/PID/smaps`` cannot split between them; with guard pages each
+    VM's RAM is a mapping of its own, and a host-side access past one VM's RAM
+    faults instead of reaching the next VM's."""
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+    base = _libc.mmap(None, length + 2 * PAGE_SIZE, PROT_NONE, flags, -1, 0)
+    if base is None or base == _MAP_FAILED:
+        raise _fail(f"mapping {length} bytes of anonymous memory")
+    try:
+        map_anonymous_fixed(int(base) + PAGE_SIZE, length)
+    except BaseException:
+        _libc.munmap(base, length + 2 * PAGE_SIZE)
+        raise
+    return int(base) + PAGE_SIZE
+
+
+def unmap_guarded(address: int, length: int) -> None:
+    """Unmap what :func:`map_guarded` mapped at ``address``, guard pages included."""
+    unmap(address - PAGE_SIZE, length + 2 * PAGE_SIZE)
+
+
 def map_file_private_fixed(address: int, length: int, fd: int, offset: int) -> None:
     """Replace ``[address, address+length)`` with a copy-on-write view of a file.
 
@@ -155,12 +182,14 @@ def resident_pages(fd: int, length: int) -> int:
         _libc.munmap(addr, length)
 
 
-def map_file_readonly(fd: int, offset: int, length: int) -> int:
-    """Map ``length`` bytes of file ``fd`` from ``offset`` read-only and shared, its
-    page-table entries filled at once (``MAP_POPULATE``: one system call instead of a
-    fault per page, which costs microseconds on a virtualised host).  The caller
-    unmaps it; the file must span the range (reading past its end is SIGBUS)."""
-    addr = _libc.mmap(None, length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, offset)
+def map_file_readonly(fd: int, offset: int, length: int, *, populate: bool = True) -> int:
+    """Map ``length`` bytes of file ``fd`` from ``offset`` read-only and shared; with
+    ``populate`` its page-table entries are filled at once (``MAP_POPULATE``: one
+    system call instead of a fault per page, which costs microseconds on a virtualised
+    host), else each page is filled when first read.  The caller unmaps it; reading
+    past the file's end is SIGBUS (the mapping itself may reach further)."""
+    flags = MAP_SHARED | (MAP_POPULATE if populate else 0)
+    addr = _libc.mmap(None, length, PROT_READ, flags, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         raise _fail(f"mapping {length} bytes of fd {fd} at offset {offset:#x} to read them")
     return int(addr)

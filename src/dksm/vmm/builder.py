@@ -12,11 +12,19 @@ reverse order; the descriptor and mapping counts of the process are what they
 were (``tests/test_build_cleanup.py`` makes a build fail at each step and counts).
 Every file, tap and socket the VM will use is open when :func:`build` returns, and
 no thread is started before :meth:`MicroVm.start`.
+
+What depends on the config alone (the checked input, the image, the boot
+structures and each vCPU's CPUID, MSRs and registers) is the build's plan
+(:class:`BuildPlan`): :func:`build` makes it first, or takes one made earlier by
+:func:`plan_build`, as a fleet supervisor does once per config for the workers it
+forks, which then only copy and issue ioctls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+from dataclasses import dataclass
 
 from dksm.arch import boot_state, cpuid, layout, mptable
 from dksm.devices import i8042, rtc, serial
@@ -32,7 +40,7 @@ from dksm.vmm.machine import ExitCause, MicroVm
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
-    from dksm.loader.segment import Segment
+    from dksm.loader.segment import KernelImage, Segment
     from dksm.memory.guest_memory import PageSharer
     from dksm.vmm.machine import DeviceThreads
 
@@ -53,13 +61,39 @@ class _PortSink:
         self.vm.finish(ExitCause.GUEST_SHUTDOWN, "ACPI power off")
 
 
-def build(
-    config: VmConfig,
-    *,
-    serial_sink: serial.ByteSink,
-    sharer: PageSharer | None = None,
-) -> MicroVm:
-    # 1. Validate all input before touching KVM.
+@dataclass(frozen=True, slots=True)
+class VcpuSetup:
+    """One vCPU's CPUID table, MSRs and registers, as the structs their ioctls take."""
+
+    cpuid: ctypes.Structure
+    msrs: ctypes.Structure
+    regs: abi.Regs
+
+
+@dataclass(frozen=True, slots=True)
+class BuildPlan:
+    """All of a VM's build that depends on its config alone: the checked input, the
+    image, and the boot state as bytes and structs, ready for guest RAM and ioctls.
+
+    A fleet supervisor makes one per config before forking (:func:`plan_build`), so
+    that each worker only copies and issues; for ``dksm run`` :func:`build` makes it.
+    """
+
+    config: VmConfig
+    image: KernelImage
+    initrd: Segment | None
+    # (guest address, bytes), written in this order once the image is in place:
+    # page tables, GDT and IDT, MP table, command line, zero page.
+    boot_memory: tuple[tuple[int, bytes], ...]
+    # Per vCPU; None when the CPUID needs the TSC frequency of the VM's own vCPU.
+    vcpus: tuple[VcpuSetup, ...] | None
+
+
+def plan_build(config: VmConfig, *, vcpu_state: bool = False) -> BuildPlan:
+    """Check ``config`` and compute everything a build of it needs before KVM.
+
+    ``vcpu_state``: also the vCPUs' CPUID, MSRs and registers, asking KVM (a
+    throwaway VM) for the TSC frequency where the CPUID reports it."""
     config.validate()
     cmdline = encode_cmdline(config.boot_args + device_manager.cmdline_additions(config))
     image = load_elf(config.kernel_path, config.mem_size)
@@ -71,6 +105,41 @@ def build(
         ramdisk = read_initrd(config.initrd_path, config.mem_size)
         initrd = place_initrd(ramdisk, config.mem_size, image)
         initrd_size = ramdisk.size
+    params = BootParams(
+        mem_size=config.mem_size,
+        cmdline=cmdline,
+        initrd_addr=initrd.guest_addr if initrd else 0,
+        initrd_size=initrd_size,
+    )
+    boot_memory = (
+        *boot_state.page_tables(),
+        *boot_state.gdt_and_idt(),
+        (layout.MP_TABLE_ADDR, mptable.mp_table(config.vcpu_count)),
+        (layout.CMDLINE_ADDR, cmdline + b"\0"),
+        (layout.ZERO_PAGE_ADDR, params.encode()),
+    )
+    vcpus = None
+    if vcpu_state:
+        tsc_khz = _tsc_khz_of_a_vcpu() if config.tsc_frequency_leaf else None
+        vcpus = _vcpu_setups(config, image.entry, _policy(config, tsc_khz))
+    return BuildPlan(config, image, initrd, boot_memory, vcpus)
+
+
+def build(
+    config: VmConfig,
+    *,
+    serial_sink: serial.ByteSink,
+    sharer: PageSharer | None = None,
+    plan: BuildPlan | None = None,
+) -> MicroVm:
+    """Build a VM of ``config``; ``plan``: made by :func:`plan_build` for this config
+    (else it is made here)."""
+    # 1. Validate all input before touching KVM.
+    if plan is None:
+        plan = plan_build(config)
+    elif plan.config != config:
+        raise ValueError("the build plan was made for another config")
+    image = plan.image
 
     with contextlib.ExitStack() as acquired:
         # The devices' host side (drive files, taps, the vsock socket) is input too:
@@ -96,25 +165,17 @@ def build(
         # 4. The kernel and the initrd, read-only pages through the sharer (whose
         # lease its caller holds and releases after this RAM is unmapped).
         memory.load_image(image, sharer)
-        if initrd is not None:
-            memory.load_segment(initrd, sharer)
+        if plan.initrd is not None:
+            memory.load_segment(plan.initrd, sharer)
         # 5. Per-vCPU state.
-        policy = _cpuid_policy(kvm, vcpus[0], config)
-        for vcpu in vcpus:
-            _configure_vcpu(kvm, vcpu, policy, image.entry)
+        setups = plan.vcpus
+        if setups is None:
+            setups = _vcpu_setups(config, image.entry, _policy(config, _tsc_khz(vcpus[0], config)))
+        for vcpu, setup in zip(vcpus, setups, strict=True):
+            _configure_vcpu(vcpu, setup)
         # 6. Boot structures: page tables, GDT, MP table, command line, zero page.
-        ram = memory.view()
-        boot_state.write_page_tables(ram)
-        boot_state.write_gdt_and_idt(ram)
-        memory.write(layout.MP_TABLE_ADDR, mptable.mp_table(config.vcpu_count))
-        memory.write(layout.CMDLINE_ADDR, cmdline + b"\0")
-        params = BootParams(
-            mem_size=config.mem_size,
-            cmdline=cmdline,
-            initrd_addr=initrd.guest_addr if initrd else 0,
-            initrd_size=initrd_size,
-        )
-        memory.write(layout.ZERO_PAGE_ADDR, params.encode())
+        for address, data in plan.boot_memory:
+            memory.write(address, data)
         # 7. virtio devices in the MMIO gap: eventfds registered with KVM (ioeventfd,
         # irqfd), a worker (epoll set, thread started with the vCPUs) each, backends
         # handed over to them.  attach releases its own part on failure; closing
@@ -177,14 +238,35 @@ def preload_host_cpuid() -> None:
         _host_flags = cpuid.host_cpu_flags()
 
 
-def _cpuid_policy(kvm: Kvm, bsp: Vcpu, config: VmConfig) -> cpuid.CpuidPolicy:
-    flags = _host_flags if _host_flags is not None else cpuid.host_cpu_flags()
-    tsc_khz: int | None = None
-    if config.tsc_frequency_leaf:
+def _tsc_khz(bsp: Vcpu, config: VmConfig) -> int | None:
+    """The guest TSC's frequency when the CPUID is to report it and KVM can say."""
+    if not config.tsc_frequency_leaf:
+        return None
+    try:
+        return bsp.tsc_khz() or None
+    except KvmError:
+        return None  # KVM cannot say: the guest calibrates its TSC itself
+
+
+def _tsc_khz_of_a_vcpu() -> int | None:
+    """:func:`_tsc_khz` of a throwaway VM's vCPU: every VM on this host gets the
+    host's TSC frequency."""
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
         try:
-            tsc_khz = bsp.tsc_khz() or None
-        except KvmError:
-            tsc_khz = None  # KVM cannot say: the guest calibrates its TSC itself
+            vcpu = vm.create_vcpu(0)
+            try:
+                return vcpu.tsc_khz() or None
+            except KvmError:
+                return None
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()
+
+
+def _policy(config: VmConfig, tsc_khz: int | None) -> cpuid.CpuidPolicy:
+    flags = _host_flags if _host_flags is not None else cpuid.host_cpu_flags()
     return cpuid.CpuidPolicy(
         vcpu_count=config.vcpu_count,
         rdrand="rdrand" in flags,
@@ -193,11 +275,27 @@ def _cpuid_policy(kvm: Kvm, bsp: Vcpu, config: VmConfig) -> cpuid.CpuidPolicy:
     )
 
 
-def _configure_vcpu(kvm: Kvm, vcpu: Vcpu, policy: cpuid.CpuidPolicy, entry: int) -> None:
-    supported = _host_cpuid if _host_cpuid is not None else kvm.supported_cpuid()
-    vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, vcpu.index, policy))
-    vcpu.set_msrs(boot_state.boot_msrs())
-    vcpu.set_regs(boot_state.boot_regs(entry))
+def _vcpu_setups(config: VmConfig, entry: int, policy: cpuid.CpuidPolicy) -> tuple[VcpuSetup, ...]:
+    if _host_cpuid is not None:
+        supported = _host_cpuid
+    else:
+        with Kvm() as kvm:
+            supported = kvm.supported_cpuid()
+    msrs = abi.msrs_table(boot_state.boot_msrs())
+    return tuple(
+        VcpuSetup(
+            abi.cpuid2_table(cpuid.vcpu_cpuid(supported, index, policy)),
+            msrs,
+            boot_state.boot_regs(entry),
+        )
+        for index in range(config.vcpu_count)
+    )
+
+
+def _configure_vcpu(vcpu: Vcpu, setup: VcpuSetup) -> None:
+    vcpu.set_cpuid_table(setup.cpuid)
+    vcpu.set_msrs_table(setup.msrs)
+    vcpu.set_regs(setup.regs)
     fpu = vcpu.get_fpu()
     boot_state.configure_fpu(fpu)
     vcpu.set_fpu(fpu)

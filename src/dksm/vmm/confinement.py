@@ -205,11 +205,19 @@ class Confinement:
         self.extra_rules = tuple(extra_rules)
         self.seccomp = seccomp
         self._dropped_groups = False
+        # What prepare() loaded: None, "held" or "imported".  Carried into forked
+        # children with the object, so a fleet worker does not search again for the
+        # modules its supervisor looked for (a failed import is not remembered, and
+        # each search touches, and so copies, hundreds of the supervisor's pages).
+        self._prepared: str | None = None
 
     def prepare(self, *, load_now: bool = False) -> None:
         """Load now what the confined process may need later and could no longer read:
         libseccomp's binding, and on hosts that use it the emulation fallback, its
-        code held in memory (``load_now``: imported, for processes that fork)."""
+        code held in memory (``load_now``: imported, for processes that fork).
+        Done once per object (again only to import what was merely held)."""
+        if self._prepared == "imported" or (self._prepared == "held" and not load_now):
+            return
         try:
             seccomp_filter.binding()
         except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: no libseccomp
@@ -220,6 +228,7 @@ class Confinement:
 
         if os.path.exists(_PVM_MODULE):
             _load_emulation_fallback(load_now)
+        self._prepared = "imported" if load_now else "held"
 
     def filter_program(self, pid: int, devices: Iterable[str] = ()) -> bytes:
         """The seccomp program of VMM process ``pid``, compiled in this process;
