@@ -140,8 +140,12 @@ def test_filled_allocator_holes_keep_a_workers_allocations_together() -> None:
         runs[way].append((int(out[0]), int(out[1])))
     free_left = max(free for free, _ in runs["fill"])
     free_unfilled = min(free for free, _ in runs["none"])
-    assert free_left < free_unfilled / 2, runs
-    # Measured: ~560 KiB with the holes filled, ~1,020 KiB without.
+    # About 2,000 free blocks are in size classes the ballast does not fill; since
+    # dksm's imports stopped making dataclasses, an unfilled supervisor has only
+    # about 2,500 (it had about 7,000), so the fill no longer halves the count.
+    assert free_left < free_unfilled, runs
+    # Measured: ~430 KiB with the holes filled, ~580 KiB without (before the imports
+    # made fewer holes: ~560 and ~1,020 KiB).
     assert max(kib for _, kib in runs["fill"]) < 0.8 * min(kib for _, kib in runs["none"]), runs
 
 

@@ -91,6 +91,15 @@ def test_rtc_keeps_ticking_from_a_time_the_guest_set() -> None:
     assert time_registers(device)[:3] == [0x10, 0x06, 0x23]
 
 
+@pytest.mark.parametrize("year", [1, 1900, 1969, 1970, 1999, 2000, 2024, 2026, 2100, 2400, 9999])
+def test_rtc_calendar_arithmetic_agrees_with_the_calendar_module(year: int) -> None:
+    for month in range(1, 13):
+        assert rtc.days_in_month(year, month) == calendar.monthrange(year, month)[1]
+        for day in (1, 15, rtc.days_in_month(year, month)):
+            moment = (year, month, day, 23, 59, 58)
+            assert rtc.seconds_since_epoch(*moment) == calendar.timegm(moment), moment
+
+
 def test_rtc_status_c_reports_updates_once_and_ram_bytes_are_kept() -> None:
     clock = Clock(T0)
     device = rtc.CmosRtc(clock)

@@ -3,6 +3,8 @@ fallback's code read but not run until a guest needs it."""
 
 from __future__ import annotations
 
+import compileall
+import gc
 import os
 import subprocess
 import sys
@@ -27,13 +29,44 @@ NOT_ON_THE_RUN_PATH = (
 )
 
 
-def _imported(*args: str) -> set[str]:
+# Modules of milliseconds each (or that pull such in) that a VM of the shipped hello
+# guest with the page pool does not import, confined or not: argparse with gettext
+# and locale (plain flags are read without it), typing and dataclasses (with
+# inspect, ast, dis, tokenize), json, datetime, the device config with its patterns,
+# the config-file schema, the post-boot merge, the initrd loader, KSM control.
+HEAVY = (
+    "argparse",
+    "gettext",
+    "locale",
+    "typing",
+    "dataclasses",
+    "inspect",
+    "ast",
+    "dis",
+    "tokenize",
+    "json",
+    "datetime",
+    "calendar",
+    "subprocess",
+    "shutil",
+    "tempfile",
+    "dksm.vmm.device_config",
+    "dksm.vmm.schema",
+    "dksm.fleet.boot_merge",
+    "dksm.fleet.directory",
+    "dksm.loader.initrd",
+    "dksm.dedup.ksm",
+)
+
+
+def _imported(*args: str, env: dict[str, str] | None = None) -> set[str]:
     """The modules a ``dksm`` command imported, from ``python -X importtime``."""
     ran = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "dksm", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert ran.returncode == 0, ran.stderr
     lines = [line for line in ran.stderr.splitlines() if line.startswith("import time:")]
@@ -45,6 +78,20 @@ def test_run_imports_neither_devices_nor_emulation_it_does_not_use() -> None:
     imported = _imported("run", "--kernel", "hello", "--mem-mib", "16")
     assert "dksm.vmm.builder" in imported  # the probe sees the run path itself
     assert sorted(imported.intersection(NOT_ON_THE_RUN_PATH)) == []
+
+
+@requires_kvm
+@pytest.mark.parametrize("confine", [True, False], ids=["confined", "unconfined"])
+def test_run_with_the_pool_imports_no_heavy_module(confine: bool, tmp_path: Path) -> None:
+    # A record of KSM settings left by a crashed dksm elsewhere on the host would
+    # make any command import KSM control to restore them: point it at none.
+    env = {**os.environ, "DKSM_KSM_STATE": str(tmp_path / "no-ksm-record.json")}
+    flags = () if confine else ("--no-confine",)
+    imported = _imported("run", "--kernel", "hello", "--mem-mib", "16", "--dedup", "dksm",
+                         *flags, env=env)  # fmt: skip
+    assert {"dksm.vmm.builder", "dksm.dedup.pool"} <= imported  # the run path, with the pool
+    assert ("dksm.vmm.confinement" in imported) == confine
+    assert sorted(imported.intersection(HEAVY)) == []
 
 
 @requires_kvm
@@ -89,8 +136,67 @@ def test_held_module_runs_from_memory_after_its_file_is_gone(tmp_path: Path) -> 
     assert ran.stdout.split("\n")[:2] == ["['heldpkg.late']", "42 late.py []"]
 
 
+def test_held_module_runs_its_cached_bytecode_only_while_it_matches_the_source(
+    tmp_path: Path,
+) -> None:
+    package = tmp_path / "cachedpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "fresh.py").write_text("ANSWER = 42\n")
+    (package / "stale.py").write_text("ANSWER = 1\n")
+    assert compileall.compile_dir(package, quiet=1)
+    # Changed after its bytecode was cached (and longer, whatever the clock says).
+    (package / "stale.py").write_text("ANSWER = 2  # edited\n")
+    probe = (
+        "import shutil, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import cachedpkg\n"
+        "from dksm.vmm import held_modules\n"
+        "held_modules.hold(['cachedpkg.fresh', 'cachedpkg.stale'])\n"
+        f"shutil.rmtree({str(package)!r})\n"
+        "import importlib; importlib.invalidate_caches()\n"
+        "from cachedpkg import fresh, stale\n"
+        "print(fresh.ANSWER, stale.ANSWER)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-B", "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "42 2\n"
+
+
 def test_only_source_modules_can_be_held() -> None:
     from dksm.vmm import held_modules
 
     with pytest.raises(ImportError, match="not a Python source module"):
         held_modules.hold(["dksm.no_such_module_here"])
+
+
+def test_start_up_holds_the_collector_off_until_it_is_over() -> None:
+    from dksm.cli.run import StartUp
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        start_up = StartUp()
+        assert not gc.isenabled()
+        start_up.over()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen  # what start-up made is out of its sight
+        start_up.over()  # again (a failed start ends here too): nothing changes
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_start_up_leaves_a_collector_its_caller_turned_off_off() -> None:
+    from dksm.cli.run import StartUp
+
+    gc.disable()
+    try:
+        start_up = StartUp()
+        start_up.over()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

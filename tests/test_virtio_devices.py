@@ -495,7 +495,6 @@ def test_the_data_path_bypasses_the_vcpu_loop(tmp_path: Path) -> None:
     """Queue notifications reach the device through KVM's ioeventfd and interrupts
     leave through irqfd: no notification arrives as an MMIO exit, however many
     requests the guest makes."""
-    from dataclasses import replace
 
     from dksm.devices.virtio.block import Block
     from dksm.devices.virtio.entropy import Entropy
@@ -506,12 +505,11 @@ def test_the_data_path_bypasses_the_vcpu_loop(tmp_path: Path) -> None:
 
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(16 << 20))
-    config = replace(
-        VmConfig(
-            kernel_path=str(guest_path("virtioprobe")),
-            mem_mib=32,
-            boot_args="console=ttyS0 blkbench=read:16",
-        ),
+    config = VmConfig(
+        kernel_path=str(guest_path("virtioprobe")),
+        mem_mib=32,
+        boot_args="console=ttyS0 blkbench=read:16",
+    ).replace(
         drives=(DriveConfig("disk", str(disk), is_read_only=True),),
         entropy=EntropyConfig(),
     )

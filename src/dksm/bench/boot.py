@@ -9,6 +9,14 @@ TSC-frequency CPUID leaf, confined or with ``--no-confine``) are measured
 interleaved, one run of each in turn, so that the machine's drift over the
 measurement falls on all of them alike; :func:`median_differences` says what each
 variant costs against the first.
+
+One run after another leaves the page pool empty between boots (a VM's pages and
+its image's manifest live as long as its lease), so every boot is a first load.
+With ``keep_image_leased`` each variant is also measured as a *known image*: this
+process loads the image once under a lease of its own, as a VM of it would, and
+holds it while those runs start, so their loads find the image's manifest and take
+its pages in one step.  Each round runs the first loads, then takes the lease and
+runs the known-image loads, then releases it (outside the timed runs).
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
+
+if TYPE_CHECKING:
+    from dksm.dedup.pool import PagePool
 
 
 class BootBenchError(DksmError):
@@ -130,6 +143,34 @@ class BootMeasurement:
 
     results: list[BootResult]
     interpreter_ms: tuple[float, ...]
+    # With the image kept leased: pages the known-image runs referenced through the
+    # image's manifest (the pool's counter), per run; None without.
+    manifest_pages_per_known_run: float | None = None
+
+
+FIRST_LOAD = "first load"
+KNOWN_IMAGE = "known image"
+
+
+@contextmanager
+def image_leased(guest: str, mem_mib: int) -> Iterator[PagePool]:
+    """Hold ``guest``'s read-only pages in the default pool under a lease of this
+    process, loaded as a VM of ``mem_mib`` MiB loads them; yields the open pool.
+    The memory is unmapped before the lease is released (the pool's rule)."""
+    from dksm.arch.layout import MIB
+    from dksm.dedup.pool import PagePool
+    from dksm.guests import resolve_image_path
+    from dksm.loader.elf import load_elf
+    from dksm.memory.guest_memory import GuestMemory
+
+    image = load_elf(resolve_image_path(guest), mem_mib * MIB)
+    with PagePool.open() as pool, pool.lease() as lease:
+        memory = GuestMemory(mem_mib * MIB)
+        try:
+            memory.load_image(image, lease)
+            yield pool
+        finally:
+            memory.close()
 
 
 def measure_boot(
@@ -139,23 +180,42 @@ def measure_boot(
     dedup: str = "dksm",
     flags: Sequence[str] = (),
     variants: Mapping[str, Sequence[str]] | None = None,
+    keep_image_leased: bool = False,
 ) -> BootMeasurement:
     """Boot ``guest`` ``runs`` times per variant (name -> extra flags), interleaved
     with as many bare interpreter starts; ``flags`` go to every run (boot arguments,
-    initrd)."""
+    initrd).  With ``keep_image_leased``, every variant twice: as a first load and
+    as a known image (see the module's docstring)."""
     if runs < 1:
         raise BootBenchError(f"--runs must be at least 1, not {runs}")
+    if keep_image_leased and dedup not in ("dksm", "dksm+ksm"):
+        raise BootBenchError(
+            f"--keep-image-leased holds the image in the page pool: it needs --dedup dksm"
+            f" or dksm+ksm, not {dedup}"
+        )
     chosen = dict(variants) if variants else {"default": ()}
     env = _installed_environment()
     _bare_interpreter_run(env)  # warm the page cache
     for extra in chosen.values():
         _one_run(guest, mem_mib, dedup, env, [*flags, *extra])
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
+    first = {_named(name, FIRST_LOAD, keep_image_leased): extra for name, extra in chosen.items()}
+    known = {_named(name, KNOWN_IMAGE, True): extra for name, extra in chosen.items()}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in first}
+    if keep_image_leased:
+        samples.update({name: [] for name in known})
     bare: list[float] = []
+    manifest_pages = 0
     for _ in range(runs):
         bare.append(_bare_interpreter_run(env))
-        for name, extra in chosen.items():
+        for name, extra in first.items():
             samples[name].append(_one_run(guest, mem_mib, dedup, env, [*flags, *extra]))
+        if keep_image_leased:
+            with image_leased(guest, mem_mib) as pool:
+                before = pool.stats().manifest_pages
+                for name, extra in known.items():
+                    samples[name].append(_one_run(guest, mem_mib, dedup, env, [*flags, *extra]))
+                manifest_pages += pool.stats().manifest_pages - before
+    every = {**first, **known} if keep_image_leased else first
     results = [
         BootResult(
             guest=guest,
@@ -164,11 +224,19 @@ def measure_boot(
             first_byte_ms=tuple(s[0] for s in samples[name]),
             exit_ms=tuple(s[1] for s in samples[name]),
             variant=name,
-            flags=tuple(chosen[name]),
+            flags=tuple(every[name]),
         )
-        for name in chosen
+        for name in every
     ]
-    return BootMeasurement(results, tuple(bare))
+    per_known_run = manifest_pages / (runs * len(known)) if keep_image_leased else None
+    return BootMeasurement(results, tuple(bare), per_known_run)
+
+
+def _named(variant: str, load: str, tell: bool) -> str:
+    """A variant's name, with the kind of load when the bench compares both."""
+    if not tell:
+        return variant
+    return load if variant == "default" else f"{variant}, {load}"
 
 
 def interpreter_ratios(measurement: BootMeasurement) -> dict[str, float]:

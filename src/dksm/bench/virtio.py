@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dksm.dedup.pool import PagePool, pool_directory
@@ -148,8 +148,7 @@ def _host_pass(path: Path, size: int, write: bool) -> float:
 
 def _guest_pass(path: Path, size_mib: int, write: bool) -> float:
     mode = "write" if write else "read"
-    config = replace(
-        _probe_config(f"blkbench={mode}:{size_mib}"),
+    config = _probe_config(f"blkbench={mode}:{size_mib}").replace(
         drives=(DriveConfig("bench", str(path), cache_type="Writeback"),),
     )
     console = _run_probe(config)
@@ -285,8 +284,7 @@ def _net_in_namespace(count: int, workdir: str) -> dict[str, list[float]]:
     ):
         subprocess.run(command, check=True, capture_output=True)
     uds = os.path.join(workdir, "v.sock")
-    config = replace(
-        _probe_config(f"ip={GUEST_IP} netquiet"),
+    config = _probe_config(f"ip={GUEST_IP} netquiet").replace(
         network_interfaces=(NetworkInterfaceConfig("eth0", TAP, "06:00:c0:00:02:02"),),
         vsock=VsockConfig(3, uds),
     )
@@ -398,8 +396,8 @@ def bench_initrd_sharing(
     with tempfile.TemporaryDirectory(prefix="dksm-bench-initrd-") as tmp:
         initrd = Path(tmp) / "initrd.img"
         initrd.write_bytes(os.urandom(initrd_mib * MIB))
-        config = replace(
-            _probe_config("then=idle", mem_mib=16 + initrd_mib), initrd_path=str(initrd)
+        config = _probe_config("then=idle", mem_mib=16 + initrd_mib).replace(
+            initrd_path=str(initrd)
         )
         for mode in (DedupMode.NONE, DedupMode.DKSM):
             domain = f"bench-initrd-{os.getpid()}"
@@ -454,8 +452,7 @@ def bench_drive_sharing(
             os.fsync(f.fileno())
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # this file's pages only
         before = page_cache_bytes(drive)
-        config = replace(
-            _probe_config(f"blkbench=read:{drive_mib} then=idle"),
+        config = _probe_config(f"blkbench=read:{drive_mib} then=idle").replace(
             drives=(DriveConfig("shared", str(drive), is_read_only=True),),
         )
         domain = f"bench-drive-{os.getpid()}"

@@ -42,6 +42,12 @@ def register(sub: Any) -> None:
         help="run the VMMs confined (on, as dksm run does), with --no-confine (off), or"
         " alternate both (compare)",
     )
+    boot.add_argument(
+        "--keep-image-leased",
+        action="store_true",
+        help="also time each variant with the image held in the page pool by this process"
+        " (a known image: its manifest path) beside the first loads",
+    )
     boot.add_argument("--json", action="store_true", help="print the result as JSON")
     boot.set_defaults(handler=_boot)
     density = bsub.add_parser("density", help="per-VM host memory of idle fleets of growing size")
@@ -344,7 +350,14 @@ def _boot(args: argparse.Namespace) -> int:
         for c_name, c_flags in confinement[args.confinement]
         for l_name, l_flags in leaf[args.tsc_leaf]
     }
-    measured = measure_boot(args.guest, args.runs, dedup=args.dedup, flags=flags, variants=variants)
+    measured = measure_boot(
+        args.guest,
+        args.runs,
+        dedup=args.dedup,
+        flags=flags,
+        variants=variants,
+        keep_image_leased=args.keep_image_leased,
+    )
     results = measured.results
     differences = median_differences(results)
     ratios = interpreter_ratios(measured)
@@ -358,6 +371,8 @@ def _boot(args: argparse.Namespace) -> int:
         doc["first_byte_over_interpreter"] = (
             ratios[results[0].variant] if len(results) == 1 else ratios
         )
+        if measured.manifest_pages_per_known_run is not None:
+            doc["manifest_pages_per_known_run"] = measured.manifest_pages_per_known_run
         print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.table() for r in results))
@@ -372,6 +387,11 @@ def _boot(args: argparse.Namespace) -> int:
         )
         for name, ratio in ratios.items():
             print(f"first byte / bare interpreter ({name}): {ratio:.2f}")
+        if measured.manifest_pages_per_known_run is not None:
+            print(
+                "pages each known-image run took through the image's manifest:"
+                f" {measured.manifest_pages_per_known_run:g}"
+            )
     return ExitStatus.OK
 
 

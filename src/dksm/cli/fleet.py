@@ -120,7 +120,6 @@ def instance_specs(
 ) -> list[tuple[str, Any]]:
     """The fleet's VMs: ``instances`` of each image and each config file.  Flags
     given win over a config file's values (and its "dksm" object)."""
-    from dataclasses import replace
 
     from dksm.dedup.pool import pool_root as checked_pool_root
     from dksm.error import DksmError
@@ -157,8 +156,7 @@ def instance_specs(
     ]
     for path in config_files or []:
         from_file = from_firecracker_json(path, refuse=FLEET_REFUSED_SECTIONS)
-        config = replace(
-            from_file.vm,
+        config = from_file.vm.replace(
             mem_mib=_first(mem_mib, from_file.vm.mem_mib),
             vcpu_count=_first(vcpus, from_file.vm.vcpu_count),
             boot_args=_first(boot_args, from_file.vm.boot_args),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -11,6 +10,11 @@ from types import FrameType
 
 from dksm.error import DksmError
 from dksm.vmm.exit_status import ExitStatus
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -25,28 +29,14 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
-def _terminal_width() -> int:
-    try:
-        return int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(1).columns
-    except (ValueError, OSError):
-        return 80
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that measures the terminal itself: argparse's formatter,
-    made on every ``add_argument``, would import shutil (and with it bz2 and lzma)
-    just to ask the same question, milliseconds on every start."""
-
-    def _get_formatter(self) -> argparse.HelpFormatter:
-        return argparse.HelpFormatter(prog=self.prog, width=_terminal_width() - 2)
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that command's, so that ``dksm run`` does not
     import the modules of every other command (start-up time is a measured product)."""
     import importlib
 
-    parser = _Parser(
+    from dksm.cli.parsing import Parser
+
+    parser = Parser(
         prog="dksm", description="Daemonless, load-time same-page merging for KVM microVMs."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="dksm")
@@ -106,8 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dksm.cli.vmm import run
 
         return run(words[1:], "dksm vmm")
-    parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
-    args = parser.parse_args(words)
+    args: Any = None
+    if words[:1] == ["run"]:  # plain flags are read without argparse (start-up time)
+        from dksm.cli.run import plain_arguments
+
+        args = plain_arguments(words[1:])
+    if args is None:
+        parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
+        args = parser.parse_args(words)
 
     def handle() -> int:
         try:

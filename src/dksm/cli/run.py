@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
+import gc
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
 
+from dksm.cli import run_options
 from dksm.error import DksmError
 from dksm.vmm.exit_status import ExitStatus, status_for
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    # What argparse makes of the flags, or plain_arguments.
+    Arguments = argparse.Namespace | SimpleNamespace
+
     from dksm.vmm.confinement import Credentials
 
 
@@ -22,80 +30,29 @@ class SerialOutputError(DksmError):
 def register(sub: Any) -> None:
     parser = sub.add_parser("run", help="boot one microVM and run it until it exits")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--kernel", metavar="IMAGE", help="kernel image (ELF) or shipped guest name"
-    )
-    source.add_argument("--config-file", metavar="JSON", help="a Firecracker config file")
-    parser.add_argument("--mem-mib", type=int, default=None, help="guest RAM in MiB (default 128)")
-    parser.add_argument(
-        "--vcpus", type=int, default=None, help="number of vCPUs, 1 to 32 (default 1)"
-    )
-    parser.add_argument("--boot-args", default=None, help="kernel command line")
-    parser.add_argument(
-        "--initrd", default=None, help="initial ramdisk to load (a file, or linux-initrd)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="stop the VM after S seconds (exit status 5)",
-    )
-    parser.add_argument("--serial-out", metavar="FILE", help="write the serial console to FILE")
-    parser.add_argument(
-        "--no-tsc-leaf",
-        action="store_true",
-        help="do not announce the TSC frequency in CPUID 0x40000010 (guests calibrate it)",
-    )
-    parser.add_argument(
-        "--dedup",
-        default=None,
-        metavar="MODE",
-        help="none, ksm, dksm (default) or dksm+ksm: how guest memory is deduplicated",
-    )
-    parser.add_argument(
-        "--domain", default=None, help="page-pool sharing domain (default 'default')"
-    )
-    parser.add_argument(
-        "--pool-root", default=None, metavar="DIR", help="page-pool directory on tmpfs"
-    )
-    parser.add_argument(
-        "--info-file", metavar="FILE", help="write the VM's pid and RAM address here once built"
-    )
-    parser.add_argument(
-        "--merge-after",
-        metavar="TEXT",
-        help="once the console shows TEXT (a guest's 'boot complete' line), merge the kernel "
-        "pages the guest rewrote while booting back into the page pool, once (one vCPU)",
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", help="print registers on faults and exit statistics"
-    )
+    for option in run_options.SOURCES:
+        option.add_to(source)
+    for option in run_options.MACHINE:
+        option.add_to(parser)
     add_confinement_options(parser)
     parser.set_defaults(handler=handle)
 
 
+def plain_arguments(words: list[str]) -> SimpleNamespace | None:
+    """What ``dksm run WORDS`` means, read without argparse when the words are plain
+    (:func:`dksm.cli.run_options.read_plainly`); None when argparse must read them."""
+    values = run_options.read_plainly(words)
+    if values is None:
+        return None
+    return SimpleNamespace(command="run", handler=handle, **values)
+
+
 def add_confinement_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--uid",
-        metavar="ID",
-        help="user (id or name) the VMM runs as once its VM is built"
-        " (as root: 65534, nobody; else the current user)",
-    )
-    parser.add_argument(
-        "--gid",
-        metavar="ID",
-        help="group (id or name) the VMM runs as once its VM is built"
-        " (as root: 65534, nogroup; else the current group)",
-    )
-    parser.add_argument(
-        "--no-confine",
-        action="store_true",
-        help="keep this process's privileges and install no seccomp filter",
-    )
+    for option in run_options.CONFINEMENT:
+        option.add_to(parser)
 
 
-def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
+def confinement_credentials(args: Arguments) -> Credentials | None:
     """Who the VMM becomes once built, or None when confinement is turned off."""
     if args.no_confine:
         if args.uid is not None or args.gid is not None:
@@ -106,7 +63,7 @@ def confinement_credentials(args: argparse.Namespace) -> Credentials | None:
     return credentials(args.uid, args.gid)
 
 
-def _config(args: argparse.Namespace) -> tuple[Any, Any]:
+def _config(args: Arguments) -> tuple[Any, Any]:
     """The VM config and, with --config-file, the file it came from (else None)."""
     from dksm.guests import resolve_image_path, resolve_initrd_path
     from dksm.loader.host_file import check_path
@@ -134,9 +91,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.no_tsc_leaf:
             overrides["tsc_frequency_leaf"] = False
         if overrides:
-            from dataclasses import replace
-
-            config = replace(config, **overrides)
+            config = config.replace(**overrides)
         config.validate()
         return config, config_file
     config = VmConfig(
@@ -169,7 +124,36 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def handle(args: argparse.Namespace) -> int:
+class StartUp:
+    """The cyclic garbage collector held off while ``dksm run`` starts its VM.
+
+    What start-up makes (modules, classes, functions, the VM's own objects) lives as
+    long as the process, and the collector would walk all of it again and again
+    before the guest's first byte (about twenty collections, 3 ms).  It is off from
+    :func:`handle` on; once the VM is built and confined, :meth:`over` moves what
+    exists then out of the collector's sight for good (:func:`gc.freeze`: the odd
+    start-up cycle is kept rather than collected) and turns it back on, for the
+    life of the VM."""
+
+    def __init__(self) -> None:
+        self.collecting = gc.isenabled()
+        gc.disable()
+
+    def over(self) -> None:
+        if self.collecting and not gc.isenabled():
+            gc.freeze()
+            gc.enable()
+
+
+def handle(args: Arguments) -> int:
+    start_up = StartUp()
+    try:
+        return _handle(args, start_up)
+    finally:
+        start_up.over()  # a failed start too
+
+
+def _handle(args: Arguments, start_up: StartUp) -> int:
     if args.timeout is not None and not 0 < args.timeout < math.inf:
         raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config, config_file = _config(args)
@@ -179,11 +163,13 @@ def handle(args: argparse.Namespace) -> int:
         from dksm.cli.guardian import run_guarded
         from dksm.cli.main import said_as_errors
 
-        return run_guarded(lambda: said_as_errors(lambda: _run(args, config, config_file, target)))
-    return _run(args, config, config_file, target)
+        return run_guarded(
+            lambda: said_as_errors(lambda: _run(args, config, config_file, target, start_up))
+        )
+    return _run(args, config, config_file, target, start_up)
 
 
-def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -> int:
+def _run(args: Arguments, config: Any, config_file: Any, target: Any, start_up: StartUp) -> int:
     from dksm.fleet.instance import DEFAULT_DOMAIN, DedupMode, Instance, InstanceSpec
     from dksm.vmm.console_input import ConsoleInput
 
@@ -219,6 +205,7 @@ def _run(args: argparse.Namespace, config: Any, config_file: Any, target: Any) -
                 # From here on, no new file and no privilege.
                 Confinement(target).apply(devices=device_kinds(config))
             console.start()
+            start_up.over()
             outcome = instance.run(timeout=args.timeout)
     status = status_for(outcome.cause)
     if status != ExitStatus.OK:

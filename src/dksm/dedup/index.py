@@ -99,9 +99,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeAlias
 
 import lmdb
 
@@ -109,6 +107,11 @@ from dksm.dedup import slot_arrays, trust
 from dksm.dedup.index_file import data_file_problem
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError
 from dksm.error import DksmError
+from dksm.value import Value
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final, TypeAlias
 
 Transaction: TypeAlias = "lmdb.Transaction[bytes]"
 """A transaction on the index, as this module's context managers give it: callers
@@ -174,29 +177,53 @@ class PoolIndexError(PoolError):
     """The pool's index cannot be read or written (LMDB's error is in the message)."""
 
 
-@dataclass(frozen=True)
-class LeaseRecord:
-    lease_id: int
-    pid: int
-    start_time: int
-    pid_namespace: int  # inode of /proc/PID/ns/pid: pids mean something only inside it
-    references: int
+class LeaseRecord(Value):
+    __slots__ = ("lease_id", "pid", "pid_namespace", "references", "start_time")
+
+    def __init__(
+        self,
+        lease_id: int,
+        pid: int,
+        start_time: int,
+        # inode of /proc/PID/ns/pid: pids mean something only inside it
+        pid_namespace: int,
+        references: int,
+    ) -> None:
+        self.lease_id = lease_id
+        self.pid = pid
+        self.start_time = start_time
+        self.pid_namespace = pid_namespace
+        self.references = references
 
 
-@dataclass(frozen=True)
-class ManifestRecord:
+class ManifestRecord(Value):
     """A load's whole content known to the pool: the slot of each of its pages."""
 
-    key: bytes
-    manifest_id: int
-    slots: array.array[int]
+    __slots__ = ("key", "manifest_id", "slots")
+
+    def __init__(
+        self,
+        key: bytes,
+        manifest_id: int,
+        slots: array.array[int],
+    ) -> None:
+        self.key = key
+        self.manifest_id = manifest_id
+        self.slots = slots
 
 
-@dataclass(frozen=True)
-class SlotRecord:
-    slot: int
-    page_hash: bytes
-    references: int
+class SlotRecord(Value):
+    __slots__ = ("page_hash", "references", "slot")
+
+    def __init__(
+        self,
+        slot: int,
+        page_hash: bytes,
+        references: int,
+    ) -> None:
+        self.slot = slot
+        self.page_hash = page_hash
+        self.references = references
 
 
 def _fix_for(path: Path) -> str:

@@ -43,7 +43,10 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Final
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final
 
 META_MAGIC: Final = 0xBEEFC0DE
 DATA_VERSION: Final = 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
 
 from dksm.dedup.mapping import MergeResult, ReferencedPages, map_slots
 from dksm.dedup.pool_errors import PoolError
@@ -27,7 +26,10 @@ from dksm.dedup.references import (
 from dksm.dedup.store import Store, release_store
 from dksm.memory.host_mapping import PAGE_SIZE, view
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from typing import Self
+
     from dksm.dedup.pool import PagePool
 
 # merge() takes a region this many pages (64 MiB) at a time, one transaction each:

@@ -15,12 +15,12 @@ import array
 import itertools
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE, HostMappingError, map_file_private_fixed
+from dksm.value import Value
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.dedup.index import ManifestRecord
 
@@ -29,15 +29,29 @@ class MappingError(DksmError):
     """Pool pages could not be mapped into the caller's memory."""
 
 
-@dataclass(frozen=True)
-class MergeResult:
+class MergeResult(Value):
     """What one :meth:`Lease.map_pages` or :meth:`Lease.merge` call did."""
 
-    pages: int  # pages offered
-    pages_merged: int  # pages that matched a page already in the pool
-    pages_new: int  # pages stored in new slots
-    mapped: bool  # False: the run switch is off and nothing was mapped
-    mmaps: int = 0  # mmap calls made (one per run of consecutive slots)
+    __slots__ = ("mapped", "mmaps", "pages", "pages_merged", "pages_new")
+
+    def __init__(
+        self,
+        # pages offered
+        pages: int,
+        # pages that matched a page already in the pool
+        pages_merged: int,
+        # pages stored in new slots
+        pages_new: int,
+        # False: the run switch is off and nothing was mapped
+        mapped: bool,
+        # mmap calls made (one per run of consecutive slots)
+        mmaps: int = 0,
+    ) -> None:
+        self.pages = pages
+        self.pages_merged = pages_merged
+        self.pages_new = pages_new
+        self.mapped = mapped
+        self.mmaps = mmaps
 
 
 def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -82,13 +96,21 @@ def map_slots(
     return len(runs)
 
 
-@dataclass(frozen=True)
-class ReferencedPages:
+class ReferencedPages(Value):
     """Pages referenced under a lease but not mapped yet: which slot holds each."""
 
-    slots: Sequence[int]
-    pages_new: int
-    manifest: ManifestRecord | None = None  # the manifest they were referenced through
+    __slots__ = ("manifest", "pages_new", "slots")
+
+    def __init__(
+        self,
+        slots: Sequence[int],
+        pages_new: int,
+        # the manifest they were referenced through
+        manifest: ManifestRecord | None = None,
+    ) -> None:
+        self.slots = slots
+        self.pages_new = pages_new
+        self.manifest = manifest
 
 
 class SlotMapper:

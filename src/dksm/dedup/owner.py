@@ -11,7 +11,8 @@ mapping of pool pages, is gone before it becomes a zombie.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from dksm.value import Value
 
 # /proc/PID/stat: "pid (comm) state ppid ...".  comm may hold spaces and parentheses,
 # so fields are counted after the last ')'; field 3 (state) is then at index 0.
@@ -20,12 +21,19 @@ _START_TIME_INDEX = 22 - 3
 _DEAD_STATES = frozenset({"Z", "X", "x"})
 
 
-@dataclass(frozen=True)
-class ProcessIdentity:
+class ProcessIdentity(Value):
     """A process as it is told apart from every other one since boot."""
 
-    pid: int
-    start_time: int  # clock ticks since boot, /proc/PID/stat field 22
+    __slots__ = ("pid", "start_time")
+
+    def __init__(
+        self,
+        pid: int,
+        # clock ticks since boot, /proc/PID/stat field 22
+        start_time: int,
+    ) -> None:
+        self.pid = pid
+        self.start_time = start_time
 
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity | None:

@@ -134,9 +134,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Self
 
 import xxhash
 
@@ -161,6 +159,11 @@ from dksm.dedup.store import (
     validate_domain,
 )
 from dksm.memory.host_mapping import PAGE_SIZE
+from dksm.value import Value
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "DEFAULT_DOMAIN",
@@ -202,44 +205,94 @@ def span_key(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data) + (len(data) // PAGE_SIZE).to_bytes(8, "big")
 
 
-@dataclass(frozen=True)
-class PoolStats:
+class PoolStats(Value):
     """The pool's counters, named as in the DKSM thesis (``/sys/kernel/mm/dksm``)."""
 
-    pages_scanned: int  # pages offered to the pool while it ran
-    pages_merged: int  # pages that matched a page already in the pool
-    merging_failed: int  # pages whose hash matched but bytes differed
-    hashtable_entries: int  # distinct pages in the pool (slots in use)
-    leases: int
-    references: int  # sum of all slots' reference counts
-    pages_saved: int  # references - hashtable_entries
-    bytes_saved: int
-    file_blocks_bytes: int  # storage the pages file holds (st_blocks * 512)
-    run: bool
-    # CPU time the loading threads of every process spent hashing, comparing and
-    # storing pages (mapping excluded): dksm's counterpart of ksmd's CPU time.
-    merge_cpu_ns: int = 0
-    # Slots the pages file spans, in use or free: the size of the pool's page table
-    # (the thesis's is its kernel hash table's bucket count; see docs/THESIS.md).
-    hashtable_size: int = 0
-    # Loads the pool knows whole (their manifests), and the pages referenced through
-    # one with no per-page work (a subset of pages_merged).
-    manifests: int = 0
-    manifest_pages: int = 0
+    # In the order `dksm pool stats` prints them (the thesis's), not sorted.
+    __slots__ = (  # noqa: RUF023
+        "pages_scanned",
+        "pages_merged",
+        "merging_failed",
+        "hashtable_entries",
+        "leases",
+        "references",
+        "pages_saved",
+        "bytes_saved",
+        "file_blocks_bytes",
+        "run",
+        "merge_cpu_ns",
+        "hashtable_size",
+        "manifests",
+        "manifest_pages",
+    )
+
+    def __init__(
+        self,
+        # pages offered to the pool while it ran
+        pages_scanned: int,
+        # pages that matched a page already in the pool
+        pages_merged: int,
+        # pages whose hash matched but bytes differed
+        merging_failed: int,
+        # distinct pages in the pool (slots in use)
+        hashtable_entries: int,
+        leases: int,
+        # sum of all slots' reference counts
+        references: int,
+        # references - hashtable_entries
+        pages_saved: int,
+        bytes_saved: int,
+        # storage the pages file holds (st_blocks * 512)
+        file_blocks_bytes: int,
+        run: bool,
+        # CPU time the loading threads of every process spent hashing, comparing and
+        # storing pages (mapping excluded): dksm's counterpart of ksmd's CPU time.
+        merge_cpu_ns: int = 0,
+        # Slots the pages file spans, in use or free: the size of the pool's page table
+        # (the thesis's is its kernel hash table's bucket count; see docs/THESIS.md).
+        hashtable_size: int = 0,
+        # Loads the pool knows whole (their manifests), and the pages referenced through
+        # one with no per-page work (a subset of pages_merged).
+        manifests: int = 0,
+        manifest_pages: int = 0,
+    ) -> None:
+        self.pages_scanned = pages_scanned
+        self.pages_merged = pages_merged
+        self.merging_failed = merging_failed
+        self.hashtable_entries = hashtable_entries
+        self.leases = leases
+        self.references = references
+        self.pages_saved = pages_saved
+        self.bytes_saved = bytes_saved
+        self.file_blocks_bytes = file_blocks_bytes
+        self.run = run
+        self.merge_cpu_ns = merge_cpu_ns
+        self.hashtable_size = hashtable_size
+        self.manifests = manifests
+        self.manifest_pages = manifest_pages
 
     def to_json(self) -> dict[str, int | bool]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
-@dataclass(frozen=True)
-class LeaseInfo:
+class LeaseInfo(Value):
     """One lease as the index records it."""
 
-    lease_id: int
-    pid: int
-    start_time: int
-    references: int
-    alive: bool
+    __slots__ = ("alive", "lease_id", "pid", "references", "start_time")
+
+    def __init__(
+        self,
+        lease_id: int,
+        pid: int,
+        start_time: int,
+        references: int,
+        alive: bool,
+    ) -> None:
+        self.lease_id = lease_id
+        self.pid = pid
+        self.start_time = start_time
+        self.references = references
+        self.alive = alive
 
 
 def _pid_namespace() -> int:

@@ -17,7 +17,6 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from dksm.dedup import admission, slot_arrays
 from dksm.dedup.index import ManifestRecord, PoolIndex, SlotBlocks, Transaction
@@ -27,6 +26,7 @@ from dksm.dedup.pool_errors import PoolError
 from dksm.dedup.store import Store
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
+from dksm.value import Value
 
 HashKeys = Callable[[memoryview, int], list[bytes]]
 """``hash_keys(data, every)``: the index key of pages 0, every, 2 * every ... of data."""
@@ -35,16 +35,25 @@ _UNPLACED = (-1,)
 STORE_CHUNK = 1024
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(Value):
     """The slot of each page of a load, and how many of them it stored itself."""
 
-    slots: Sequence[int]
-    pages_new: int
-    manifest: ManifestRecord | None = None  # the manifest the load used or made
-    # (first slot, length, first page) of each run of consecutive slots, when known
-    # without looking at every slot again.
-    runs: list[tuple[int, int, int]] | None = None
+    __slots__ = ("manifest", "pages_new", "runs", "slots")
+
+    def __init__(
+        self,
+        slots: Sequence[int],
+        pages_new: int,
+        # the manifest the load used or made
+        manifest: ManifestRecord | None = None,
+        # (first slot, length, first page) of each run of consecutive slots, when
+        # known without looking at every slot again.
+        runs: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        self.slots = slots
+        self.pages_new = pages_new
+        self.manifest = manifest
+        self.runs = runs
 
 
 def _gone(lease_id: int, domain: str) -> PoolError:

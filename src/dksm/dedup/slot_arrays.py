@@ -16,7 +16,10 @@ from __future__ import annotations
 import array
 import functools
 import sys
-from typing import Final
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final
 
 _ORDER: Final = sys.byteorder
 _LIMIT: Final = 1 << 63  # no element this large: adding one can never carry

@@ -34,9 +34,7 @@ import re
 import stat
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from dksm.dedup import trust
 from dksm.dedup.index import (
@@ -52,6 +50,11 @@ from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolDamagedError, PoolError, PoolMissingError
 from dksm.error import DksmError
 from dksm.memory.host_mapping import PAGE_SIZE
+from dksm.value import Value
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final
 
 DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
 POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"
@@ -161,14 +164,22 @@ def _repair_hint(domain: str, root: Path) -> str:
     )
 
 
-@dataclass(frozen=True)
-class _Place:
+class _Place(Value):
     """Where a domain's pool is: checked descriptors and the paths they had."""
 
-    domain: str
-    root: Path
-    root_fd: int
-    dir_fd: int
+    __slots__ = ("dir_fd", "domain", "root", "root_fd")
+
+    def __init__(
+        self,
+        domain: str,
+        root: Path,
+        root_fd: int,
+        dir_fd: int,
+    ) -> None:
+        self.domain = domain
+        self.root = root
+        self.root_fd = root_fd
+        self.dir_fd = dir_fd
 
     @property
     def directory(self) -> Path:

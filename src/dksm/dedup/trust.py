@@ -39,9 +39,12 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Final, NoReturn
 
 from dksm.error import DksmError
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Final, NoReturn
 
 # O_NONBLOCK: a FIFO planted under a file's name must not block the open; it is
 # refused as soon as fstat shows what it is.

@@ -11,19 +11,20 @@ same way."""
 from __future__ import annotations
 
 import bisect
-from typing import Protocol
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class BusDevice(Protocol):
-    """A device seen through a window of addresses; ``offset`` is from its base and
-    ``size`` is the access width in bytes (1, 2, 4 or 8)."""
+    class BusDevice(Protocol):
+        """A device seen through a window of addresses; ``offset`` is from its base and
+        ``size`` is the access width in bytes (1, 2, 4 or 8)."""
 
-    def read(self, offset: int, size: int) -> int: ...
+        def read(self, offset: int, size: int) -> int: ...
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+        def write(self, offset: int, size: int, value: int) -> None: ...
 
-
-PortDevice = BusDevice  # a device behind IO ports
+    PortDevice = BusDevice  # a device behind IO ports
 
 
 class Bus:

@@ -17,7 +17,16 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from typing import Protocol
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class ByteSink(Protocol):
+        """Where transmitted bytes go: a binary file, or anything that writes bytes."""
+
+        def write(self, data: bytes, /) -> object: ...
+
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -53,12 +62,6 @@ MCR_LOOPBACK = 0x10
 # Bytes of input held for the guest; the 16550's own FIFO is 16, Firecracker's 64.
 # More lets a paste arrive whole while the guest is busy.
 RECEIVE_CAPACITY = 4096
-
-
-class ByteSink(Protocol):
-    """Where transmitted bytes go: a binary file, or anything that writes bytes."""
-
-    def write(self, data: bytes, /) -> object: ...
 
 
 class GuardedSink:

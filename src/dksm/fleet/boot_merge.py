@@ -23,14 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from dksm.devices.serial import ByteSink
 from dksm.error import DksmError
 from dksm.memory.page_states import PAGE_SIZE, Pagemap, PageState
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.dedup.pool import Lease
+    from dksm.devices.serial import ByteSink
     from dksm.memory.guest_memory import GuestMemory
 
 # A trigger that was never seen must not keep the whole console in memory.

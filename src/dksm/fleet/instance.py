@@ -11,23 +11,24 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from dksm.devices.serial import ByteSink, GuardedSink
+from dksm.devices.serial import GuardedSink
 from dksm.error import DksmError
-from dksm.fleet.boot_merge import BootMerge, BootMergeError
 from dksm.loader.host_file import check_path
-from dksm.memory.guest_memory import PageSharer
+from dksm.value import Value
 from dksm.vmm.builder import build
 from dksm.vmm.config import VmConfig
 from dksm.vmm.machine import ExitCause, MicroVm, Outcome
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from pathlib import Path
 
     from dksm.dedup.pool import Lease, PagePool
+    from dksm.devices.serial import ByteSink
+    from dksm.fleet.boot_merge import BootMerge
     from dksm.fleet.directory import VmInfo
+    from dksm.memory.guest_memory import PageSharer
     from dksm.vmm.builder import BuildPlan
 
 DEFAULT_DOMAIN = "default"
@@ -82,13 +83,22 @@ class KsmScope(enum.Enum):
             raise DksmError(f"unknown KSM scope '{text}'; choose one of {choices}") from None
 
 
-@dataclass(frozen=True)
-class InstanceSpec:
-    config: VmConfig
-    dedup: DedupMode = DedupMode.DKSM
-    domain: str = DEFAULT_DOMAIN
-    pool_root: Path | None = None
-    ksm_scope: KsmScope = KsmScope.RAM
+class InstanceSpec(Value):
+    __slots__ = ("config", "dedup", "domain", "ksm_scope", "pool_root")
+
+    def __init__(
+        self,
+        config: VmConfig,
+        dedup: DedupMode = DedupMode.DKSM,
+        domain: str = DEFAULT_DOMAIN,
+        pool_root: Path | None = None,
+        ksm_scope: KsmScope = KsmScope.RAM,
+    ) -> None:
+        self.config = config
+        self.dedup = dedup
+        self.domain = domain
+        self.pool_root = pool_root
+        self.ksm_scope = ksm_scope
 
 
 class Instance:
@@ -113,11 +123,14 @@ class Instance:
         self.lease: Lease | None = None
         self.boot_merge: BootMerge | None = None
         try:
-            if merge_after is not None and not spec.dedup.uses_pool:
-                raise BootMergeError(
-                    "the post-boot merge hands pages to the page pool: it needs --dedup "
-                    f"dksm or dksm+ksm, not {spec.dedup.value}"
-                )
+            if merge_after is not None:  # its module only where it is asked for
+                from dksm.fleet.boot_merge import BootMerge, BootMergeError
+
+                if not spec.dedup.uses_pool:
+                    raise BootMergeError(
+                        "the post-boot merge hands pages to the page pool: it needs --dedup "
+                        f"dksm or dksm+ksm, not {spec.dedup.value}"
+                    )
             if sharer is None and spec.dedup.uses_pool:
                 from dksm.dedup.pool import PagePool
 
@@ -151,6 +164,7 @@ class Instance:
 
     def _merge_lease(self, sharer: PageSharer | None) -> Lease:
         from dksm.dedup.pool import Lease
+        from dksm.fleet.boot_merge import BootMergeError
 
         lease = self.lease or (sharer if isinstance(sharer, Lease) else None)
         if lease is None:

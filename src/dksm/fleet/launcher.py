@@ -57,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from dksm.dedup.mapping import ReferencedPages, SlotMapper
 from dksm.dedup.owner import ProcessIdentity
@@ -75,13 +75,15 @@ from dksm.fleet.worker_fork import (
 from dksm.loader.elf import load_elf, preload_images
 from dksm.loader.initrd import place_initrd, preload_initrds, read_initrd
 from dksm.loader.segment import Segment, shareable_span
-from dksm.memory.guest_memory import PageSharer
 from dksm.vmm.builder import BuildPlan, build, plan_build
 from dksm.vmm.confinement import Confinement
 from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
 from dksm.vmm.machine import ExitCause
 from dksm.vmm.socket_cleanup import RECORD_MAX, remove_reported, report_to
+
+if TYPE_CHECKING:
+    from dksm.memory.guest_memory import PageSharer
 
 DEFAULT_VMS_PER_WORKER = 8
 EVENT_RECORD = struct.Struct("<II")  # VM index, event

@@ -9,10 +9,10 @@ per-user cache and answer to the names in :data:`FETCHED_NAMES` once fetched.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from pathlib import Path
 

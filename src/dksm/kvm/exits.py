@@ -4,16 +4,16 @@
 of its members say themselves which of their fields are valid (the emulation
 failure's instruction bytes exist only when its flag says so).  :func:`decode`
 reads the union once, by reason, through the named fields of :mod:`dksm.kvm.abi`,
-and returns one frozen value per kind of exit, so no caller reads the union at
+and returns one value per kind of exit, so no caller reads the union at
 raw offsets or trusts a field the kernel did not fill.
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from dksm.kvm import abi
+from dksm.value import Value
 
 # The longest x86 instruction; also the size of emulation_failure.insn_bytes.
 MAX_INSTRUCTION_LENGTH = 15
@@ -21,81 +21,94 @@ MAX_INSTRUCTION_LENGTH = 15
 _EMULATION_FAILURE_WORDS = 3
 
 
-# The two exits a running guest makes most (thousands a second) are plain slotted
-# classes, not frozen ones: a frozen dataclass sets each field through
-# object.__setattr__, 0.6 µs more per exit (of ~17 µs per port I/O round trip,
-# measured).  Nothing changes them after decode; their data is kvm_run's anyway.
-@dataclass(slots=True)
-class IoExit:
+class IoExit(Value):
     """Port I/O: ``count`` accesses of ``size`` bytes; ``data`` lies in ``kvm_run``
     (the guest reads what is written into it on an IN)."""
 
-    port: int
-    size: int
-    count: int
-    is_write: bool
-    data: memoryview
+    __slots__ = ("count", "data", "is_write", "port", "size")
+
+    def __init__(self, port: int, size: int, count: int, is_write: bool, data: memoryview) -> None:
+        self.port = port
+        self.size = size
+        self.count = count
+        self.is_write = is_write
+        self.data = data
 
 
-@dataclass(slots=True)
-class MmioExit:
+class MmioExit(Value):
     """An access to guest-physical memory no slot covers; ``data`` is writable for a read."""
 
-    address: int
-    length: int
-    is_write: bool
-    data: memoryview
+    __slots__ = ("address", "data", "is_write", "length")
+
+    def __init__(self, address: int, length: int, is_write: bool, data: memoryview) -> None:
+        self.address = address
+        self.length = length
+        self.is_write = is_write
+        self.data = data
 
 
-@dataclass(frozen=True, slots=True)
-class Halted:
+class Halted(Value):
     """HLT with no in-kernel LAPIC to wait in."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+
+class Shutdown(Value):
     """Triple fault."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Interrupted:
+
+class Interrupted(Value):
     """A signal (or ``immediate_exit``) ended ``KVM_RUN`` early."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class SystemEvent:
+
+class SystemEvent(Value):
     """Reset, shutdown or crash, as the guest asked the platform (``KVM_SYSTEM_EVENT_*``)."""
 
-    type: int
+    __slots__ = ("type",)
+
+    def __init__(self, type: int) -> None:
+        self.type = type
 
 
-@dataclass(frozen=True, slots=True)
-class FailEntry:
+class FailEntry(Value):
     """The hardware refused to enter the guest."""
 
-    hardware_reason: int
+    __slots__ = ("hardware_reason",)
+
+    def __init__(self, hardware_reason: int) -> None:
+        self.hardware_reason = hardware_reason
 
 
-@dataclass(frozen=True, slots=True)
-class EmulationFailure:
+class EmulationFailure(Value):
     """KVM could not emulate an instruction; ``instruction`` holds its bytes when KVM
     gave them (empty otherwise: read them from guest memory at RIP)."""
 
-    instruction: bytes
+    __slots__ = ("instruction",)
+
+    def __init__(self, instruction: bytes) -> None:
+        self.instruction = instruction
 
 
-@dataclass(frozen=True, slots=True)
-class InternalError:
+class InternalError(Value):
     """Any other KVM internal error."""
 
-    suberror: int
+    __slots__ = ("suberror",)
+
+    def __init__(self, suberror: int) -> None:
+        self.suberror = suberror
 
 
-@dataclass(frozen=True, slots=True)
-class OtherExit:
+class OtherExit(Value):
     """An exit reason dksm does not handle."""
 
-    reason: int
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason
 
 
 VcpuExit = (

@@ -13,10 +13,13 @@ import errno
 import fcntl
 import mmap
 import os
-from typing import Self
 
 from dksm.error import DksmError
 from dksm.kvm import abi
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Self
 
 KVM_DEVICE = "/dev/kvm"
 

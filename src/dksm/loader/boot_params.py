@@ -8,10 +8,10 @@ the image is a bzImage.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from dksm.arch import layout
 from dksm.loader.segment import LoaderError
+from dksm.value import Value
 
 BOOT_PARAMS_SIZE = 4096
 
@@ -35,14 +35,22 @@ KERNEL_ALIGNMENT = 0x0100_0000
 E820_ENTRY = struct.Struct("<QQI")
 
 
-@dataclass(frozen=True)
-class BootParams:
+class BootParams(Value):
     """What the guest is told at boot: RAM map, command line, initrd."""
 
-    mem_size: int
-    cmdline: bytes
-    initrd_addr: int = 0
-    initrd_size: int = 0
+    __slots__ = ("cmdline", "initrd_addr", "initrd_size", "mem_size")
+
+    def __init__(
+        self,
+        mem_size: int,
+        cmdline: bytes,
+        initrd_addr: int = 0,
+        initrd_size: int = 0,
+    ) -> None:
+        self.mem_size = mem_size
+        self.cmdline = cmdline
+        self.initrd_addr = initrd_addr
+        self.initrd_size = initrd_size
 
     def encode(self) -> bytes:
         page = bytearray(BOOT_PARAMS_SIZE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from typing import NamedTuple
 
 from dksm.arch import layout
 from dksm.loader.host_file import read_regular_file
@@ -32,14 +31,17 @@ PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr, 56 bytes
 MAX_PROGRAM_HEADERS = 256
 
 
-class _Load(NamedTuple):
+class _Load:
     """A checked ``PT_LOAD`` header: guest range, file range, flags."""
 
-    start: int
-    end: int
-    offset: int
-    file_size: int
-    flags: int
+    __slots__ = ("end", "file_size", "flags", "offset", "start")
+
+    def __init__(self, start: int, end: int, offset: int, file_size: int, flags: int) -> None:
+        self.start = start
+        self.end = end
+        self.offset = offset
+        self.file_size = file_size
+        self.flags = flags
 
 
 def _mib(n: int) -> str:
@@ -156,7 +158,7 @@ def parse_elf(data: bytes, mem_size: int, path: str = "<image>") -> KernelImage:
         loads.append(_Load(p_paddr, end, p_offset, p_filesz, p_flags))
     if not loads:
         raise LoaderError(f"{path}: no loadable (PT_LOAD) segment")
-    loads.sort()
+    loads.sort(key=lambda load: (load.start, load.end))
     for before, after in itertools.pairwise(loads):
         if after.start < before.end:
             raise LoaderError(

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from dksm.error import DksmError
+from dksm.value import Value
 
 PAGE_SIZE = 4096
 
@@ -13,8 +12,7 @@ class LoaderError(DksmError):
     """The image is malformed or does not fit the guest; the message says how."""
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Value):
     """One loadable piece of an image, at a guest-physical address.
 
     ``data`` is what the file holds (``p_filesz`` bytes); the rest of ``mem_size`` is
@@ -22,11 +20,21 @@ class Segment:
     ``PT_LOAD`` without ``PF_W``): their whole pages are what the pool may share.
     """
 
-    guest_addr: int
-    data: bytes
-    mem_size: int
-    writable: bool
-    executable: bool = False
+    __slots__ = ("data", "executable", "guest_addr", "mem_size", "writable")
+
+    def __init__(
+        self,
+        guest_addr: int,
+        data: bytes,
+        mem_size: int,
+        writable: bool,
+        executable: bool = False,
+    ) -> None:
+        self.guest_addr = guest_addr
+        self.data = data
+        self.mem_size = mem_size
+        self.writable = writable
+        self.executable = executable
 
     @property
     def end(self) -> int:
@@ -37,13 +45,20 @@ class Segment:
         return self.guest_addr + len(self.data)
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(Value):
     """A parsed image: its segments (sorted by address) and its 64-bit entry point."""
 
-    path: str
-    segments: tuple[Segment, ...]
-    entry: int
+    __slots__ = ("entry", "path", "segments")
+
+    def __init__(
+        self,
+        path: str,
+        segments: tuple[Segment, ...],
+        entry: int,
+    ) -> None:
+        self.path = path
+        self.segments = segments
+        self.entry = entry
 
     @property
     def end(self) -> int:

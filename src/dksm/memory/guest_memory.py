@@ -10,28 +10,30 @@ frames.  KVM sees one memory slot either way.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from dksm.loader.segment import KernelImage, Segment, shareable_span
+from dksm.loader.segment import shareable_span
 from dksm.memory import host_mapping
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class SharedPages(Protocol):
-    """What a sharer reports about one request."""
+    from dksm.loader.segment import KernelImage, Segment
 
-    @property
-    def mapped(self) -> bool: ...
+    class SharedPages(Protocol):
+        """What a sharer reports about one request."""
 
+        @property
+        def mapped(self) -> bool: ...
 
-class PageSharer(Protocol):
-    """Something that can map given page contents at a host address, shared.
+    class PageSharer(Protocol):
+        """Something that can map given page contents at a host address, shared.
 
-    ``content`` is a whole number of pages.  If the result says ``mapped`` the pages
-    at ``address`` now show ``content``; otherwise nothing changed and the caller
-    copies the bytes itself.
-    """
+        ``content`` is a whole number of pages.  If the result says ``mapped`` the pages
+        at ``address`` now show ``content``; otherwise nothing changed and the caller
+        copies the bytes itself.
+        """
 
-    def map_pages(self, address: int, content: bytes | memoryview) -> SharedPages: ...
+        def map_pages(self, address: int, content: bytes | memoryview) -> SharedPages: ...
 
 
 class GuestMemory:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from dataclasses import dataclass
 
 from dksm.arch import boot_state, cpuid, layout, mptable
 from dksm.devices import i8042, rtc, serial
@@ -33,12 +32,17 @@ from dksm.kvm import abi
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.loader.boot_params import BootParams, encode_cmdline
 from dksm.loader.elf import load_elf
-from dksm.loader.initrd import place_initrd, read_initrd
-from dksm.loader.segment import KernelImage, Segment
-from dksm.memory.guest_memory import GuestMemory, PageSharer
+from dksm.memory.guest_memory import GuestMemory
+from dksm.value import Value
 from dksm.vmm import device_manager
 from dksm.vmm.config import VmConfig
-from dksm.vmm.machine import DeviceThreads, ExitCause, MicroVm
+from dksm.vmm.machine import ExitCause, MicroVm
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.loader.segment import KernelImage, Segment
+    from dksm.memory.guest_memory import PageSharer
+    from dksm.vmm.machine import DeviceThreads
 
 ACPI_SHUTDOWN_PORT = 0x604
 
@@ -57,17 +61,23 @@ class _PortSink:
         self.vm.finish(ExitCause.GUEST_SHUTDOWN, "ACPI power off")
 
 
-@dataclass(frozen=True, slots=True)
-class VcpuSetup:
+class VcpuSetup(Value):
     """One vCPU's CPUID table, MSRs and registers, as the structs their ioctls take."""
 
-    cpuid: ctypes.Structure
-    msrs: ctypes.Structure
-    regs: abi.Regs
+    __slots__ = ("cpuid", "msrs", "regs")
+
+    def __init__(
+        self,
+        cpuid: ctypes.Structure,
+        msrs: ctypes.Structure,
+        regs: abi.Regs,
+    ) -> None:
+        self.cpuid = cpuid
+        self.msrs = msrs
+        self.regs = regs
 
 
-@dataclass(frozen=True, slots=True)
-class BuildPlan:
+class BuildPlan(Value):
     """All of a VM's build that depends on its config alone: the checked input, the
     image, and the boot state as bytes and structs, ready for guest RAM and ioctls.
 
@@ -75,14 +85,24 @@ class BuildPlan:
     that each worker only copies and issues; for ``dksm run`` :func:`build` makes it.
     """
 
-    config: VmConfig
-    image: KernelImage
-    initrd: Segment | None
-    # (guest address, bytes), written in this order once the image is in place:
-    # page tables, GDT and IDT, MP table, command line, zero page.
-    boot_memory: tuple[tuple[int, bytes], ...]
-    # Per vCPU; None when the CPUID needs the TSC frequency of the VM's own vCPU.
-    vcpus: tuple[VcpuSetup, ...] | None
+    __slots__ = ("boot_memory", "config", "image", "initrd", "vcpus")
+
+    def __init__(
+        self,
+        config: VmConfig,
+        image: KernelImage,
+        initrd: Segment | None,
+        # (guest address, bytes), written in this order once the image is in place:
+        # page tables, GDT and IDT, MP table, command line, zero page.
+        boot_memory: tuple[tuple[int, bytes], ...],
+        # Per vCPU; None when the CPUID needs the TSC frequency of the VM's own vCPU.
+        vcpus: tuple[VcpuSetup, ...] | None,
+    ) -> None:
+        self.config = config
+        self.image = image
+        self.initrd = initrd
+        self.boot_memory = boot_memory
+        self.vcpus = vcpus
 
 
 def plan_build(config: VmConfig, *, vcpu_state: bool = False) -> BuildPlan:
@@ -96,6 +116,8 @@ def plan_build(config: VmConfig, *, vcpu_state: bool = False) -> BuildPlan:
     initrd: Segment | None = None
     initrd_size = 0
     if config.initrd_path:
+        from dksm.loader.initrd import place_initrd, read_initrd  # only VMs with one
+
         ramdisk = read_initrd(config.initrd_path, config.mem_size)
         initrd = place_initrd(ramdisk, config.mem_size, image)
         initrd_size = ramdisk.size

@@ -15,24 +15,23 @@ conversion error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
-
 from dksm.arch import layout
 from dksm.error import DksmError, one_line
 from dksm.loader.host_file import HostFileError, check_path, read_regular_file
-from dksm.vmm.device_config import (
-    DeviceConfigError,
-    DriveConfig,
-    EntropyConfig,
-    NetworkInterfaceConfig,
-    VsockConfig,
-    drive_config,
-    network_interface_config,
-    vsock_config,
-)
+from dksm.value import Value
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    # Imported where a config has devices: a VM without them (most starts) does
+    # not pay for their classes and patterns.
+    from typing import Any
+
+    from dksm.vmm.device_config import (
+        DriveConfig,
+        EntropyConfig,
+        NetworkInterfaceConfig,
+        VsockConfig,
+    )
     from dksm.vmm.schema import VmConfigDocument
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
@@ -44,21 +43,48 @@ class ConfigError(DksmError):
     """The VM configuration is invalid; the message names the field."""
 
 
-@dataclass(frozen=True)
-class VmConfig:
-    kernel_path: str
-    boot_args: str = DEFAULT_BOOT_ARGS
-    mem_mib: int = DEFAULT_MEM_MIB
-    vcpu_count: int = 1
-    initrd_path: str | None = None
-    # Announce the TSC frequency in CPUID 0x40000010 (guests then skip calibration).
-    tsc_frequency_leaf: bool = True
-    # virtio devices, attached in Firecracker's order: drives (the root one first),
-    # network interfaces, vsock, entropy.
-    drives: tuple[DriveConfig, ...] = ()
-    network_interfaces: tuple[NetworkInterfaceConfig, ...] = ()
-    vsock: VsockConfig | None = None
-    entropy: EntropyConfig | None = None
+class VmConfig(Value):
+    """Everything the builder needs to make one VM; :meth:`validate` checks it."""
+
+    __slots__ = (
+        "boot_args",
+        "drives",
+        "entropy",
+        "initrd_path",
+        "kernel_path",
+        "mem_mib",
+        "network_interfaces",
+        "tsc_frequency_leaf",
+        "vcpu_count",
+        "vsock",
+    )
+
+    def __init__(
+        self,
+        kernel_path: str,
+        boot_args: str = DEFAULT_BOOT_ARGS,
+        mem_mib: int = DEFAULT_MEM_MIB,
+        vcpu_count: int = 1,
+        initrd_path: str | None = None,
+        # Announce the TSC frequency in CPUID 0x40000010 (guests then skip calibration).
+        tsc_frequency_leaf: bool = True,
+        # virtio devices, attached in Firecracker's order: drives (the root one first),
+        # network interfaces, vsock, entropy.
+        drives: tuple[DriveConfig, ...] = (),
+        network_interfaces: tuple[NetworkInterfaceConfig, ...] = (),
+        vsock: VsockConfig | None = None,
+        entropy: EntropyConfig | None = None,
+    ) -> None:
+        self.kernel_path = kernel_path
+        self.boot_args = boot_args
+        self.mem_mib = mem_mib
+        self.vcpu_count = vcpu_count
+        self.initrd_path = initrd_path
+        self.tsc_frequency_leaf = tsc_frequency_leaf
+        self.drives = drives
+        self.network_interfaces = network_interfaces
+        self.vsock = vsock
+        self.entropy = entropy
 
     @property
     def virtio_device_count(self) -> int:
@@ -121,13 +147,25 @@ class VmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for a fleet's spec file); :meth:`from_dict` reverses it."""
-        from dataclasses import asdict
+        from dataclasses import asdict  # the device configs'
 
-        return asdict(self)
+        doc = self.fields()
+        doc["drives"] = [asdict(drive) for drive in self.drives]
+        doc["network_interfaces"] = [asdict(n) for n in self.network_interfaces]
+        doc["vsock"] = None if self.vsock is None else asdict(self.vsock)
+        doc["entropy"] = None if self.entropy is None else asdict(self.entropy)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> VmConfig:
-        known = {f.name for f in fields(cls)}
+        from dksm.vmm.device_config import (
+            DriveConfig,
+            EntropyConfig,
+            NetworkInterfaceConfig,
+            VsockConfig,
+        )
+
+        known = set(cls.__slots__)
         values = {k: v for k, v in doc.items() if k in known}
         values["drives"] = tuple(DriveConfig(**d) for d in doc.get("drives", ()))
         values["network_interfaces"] = tuple(
@@ -258,17 +296,27 @@ def parse_json(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: JSON nested too deeply") from None
 
 
-@dataclass(frozen=True)
-class ConfigFile:
+class ConfigFile(Value):
     """A validated Firecracker config file, as dksm will run it."""
 
-    vm: VmConfig
-    document: VmConfigDocument
-    # From the "dksm" object, or None where the file leaves it to flags and defaults.
-    dedup: str | None = None
-    domain: str | None = None
-    pool_root: str | None = None
-    serial_out_path: str | None = None
+    __slots__ = ("dedup", "document", "domain", "pool_root", "serial_out_path", "vm")
+
+    def __init__(
+        self,
+        vm: VmConfig,
+        document: VmConfigDocument,
+        # From the "dksm" object, or None where the file leaves it to flags and defaults.
+        dedup: str | None = None,
+        domain: str | None = None,
+        pool_root: str | None = None,
+        serial_out_path: str | None = None,
+    ) -> None:
+        self.vm = vm
+        self.document = document
+        self.dedup = dedup
+        self.domain = domain
+        self.pool_root = pool_root
+        self.serial_out_path = serial_out_path
 
 
 # What only the Firecracker front door (dksm vmm / dksm-firecracker) does with a
@@ -306,6 +354,12 @@ def validate_document(doc: Any, where: str) -> VmConfigDocument:
 def vm_config(document: VmConfigDocument) -> VmConfig:
     """The builder's value for a validated (and accepted) document."""
     from dksm.guests import resolve_image_path
+    from dksm.vmm.device_config import (
+        EntropyConfig,
+        drive_config,
+        network_interface_config,
+        vsock_config,
+    )
 
     boot = document.boot_source
     machine = document.machine_config
@@ -336,6 +390,7 @@ def vm_config(document: VmConfigDocument) -> VmConfig:
 def accept_document(doc: Any, where: str, *, refuse: dict[str, str] | None = None) -> ConfigFile:
     """Validate ``doc``, refuse what dksm cannot do (one line per feature, plus the
     sections in ``refuse``), and turn the rest into a :class:`ConfigFile`."""
+    from dksm.vmm.device_config import DeviceConfigError
     from dksm.vmm.schema import unsupported
 
     document = validate_document(doc, where)

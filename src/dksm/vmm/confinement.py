@@ -42,9 +42,9 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from dksm.error import DksmError
+from dksm.value import Value
 from dksm.vmm import seccomp_filter
 
 UNPRIVILEGED_ID = 65534  # the kernel's overflowuid/overflowgid: nobody and nogroup
@@ -124,12 +124,18 @@ def _capabilities() -> tuple[int, int, int]:
     return joined("effective"), joined("permitted"), joined("inheritable")
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Value):
     """The user and group a confined VMM runs as."""
 
-    uid: int
-    gid: int
+    __slots__ = ("gid", "uid")
+
+    def __init__(
+        self,
+        uid: int,
+        gid: int,
+    ) -> None:
+        self.uid = uid
+        self.gid = gid
 
 
 def _parse_id(text: str, kind: str) -> int:
@@ -319,7 +325,7 @@ _EMULATION_FALLBACK = (
     "dksm.vmm.emulation",
     "dksm.vmm.emulation_unicorn",
 )
-_EMULATION_NEEDS = ("ctypes", "dataclasses", "importlib", "re", "struct", "time", "typing")
+_EMULATION_NEEDS = ("ctypes", "importlib", "re", "struct", "time")
 
 
 def _load_emulation_fallback(load_now: bool) -> None:

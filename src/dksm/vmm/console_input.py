@@ -18,9 +18,12 @@ import contextlib
 import os
 import select
 import threading
-from typing import Any
 
 from dksm.devices.serial import Serial
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Any
 
 POLL_INTERVAL_S = 0.1
 READ_SIZE = 4096

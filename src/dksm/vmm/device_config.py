@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 from dksm.loader.host_file import HostFileError, check_path
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.vmm.schema import Drive, NetworkInterface, Vsock
 

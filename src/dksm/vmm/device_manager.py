@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dksm.arch import layout
 from dksm.error import DksmError
+from dksm.value import Value
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.devices.bus import MmioBus
     from dksm.devices.virtio.block import BackingFile
@@ -46,12 +46,18 @@ class DeviceAttachError(DksmError):
     """A device's host side (its eventfds, its worker's epoll set) cannot be made."""
 
 
-@dataclass(frozen=True)
-class MmioSlot:
+class MmioSlot(Value):
     """Where a device lives: its register window and interrupt line."""
 
-    address: int
-    irq: int
+    __slots__ = ("address", "irq")
+
+    def __init__(
+        self,
+        address: int,
+        irq: int,
+    ) -> None:
+        self.address = address
+        self.irq = irq
 
     @property
     def cmdline(self) -> str:
@@ -108,13 +114,15 @@ def import_device_modules() -> None:
     importlib.import_module("dksm.vmm.socket_cleanup")
 
 
-@dataclass
 class Backends:
     """The host side of every device, opened before the VM exists."""
 
-    drives: list[tuple[DriveConfig, BackingFile]] = field(default_factory=list)
-    taps: list[tuple[NetworkInterfaceConfig, int]] = field(default_factory=list)
-    vsock: VsockListener | None = None
+    __slots__ = ("drives", "taps", "vsock")
+
+    def __init__(self) -> None:
+        self.drives: list[tuple[DriveConfig, BackingFile]] = []
+        self.taps: list[tuple[NetworkInterfaceConfig, int]] = []
+        self.vsock: VsockListener | None = None
 
     def close(self) -> None:
         for _, backing in self.drives:

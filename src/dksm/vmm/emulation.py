@@ -53,22 +53,25 @@ import ctypes
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dksm.error import DksmError
 from dksm.kvm import abi, exits
 from dksm.kvm.system import Kvm, Vcpu
+from dksm.value import Value
 from dksm.x86emu import decode as x86_decode
 from dksm.x86emu import execute as x86_execute
-from dksm.x86emu.cpu import DEFAULT_LAYOUT, X87_COMPONENT, ExecutionError, Handler, VectorState
+from dksm.x86emu.cpu import DEFAULT_LAYOUT, X87_COMPONENT, ExecutionError, VectorState
 from dksm.x86emu.decode import DecodeError, Instruction
 from dksm.x86emu.opcodes import MAX_INSTRUCTION_LENGTH
 from dksm.x86emu.paging import PAGE_MASK, PAGE_SIZE, PageWalker, PagingMode, page_pieces
 from dksm.x86emu.registers import CR0_PE, EFER_LMA, FLAG_TF, MASK64, RFLAGS, RIP
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     from dksm.vmm.emulation_unicorn import UnicornExecutor
+    from dksm.x86emu.cpu import Handler
+
+    _Decoded = tuple[Instruction, Handler, str]
 
 # Instructions executed per exit at most: bounds how long an exit can delay a
 # pending interrupt (each costs a few µs here).
@@ -85,14 +88,22 @@ class EmulationError(DksmError):
     """The fallback cannot execute the guest's instruction; the message says why."""
 
 
-@dataclass(frozen=True)
-class EmulationStats:
+class EmulationStats(Value):
     """What the fallback did during a VM's life."""
 
-    instructions: int
-    exits: int
-    seconds: float
-    by_mnemonic: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("by_mnemonic", "exits", "instructions", "seconds")
+
+    def __init__(
+        self,
+        instructions: int,
+        exits: int,
+        seconds: float,
+        by_mnemonic: dict[str, int] | None = None,
+    ) -> None:
+        self.instructions = instructions
+        self.exits = exits
+        self.seconds = seconds
+        self.by_mnemonic = {} if by_mnemonic is None else by_mnemonic
 
     def describe(self) -> str:
         if not self.instructions:
@@ -321,9 +332,6 @@ class VcpuCpu:
             write=write,
             fetch=fetch,
         )
-
-
-_Decoded = tuple[Instruction, Handler, str]
 
 
 class EmulationFallback:

@@ -23,11 +23,14 @@ hand-written.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from dksm.vmm.emulation import VcpuCpu
 from dksm.x86emu.cpu import ExecutionError
 from dksm.x86emu.registers import RFLAGS, RIP
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Any
 
 EFER_MSR = 0xC0000080
 # struct kvm_regs order (rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags).

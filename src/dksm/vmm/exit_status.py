@@ -10,8 +10,8 @@ member names (tests check that every cause has a status).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see dksm.cli)
 if TYPE_CHECKING:
     from dksm.vmm.machine import ExitCause
 

@@ -50,8 +50,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 from dksm.devices.bus import MmioBus, PortBus
 from dksm.devices.i8042 import I8042
@@ -59,9 +57,22 @@ from dksm.devices.serial import Serial
 from dksm.kvm import abi, exits
 from dksm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from dksm.memory.guest_memory import GuestMemory
+from dksm.value import Value
 
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from dksm.vmm.emulation import EmulationFallback
+
+    class DeviceThreads(Protocol):
+        """A device served on threads of its own: started with the vCPUs, closed once
+        they are all out of the guest and before guest RAM is unmapped."""
+
+        def start(self) -> None: ...
+
+        def close(self) -> None: ...
+
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02
@@ -75,15 +86,6 @@ class _VmmHold:
 
 
 _VMM_HOLD = _VmmHold()
-
-
-class DeviceThreads(Protocol):
-    """A device served on threads of its own: started with the vCPUs, closed once
-    they are all out of the guest and before guest RAM is unmapped."""
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class ExitCause(enum.Enum):
@@ -101,13 +103,25 @@ class ExitCause(enum.Enum):
     HOST_IO_ERROR = "host I/O error"  # a device's host side failed (console on a full disk)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    cause: ExitCause
-    detail: str
-    registers: str = ""
-    exits: dict[str, int] = field(default_factory=dict)
-    emulated: dict[str, int] = field(default_factory=dict)  # by mnemonic, in user space
+class Outcome(Value):
+    """Why a VM ended, and what its vCPUs did until then."""
+
+    __slots__ = ("cause", "detail", "emulated", "exits", "registers")
+
+    def __init__(
+        self,
+        cause: ExitCause,
+        detail: str,
+        registers: str = "",
+        exits: dict[str, int] | None = None,
+        # Instructions executed in user space, by mnemonic.
+        emulated: dict[str, int] | None = None,
+    ) -> None:
+        self.cause = cause
+        self.detail = detail
+        self.registers = registers
+        self.exits = {} if exits is None else exits
+        self.emulated = {} if emulated is None else emulated
 
     def describe(self) -> str:
         return f"{self.cause.value}: {self.detail}" if self.detail else self.cause.value

@@ -38,10 +38,13 @@ import fcntl
 import mmap
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 from dksm.kvm import abi
+from dksm.value import Value
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Flag values the rules compare, from the kernel's uapi headers.
 CLONE_THREAD = 0x00010000  # linux/sched.h
@@ -61,24 +64,40 @@ class Verdict(enum.Enum):
     UNSUPPORTED = "answer ENOSYS"
 
 
-@dataclass(frozen=True)
-class ArgIs:
+class ArgIs(Value):
     """Argument ``index`` (0-based) satisfies ``(value & mask) == expected``."""
 
-    index: int
-    expected: int
-    mask: int = 0xFFFF_FFFF_FFFF_FFFF
+    __slots__ = ("expected", "index", "mask")
+
+    def __init__(
+        self,
+        index: int,
+        expected: int,
+        mask: int = 0xFFFF_FFFF_FFFF_FFFF,
+    ) -> None:
+        self.index = index
+        self.expected = expected
+        self.mask = mask
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(Value):
     """One line of the filter: ``syscall`` gets ``verdict`` when every condition in
     ``when`` holds.  Several rules for one system call are alternatives."""
 
-    syscall: str
-    who: str  # who needs it, in a few words
-    when: tuple[ArgIs, ...] = ()
-    verdict: Verdict = Verdict.ALLOW
+    __slots__ = ("syscall", "verdict", "when", "who")
+
+    def __init__(
+        self,
+        syscall: str,
+        # who needs it, in a few words
+        who: str,
+        when: tuple[ArgIs, ...] = (),
+        verdict: Verdict = Verdict.ALLOW,
+    ) -> None:
+        self.syscall = syscall
+        self.who = who
+        self.when = when
+        self.verdict = verdict
 
 
 def _allow(syscall: str, who: str, *when: ArgIs) -> Rule:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Protocol
 
 from dksm.error import DksmError
 from dksm.x86emu.decode import Instruction
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Protocol
 
 # The XSAVE area, standard (non-compacted) format, as KVM_GET_XSAVE returns it.
 FCW, FSW, FTW, FOP, FIP, FDP = 0, 2, 4, 6, 8, 16
@@ -57,12 +60,14 @@ class ExecutionError(DksmError):
         self.exception = exception
 
 
-class Registers(Protocol):
-    """18 unsigned 64-bit values in ``kvm_regs`` order (a list or a ``memoryview``)."""
+if TYPE_CHECKING:  # protocols: for the type checker only
 
-    def __getitem__(self, index: int, /) -> int: ...
+    class Registers(Protocol):
+        """18 unsigned 64-bit values in ``kvm_regs`` order (a list or a ``memoryview``)."""
 
-    def __setitem__(self, index: int, value: int, /) -> None: ...
+        def __getitem__(self, index: int, /) -> int: ...
+
+        def __setitem__(self, index: int, value: int, /) -> None: ...
 
 
 class VectorState:
@@ -178,33 +183,34 @@ class VectorState:
         self.changed |= SSE_COMPONENT
 
 
-class Cpu(Protocol):
-    """What executing an instruction needs from a CPU."""
+if TYPE_CHECKING:
 
-    @property
-    def regs(self) -> Registers: ...
+    class Cpu(Protocol):
+        """What executing an instruction needs from a CPU."""
 
-    @property
-    def cr0(self) -> int: ...
+        @property
+        def regs(self) -> Registers: ...
 
-    @property
-    def cr4(self) -> int: ...
+        @property
+        def cr0(self) -> int: ...
 
-    def segment_base(self, segment: str) -> int:
-        """The base of FS or GS (other segments have base 0 in 64-bit mode)."""
-        ...
+        @property
+        def cr4(self) -> int: ...
 
-    def read(self, address: int, size: int) -> bytes:
-        """``size`` bytes at linear ``address``; raises :class:`ExecutionError`."""
-        ...
+        def segment_base(self, segment: str) -> int:
+            """The base of FS or GS (other segments have base 0 in 64-bit mode)."""
+            ...
 
-    def write(self, address: int, data: bytes) -> None:
-        """Store at linear ``address``: all pages checked before any byte is written."""
-        ...
+        def read(self, address: int, size: int) -> bytes:
+            """``size`` bytes at linear ``address``; raises :class:`ExecutionError`."""
+            ...
 
-    def vector(self) -> VectorState: ...
+        def write(self, address: int, data: bytes) -> None:
+            """Store at linear ``address``: all pages checked before any byte is written."""
+            ...
 
-    def xcr0(self) -> int: ...
+        def vector(self) -> VectorState: ...
 
+        def xcr0(self) -> int: ...
 
-Handler = Callable[[Cpu, Instruction], None]
+    Handler = Callable[[Cpu, Instruction], None]

@@ -17,9 +17,8 @@ no code from elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from dksm.error import DksmError
+from dksm.value import Value
 from dksm.x86emu.opcodes import (
     ADDRESS_SIZE,
     LOCK,
@@ -46,16 +45,26 @@ class DecodeError(DksmError):
     """The bytes are not an instruction this decoder knows."""
 
 
-@dataclass(frozen=True, slots=True)
-class Memory:
+class Memory(Value):
     """A memory operand: ``segment:[base + index * scale + disp]``."""
 
-    base: int
-    index: int
-    scale: int
-    disp: int
-    segment: str
-    address32: bool
+    __slots__ = ("address32", "base", "disp", "index", "scale", "segment")
+
+    def __init__(
+        self,
+        base: int,
+        index: int,
+        scale: int,
+        disp: int,
+        segment: str,
+        address32: bool,
+    ) -> None:
+        self.base = base
+        self.index = index
+        self.scale = scale
+        self.disp = disp
+        self.segment = segment
+        self.address32 = address32
 
     def describe(self) -> str:
         parts = []
@@ -76,8 +85,7 @@ class Memory:
         return f"{prefix}[{text}]"
 
 
-@dataclass(frozen=True, slots=True)
-class Instruction:
+class Instruction(Value):
     """A decoded instruction.
 
     ``reg`` is ModRM.reg extended by REX.R, ``rm`` ModRM.rm extended by REX.B when
@@ -85,17 +93,45 @@ class Instruction:
     ``opcode`` is (map, opcode byte, mandatory prefix).
     """
 
-    spec: Spec
-    length: int
-    opcode: tuple[int, int, int]
-    reg: int
-    rm: int
-    memory: Memory | None
-    immediate: int
-    rex_w: bool
-    operand16: bool
-    lock: bool
-    code: bytes
+    __slots__ = (
+        "code",
+        "immediate",
+        "length",
+        "lock",
+        "memory",
+        "opcode",
+        "operand16",
+        "reg",
+        "rex_w",
+        "rm",
+        "spec",
+    )
+
+    def __init__(
+        self,
+        spec: Spec,
+        length: int,
+        opcode: tuple[int, int, int],
+        reg: int,
+        rm: int,
+        memory: Memory | None,
+        immediate: int,
+        rex_w: bool,
+        operand16: bool,
+        lock: bool,
+        code: bytes,
+    ) -> None:
+        self.spec = spec
+        self.length = length
+        self.opcode = opcode
+        self.reg = reg
+        self.rm = rm
+        self.memory = memory
+        self.immediate = immediate
+        self.rex_w = rex_w
+        self.operand16 = operand16
+        self.lock = lock
+        self.code = code
 
     @property
     def mnemonic(self) -> str:
@@ -119,15 +155,27 @@ _NO_MODRM_0F = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Prefixes:
-    end: int  # index of the first opcode byte
-    mandatory: int
-    operand16: bool
-    address32: bool
-    segment: str
-    lock: bool
-    rex: int
+class _Prefixes(Value):
+    __slots__ = ("address32", "end", "lock", "mandatory", "operand16", "rex", "segment")
+
+    def __init__(
+        self,
+        # index of the first opcode byte
+        end: int,
+        mandatory: int,
+        operand16: bool,
+        address32: bool,
+        segment: str,
+        lock: bool,
+        rex: int,
+    ) -> None:
+        self.end = end
+        self.mandatory = mandatory
+        self.operand16 = operand16
+        self.address32 = address32
+        self.segment = segment
+        self.lock = lock
+        self.rex = rex
 
 
 def _prefixes(code: bytes) -> _Prefixes:
@@ -334,12 +382,18 @@ X87 = "x87"
 _FLOAT_0F3A = frozenset({0x08, 0x09, 0x0A, 0x0B, 0x40, 0x41})
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
+class Shape(Value):
     """The length and kind of a SIMD or x87 instruction this decoder does not execute."""
 
-    length: int
-    kind: str
+    __slots__ = ("kind", "length")
+
+    def __init__(
+        self,
+        length: int,
+        kind: str,
+    ) -> None:
+        self.length = length
+        self.kind = kind
 
 
 _SIMD_0F = frozenset(

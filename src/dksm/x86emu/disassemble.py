@@ -12,17 +12,29 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from dataclasses import dataclass
-from typing import Any
+
+from dksm.value import Value
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from typing import Any
 
 _OBJDUMP_LINE = re.compile(r"^\s*0:\s+((?:[0-9a-f]{2} )+)\s*(.*)$")
 
 
-@dataclass(frozen=True)
-class Disassembly:
-    text: str  # "pshufb %xmm1, %xmm0"
-    length: int
-    tool: str
+class Disassembly(Value):
+    __slots__ = ("length", "text", "tool")
+
+    def __init__(
+        self,
+        # "pshufb %xmm1, %xmm0"
+        text: str,
+        length: int,
+        tool: str,
+    ) -> None:
+        self.text = text
+        self.length = length
+        self.tool = tool
 
 
 def disassemble(code: bytes, address: int = 0) -> Disassembly | None:

@@ -27,9 +27,12 @@ operation section); no code from elsewhere.
 from __future__ import annotations
 
 from dksm.x86emu import sse, system, xsave
-from dksm.x86emu.cpu import Cpu, Handler
 from dksm.x86emu.decode import Instruction
 from dksm.x86emu.registers import MASK64, RIP
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.x86emu.cpu import Cpu, Handler
 
 # One table over every family; the families hold disjoint mnemonics.
 HANDLERS: dict[str, Handler] = {**sse.HANDLERS, **system.HANDLERS, **xsave.HANDLERS}

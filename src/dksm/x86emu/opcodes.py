@@ -8,7 +8,7 @@ volume 2, appendix A (opcode maps); no code from elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dksm.value import Value
 
 MAX_INSTRUCTION_LENGTH = 15
 
@@ -40,8 +40,7 @@ MEMORY_ONLY = 1
 REGISTER_ONLY = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Spec:
+class Spec(Value):
     """One instruction form: its mnemonic and how its encoding continues.
 
     ``group`` is the ModRM.reg digit that selects it (``/digit`` in the SDM),
@@ -49,13 +48,26 @@ class Spec:
     ``xgetbv`` (0F 01 D0), ``operand`` which ModRM.rm kinds are valid.
     """
 
-    mnemonic: str
-    immediate: int = 0
-    operand: int = ANY
-    group: int = -1
-    rm: int = -1
-    lockable: bool = False
-    modrm: bool = True  # False: the opcode is the whole instruction (fwait)
+    __slots__ = ("group", "immediate", "lockable", "mnemonic", "modrm", "operand", "rm")
+
+    def __init__(
+        self,
+        mnemonic: str,
+        immediate: int = 0,
+        operand: int = ANY,
+        group: int = -1,
+        rm: int = -1,
+        lockable: bool = False,
+        # False: the opcode is the whole instruction (fwait)
+        modrm: bool = True,
+    ) -> None:
+        self.mnemonic = mnemonic
+        self.immediate = immediate
+        self.operand = operand
+        self.group = group
+        self.rm = rm
+        self.lockable = lockable
+        self.modrm = modrm
 
 
 def _table() -> dict[tuple[int, int, int], tuple[Spec, ...]]:

@@ -6,7 +6,7 @@ before anything is changed (see :mod:`dksm.x86emu.execute`).
 
 from __future__ import annotations
 
-from dksm.x86emu.cpu import Cpu, ExecutionError
+from dksm.x86emu.cpu import ExecutionError
 from dksm.x86emu.decode import Instruction
 from dksm.x86emu.opcodes import NO_REGISTER, RIP_BASE
 from dksm.x86emu.registers import (
@@ -19,6 +19,10 @@ from dksm.x86emu.registers import (
     MASK64,
     RIP,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.x86emu.cpu import Cpu
 
 
 def effective_address(cpu: Cpu, insn: Instruction) -> int:

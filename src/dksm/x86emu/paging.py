@@ -9,8 +9,7 @@ SDM volume 3, chapter 4; no code from elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from dksm.value import Value
 from dksm.x86emu.cpu import ExecutionError
 from dksm.x86emu.registers import CR0_PG, CR0_WP, CR4_LA57, EFER_NXE, MASK64
 
@@ -27,15 +26,24 @@ PAGE_SIZE = 4096
 PAGE_MASK = PAGE_SIZE - 1
 
 
-@dataclass(frozen=True, slots=True)
-class PagingMode:
+class PagingMode(Value):
     """The control registers a page walk depends on, and the CPL."""
 
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    cpl: int
+    __slots__ = ("cpl", "cr0", "cr3", "cr4", "efer")
+
+    def __init__(
+        self,
+        cr0: int,
+        cr3: int,
+        cr4: int,
+        efer: int,
+        cpl: int,
+    ) -> None:
+        self.cr0 = cr0
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.efer = efer
+        self.cpl = cpl
 
 
 class PageWalker:

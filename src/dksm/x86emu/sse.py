@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from dksm.x86emu.cpu import Cpu, Handler
 from dksm.x86emu.decode import Instruction
 from dksm.x86emu.opcodes import NO_REGISTER
 from dksm.x86emu.operands import (
@@ -23,6 +22,10 @@ from dksm.x86emu.operands import (
     write_gpr,
 )
 from dksm.x86emu.registers import MASK32, MASK64, MASK128
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.x86emu.cpu import Cpu, Handler
 
 
 def _repeat(pattern: int, bits: int) -> int:

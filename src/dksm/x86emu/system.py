@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import os
 
-from dksm.x86emu.cpu import (
-    FCW_RESET,
-    FSW,
-    MXCSR,
-    ST0,
-    X87_COMPONENT,
-    XMM0,
-    Cpu,
-    ExecutionError,
-    Handler,
-)
+from dksm.x86emu.cpu import FCW_RESET, FSW, MXCSR, ST0, X87_COMPONENT, XMM0, ExecutionError
 from dksm.x86emu.decode import Instruction
 from dksm.x86emu.opcodes import NO_REGISTER
 from dksm.x86emu.operands import aligned_address, effective_address, read_gpr, write_gpr
@@ -44,6 +34,10 @@ from dksm.x86emu.registers import (
     RDX,
     RFLAGS,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.x86emu.cpu import Cpu, Handler
 
 
 def _no_operation(cpu: Cpu, insn: Instruction) -> None:

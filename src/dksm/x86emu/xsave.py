@@ -22,9 +22,7 @@ from dksm.x86emu.cpu import (
     XCOMP_BV,
     XMM0,
     XSTATE_BV,
-    Cpu,
     ExecutionError,
-    Handler,
     VectorState,
 )
 from dksm.x86emu.decode import Instruction
@@ -36,6 +34,10 @@ from dksm.x86emu.operands import (
     store_operand,
 )
 from dksm.x86emu.registers import MASK32, RAX, RCX, RDX
+
+TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
+if TYPE_CHECKING:
+    from dksm.x86emu.cpu import Cpu, Handler
 
 
 def _ldmxcsr(cpu: Cpu, insn: Instruction) -> None:
