@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from dksm.dedup import admission, slot_arrays
-from dksm.dedup.index import ManifestRecord, PoolIndex, SlotBlocks, Transaction
+from dksm.dedup.index import LeaseRecord, ManifestRecord, PoolIndex, SlotBlocks, Transaction
 from dksm.dedup.mapping import slot_runs
 from dksm.dedup.pages_file import PagesFile
 from dksm.dedup.pool_errors import PoolError
@@ -56,11 +56,21 @@ class Admission(Value):
         self.runs = runs
 
 
-def _gone(lease_id: int, domain: str) -> PoolError:
-    return PoolError(
-        f"lease {lease_id} is gone from the pool of domain {domain!r}: it was "
-        "released, or swept because its owner looked dead"
-    )
+def _lease_to_reference(
+    index: PoolIndex, txn: Transaction, lease_id: int, domain: str
+) -> LeaseRecord | None:
+    """The lease that references are about to be taken under, in the write
+    transaction that takes them: None when the run switch is off (nothing may be
+    referenced), an error when the lease is gone (released, or swept)."""
+    if not index.run(txn):
+        return None
+    lease = index.lease(txn, lease_id)
+    if lease is None:
+        raise PoolError(
+            f"lease {lease_id} is gone from the pool of domain {domain!r}: it was "
+            "released, or swept because its owner looked dead"
+        )
+    return lease
 
 
 def admit(
@@ -93,11 +103,9 @@ def admit(
     wrote = False
     try:
         with index.write() as txn:
-            if not index.run(txn):
-                return None
-            lease = index.lease(txn, lease_id)
+            lease = _lease_to_reference(index, txn, lease_id, domain)
             if lease is None:
-                raise _gone(lease_id, domain)
+                return None
             pages.check_size()
             blocks = index.slot_blocks(txn)
             slots = array.array("q", _UNPLACED) * count
@@ -294,11 +302,9 @@ def use_known(
     index = store.index
     count = len(manifest.slots)
     with index.write() as txn:
-        if not index.run(txn):
-            return None
-        lease = index.lease(txn, lease_id)
+        lease = _lease_to_reference(index, txn, lease_id, domain)
         if lease is None:
-            raise _gone(lease_id, domain)
+            return None
         current = index.manifest_id(txn, manifest.key)
         if current != manifest.manifest_id:
             return False
@@ -325,11 +331,9 @@ def reference_again(
     index = store.index
     counts = Counter(slots)
     with index.write() as txn:
-        if not index.run(txn):
-            return False
-        lease = index.lease(txn, lease_id)
+        lease = _lease_to_reference(index, txn, lease_id, domain)
         if lease is None:
-            raise _gone(lease_id, domain)
+            return False
         if not index.all_slots_exist(txn, counts):
             raise PoolError("pages to reference again were released meanwhile")
         index.add_references(txn, counts)
