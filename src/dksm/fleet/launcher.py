@@ -67,7 +67,7 @@ from dksm.fleet.directory import LIVE_STATES, FleetDirectory, Member, VmOutcome
 from dksm.fleet.instance import Instance, InstanceSpec
 from dksm.fleet.worker_fork import (
     fill_allocator_holes,
-    fork_bare,
+    fork_worker,
     single_threaded,
     trim_heap,
     wait_single_threaded,
@@ -396,7 +396,7 @@ class FleetLauncher:
             for (_, hosted), group_kinds in zip(groups, kinds, strict=True):
                 go_r, go_w = os.pipe()
                 reports = self._socket_report_pipe(len(hosted)) if "vsock" in group_kinds else None
-                pid = fork_bare() if bare else os.fork()
+                pid = fork_worker(bare)
                 if pid == 0:
                     os.close(self._events_r)
                     os.close(go_w)

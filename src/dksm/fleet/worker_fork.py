@@ -83,9 +83,13 @@ def fork_bare() -> int:
     return pid
 
 
-def fork_worker() -> int:
-    """:func:`fork_bare` when this process has one thread, else :func:`os.fork`."""
-    return fork_bare() if single_threaded() else os.fork()
+def fork_worker(one_thread: bool | None = None) -> int:
+    """:func:`fork_bare` when this process has one thread, else :func:`os.fork`.
+    ``one_thread``: what :func:`single_threaded` said, for a caller forking many
+    workers in a row that asked once (None: ask now)."""
+    if one_thread is None:
+        one_thread = single_threaded()
+    return fork_bare() if one_thread else os.fork()
 
 
 # Objects that fill the allocator's free blocks for the life of the process.
