@@ -163,6 +163,7 @@ from dksm.value import Value
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Self
 
 __all__ = [
@@ -311,7 +312,6 @@ class PagePool:
     ) -> None:
         self._store = store
         self.domain = domain
-        self.directory = store.directory
         self._closed = False
         self._hash_key: Callable[[memoryview], bytes]
         if page_hash is None:
@@ -328,6 +328,13 @@ class PagePool:
                 (whole(data) & _SPAN_HASH_MASK).to_bytes(16, "big")
                 + (len(data) // PAGE_SIZE).to_bytes(8, "big")
             )
+
+    @property
+    def directory(self) -> Path:
+        """The domain's pool directory (as given, not resolved)."""
+        from pathlib import Path  # milliseconds of start-up: only for callers that ask
+
+        return Path(self._store.directory)
 
     @classmethod
     def open(
