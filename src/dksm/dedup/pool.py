@@ -138,7 +138,7 @@ from types import TracebackType
 
 import xxhash
 
-from dksm.dedup import consistency, references
+from dksm.dedup import references
 from dksm.dedup.index import LeaseRecord
 from dksm.dedup.lease import Lease
 from dksm.dedup.owner import ProcessIdentity
@@ -523,6 +523,8 @@ class PagePool:
         Runs inside a write transaction (then aborted) so no writer changes the file
         meanwhile.  An empty list means the pool is consistent.
         """
+        from dksm.dedup import consistency  # not for every VM start: its own command's
+
         store = self._usable_store()
         with store.index.inspect() as txn:
             try:
