@@ -73,7 +73,7 @@ def test_pool_root_comes_from_argument_then_environment_then_default(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(POOL_ROOT_ENV, raising=False)
-    assert pool_root() == DEFAULT_POOL_ROOT == Path("/dev/shm/dksm")
+    assert pool_root() == Path(DEFAULT_POOL_ROOT) == Path("/dev/shm/dksm")
     monkeypatch.setenv(POOL_ROOT_ENV, str(root))
     with PagePool.open("from-env") as pool:
         assert pool.directory == root / "from-env"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -14,7 +13,13 @@ from dksm.vmm.exit_status import ExitStatus
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
     import argparse
+    import signal
     from typing import Any
+else:
+    # signal's C half: the same functions and signal numbers, as plain ints.  The
+    # signal module itself only wraps them in enums, and importing it (with enum)
+    # costs milliseconds of every start.
+    import _signal as signal
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: FrameType | None) -> None:

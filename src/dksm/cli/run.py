@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 import os
 import sys
 from types import SimpleNamespace
@@ -21,6 +20,8 @@ if TYPE_CHECKING:
     Arguments = argparse.Namespace | SimpleNamespace
 
     from dksm.vmm.confinement import Credentials
+
+_INFINITY = float("inf")  # math's, without loading the math extension for one constant
 
 
 class SerialOutputError(DksmError):
@@ -154,7 +155,7 @@ def handle(args: Arguments) -> int:
 
 
 def _handle(args: Arguments, start_up: StartUp) -> int:
-    if args.timeout is not None and not 0 < args.timeout < math.inf:
+    if args.timeout is not None and not 0 < args.timeout < _INFINITY:
         raise DksmError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     config, config_file = _config(args)
     target = confinement_credentials(args)

@@ -99,7 +99,6 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import lmdb
 
@@ -226,12 +225,12 @@ class SlotRecord(Value):
         self.references = references
 
 
-def _fix_for(path: Path) -> str:
-    return f"remove the pool directory {path.parent}"
+def _fix_for(path: str) -> str:
+    return f"remove the pool directory {os.path.dirname(path)}"
 
 
 def _open_environment(
-    dir_fd: int, path: Path, hint: str, *, create: bool, readonly: bool = False
+    dir_fd: int, path: str, hint: str, *, create: bool, readonly: bool = False
 ) -> lmdb.Environment:
     """Open the LMDB environment in the checked directory ``dir_fd`` (see the module
     documentation, "Opening the environment").  ``path`` is for messages only."""
@@ -244,11 +243,11 @@ def _open_environment(
     expected: set[trust.FileIdentity] = set()
     for name in names:
         if create:
-            fd = trust.create_file(dir_fd, name, path / name)
+            fd = trust.create_file(dir_fd, name, os.path.join(path, name))
         else:
             flags = os.O_RDONLY if name == DATA_FILE else os.O_RDWR | os.O_CREAT
             try:
-                fd = trust.open_file(dir_fd, name, flags, path / name, fix)
+                fd = trust.open_file(dir_fd, name, flags, os.path.join(path, name), fix)
             except FileNotFoundError:
                 raise PoolDamagedError(
                     f"the pool index at {path} has no {name}: the pool is damaged; {hint}"
@@ -260,8 +259,8 @@ def _open_environment(
                 problem = "it is empty" if empty else data_file_problem(fd)
                 if problem is not None:
                     raise PoolDamagedError(
-                        f"the pool is damaged: its index file {path / name} cannot be opened "
-                        f"because {problem}; {hint}"
+                        f"the pool is damaged: its index file {os.path.join(path, name)} cannot "
+                        f"be opened because {problem}; {hint}"
                     )
         finally:
             os.close(fd)
@@ -299,7 +298,7 @@ def _open_environment(
     return env
 
 
-def stored_format(dir_fd: int, path: Path, hint: str) -> str | None:
+def stored_format(dir_fd: int, path: str, hint: str) -> str | None:
     """The format recorded by an index nobody has open (the caller holds the pool's
     lock exclusively), or None if it records none: an index a creation left half-made."""
     with contextlib.closing(
@@ -348,11 +347,13 @@ class PoolIndex:
     per process), so the pool keeps one ``PoolIndex`` per process and domain.
     """
 
-    def __init__(self, dir_fd: int, path: Path, *, create: bool, hint: str) -> None:
+    def __init__(
+        self, dir_fd: int, path: str | os.PathLike[str], *, create: bool, hint: str
+    ) -> None:
         """Open the environment in the checked directory ``dir_fd`` (which this object
         then owns and closes).  ``path`` names it in messages; ``hint`` ends every
         damage message (how to inspect or remove the pool)."""
-        self.path = path
+        self.path = path = os.fspath(path)
         self.hint = hint
         self.dir_fd = dir_fd
         try:
@@ -379,8 +380,8 @@ class PoolIndex:
             self.close()
             if older is not None:  # tables a later format added: not damage
                 raise PoolError(
-                    f"the pool at {path.parent} has format {older}, and this dksm reads only "
-                    f"format {FORMAT_VERSION}; {hint}"
+                    f"the pool at {os.path.dirname(path)} has format {older}, and this dksm "
+                    f"reads only format {FORMAT_VERSION}; {hint}"
                 ) from error
             raise PoolDamagedError(
                 f"the pool index at {path} lacks a table ({error}): the pool is damaged; {hint}"

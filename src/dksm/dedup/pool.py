@@ -138,7 +138,7 @@ from types import TracebackType
 
 import xxhash
 
-from dksm.dedup import consistency, references
+from dksm.dedup import references
 from dksm.dedup.index import LeaseRecord
 from dksm.dedup.lease import Lease
 from dksm.dedup.owner import ProcessIdentity
@@ -163,6 +163,7 @@ from dksm.value import Value
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Self
 
 __all__ = [
@@ -311,7 +312,6 @@ class PagePool:
     ) -> None:
         self._store = store
         self.domain = domain
-        self.directory = store.directory
         self._closed = False
         self._hash_key: Callable[[memoryview], bytes]
         if page_hash is None:
@@ -328,6 +328,13 @@ class PagePool:
                 (whole(data) & _SPAN_HASH_MASK).to_bytes(16, "big")
                 + (len(data) // PAGE_SIZE).to_bytes(8, "big")
             )
+
+    @property
+    def directory(self) -> Path:
+        """The domain's pool directory (as given, not resolved)."""
+        from pathlib import Path  # milliseconds of start-up: only for callers that ask
+
+        return Path(self._store.directory)
 
     @classmethod
     def open(
@@ -516,6 +523,8 @@ class PagePool:
         Runs inside a write transaction (then aborted) so no writer changes the file
         meanwhile.  An empty list means the pool is consistent.
         """
+        from dksm.dedup import consistency  # not for every VM start: its own command's
+
         store = self._usable_store()
         with store.index.inspect() as txn:
             try:

@@ -30,11 +30,9 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import stat
 import threading
 import time
-from pathlib import Path
 
 from dksm.dedup import trust
 from dksm.dedup.index import (
@@ -54,9 +52,10 @@ from dksm.value import Value
 
 TYPE_CHECKING = False  # typing's, without importing typing (see the dksm package)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Final
 
-DEFAULT_POOL_ROOT: Final = Path("/dev/shm/dksm")
+DEFAULT_POOL_ROOT: Final = "/dev/shm/dksm"
 POOL_ROOT_ENV: Final = "DKSM_POOL_ROOT"
 DEFAULT_DOMAIN: Final = "default"
 
@@ -66,7 +65,9 @@ LOCK: Final = "lock"
 READY: Final = "ready"
 READY_TMP: Final = "ready.tmp"
 
-_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DOMAIN_CHARACTERS: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+)
 _MAX_DOMAIN_LENGTH = 64
 _READY_TEXT = f"dksm page pool, format {FORMAT_VERSION}\n"
 _OPEN_ATTEMPTS = 100
@@ -82,7 +83,7 @@ def validate_domain(domain: str) -> str:
         raise PoolError(f"domain name {domain!r} would name a directory outside the pool root")
     if len(domain) > _MAX_DOMAIN_LENGTH:
         raise PoolError(f"domain name {domain[:16]!r}... is longer than {_MAX_DOMAIN_LENGTH}")
-    if not _DOMAIN_NAME.fullmatch(domain):
+    if domain[0] in ".-" or not _DOMAIN_CHARACTERS.issuperset(domain):
         raise PoolError(
             f"domain name {domain!r} may only hold letters, digits, '_', '.' and '-', "
             "and must not start with '.' or '-'"
@@ -90,17 +91,25 @@ def validate_domain(domain: str) -> str:
     return domain
 
 
-def default_pool_root() -> Path:
+def default_pool_root() -> str:
     """/dev/shm/dksm for root, /dev/shm/dksm-UID for anyone else: a pool root must be
     its user's own, so users cannot share one name."""
     euid = os.geteuid()
-    return DEFAULT_POOL_ROOT if euid == 0 else DEFAULT_POOL_ROOT.with_name(f"dksm-{euid}")
+    return DEFAULT_POOL_ROOT if euid == 0 else f"{DEFAULT_POOL_ROOT}-{euid}"
 
 
 def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The directory holding every domain's pool (see :func:`checked_root`)."""
+    from pathlib import Path  # milliseconds of start-up: only for callers that want one
+
+    return Path(checked_root(root))
+
+
+def checked_root(root: str | os.PathLike[str] | None = None) -> str:
     """The directory holding every domain's pool: ``root``, else $DKSM_POOL_ROOT, else
-    :func:`default_pool_root`.  A given root must name a directory on tmpfs: the
-    empty string is refused rather than taken as the current directory."""
+    :func:`default_pool_root`, made absolute and normal (no "." or ".." parts).  A
+    given root must name a directory on tmpfs: the empty string is refused rather
+    than taken as the current directory."""
     given = root is not None or bool(os.environ.get(POOL_ROOT_ENV))
     if root is None:
         root = os.environ.get(POOL_ROOT_ENV) or default_pool_root()
@@ -116,7 +125,7 @@ def pool_root(root: str | os.PathLike[str] | None = None) -> Path:
         os.fsencode(text)
     except UnicodeEncodeError:
         raise PoolError(f"the pool root {text!r} is not a valid file name here") from None
-    path = Path(os.path.abspath(text))
+    path = os.path.abspath(text)
     if given:
         _require_tmpfs(path)
     return path
@@ -126,20 +135,24 @@ TMPFS_MAGIC: Final = 0x01021994  # linux/magic.h
 STATFS_SIZE: Final = 120  # struct statfs on x86-64; f_type is its first (long) field
 
 
-def _filesystem_type(path: Path) -> int | None:
+def _filesystem_type(path: str) -> int | None:
     """statfs(2)'s f_type of the file system holding ``path`` (or the nearest
     existing directory above it: the pool root may not exist yet)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     buffer = ctypes.create_string_buffer(STATFS_SIZE)
-    for candidate in (path, *path.parents):
+    candidate = path
+    while True:
         if libc.statfs(os.fsencode(candidate), buffer) == 0:
             return int.from_bytes(buffer.raw[:8], "little")
-    return None
+        parent = os.path.dirname(candidate)
+        if parent == candidate:
+            return None
+        candidate = parent
 
 
-def _require_tmpfs(path: Path) -> None:
+def _require_tmpfs(path: str) -> None:
     """Pool pages must be page-cache pages in memory: a pool root elsewhere would put
     guest code on disk and make every load write it there."""
     kind = _filesystem_type(path)
@@ -153,11 +166,13 @@ def _require_tmpfs(path: Path) -> None:
 def pool_directory(
     domain: str = DEFAULT_DOMAIN, root: str | os.PathLike[str] | None = None
 ) -> Path:
-    return pool_root(root) / validate_domain(domain)
+    from pathlib import Path  # as in pool_root
+
+    return Path(checked_root(root), validate_domain(domain))
 
 
-def _repair_hint(domain: str, root: Path) -> str:
-    where = "" if root == pool_root() else f" --pool-root {root}"
+def _repair_hint(domain: str, root: str) -> str:
+    where = "" if root == checked_root() else f" --pool-root {root}"
     return (
         f"'dksm pool verify --domain {domain}{where}' lists its problems and "
         f"'dksm pool purge --domain {domain}{where} --force' removes it"
@@ -172,7 +187,7 @@ class _Place(Value):
     def __init__(
         self,
         domain: str,
-        root: Path,
+        root: str,
         root_fd: int,
         dir_fd: int,
     ) -> None:
@@ -182,15 +197,15 @@ class _Place(Value):
         self.dir_fd = dir_fd
 
     @property
-    def directory(self) -> Path:
-        return self.root / self.domain
+    def directory(self) -> str:
+        return os.path.join(self.root, self.domain)
 
     @property
     def fix(self) -> str:
         return f"remove the pool directory {self.directory}"
 
-    def path(self, *names: str) -> Path:
-        return self.directory.joinpath(*names)
+    def path(self, *names: str) -> str:
+        return os.path.join(self.directory, *names)
 
 
 class Store:
@@ -225,9 +240,9 @@ class Store:
         return trust.open_file(place.dir_fd, PAGES, os.O_RDONLY, place.path(PAGES), place.fix)
 
 
-_stores: dict[Path, Store] = {}
+_stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
-_inherited_stores: list[dict[Path, Store]] = []
+_inherited_stores: list[dict[str, Store]] = []
 
 
 def _forget_inherited_stores() -> None:
@@ -250,7 +265,7 @@ os.register_at_fork(after_in_child=_forget_inherited_stores)
 def acquire_store(domain: str, root: str | os.PathLike[str] | None, *, create: bool) -> Store:
     """This process's store of the domain's pool, opened (and created, if asked) on
     first use.  PoolMissingError when there is none and ``create`` is False."""
-    root_path = pool_root(root)
+    root_path = checked_root(root)
     key = _store_key(root_path, validate_domain(domain))
     with _stores_lock:
         store = _stores.get(key)
@@ -266,11 +281,12 @@ def acquire_store(domain: str, root: str | os.PathLike[str] | None, *, create: b
         return store
 
 
-def _store_key(root: Path, domain: str) -> Path:
+def _store_key(root: str, domain: str) -> str:
     """One key per pool, however its root was spelled: LMDB must never have one
     environment open twice in a process (its fcntl locks are per process), and the
     checks of a second opening would close descriptors of its lock file."""
-    return Path(os.path.realpath(root.parent)) / root.name / domain
+    parent, name = os.path.split(root)
+    return os.path.join(os.path.realpath(parent), name, domain)
 
 
 def add_user(store: Store) -> None:
@@ -289,21 +305,21 @@ def release_store(store: Store) -> None:
             store.close()
 
 
-def _missing(domain: str, directory: Path) -> PoolMissingError:
+def _missing(domain: str, directory: str) -> PoolMissingError:
     return PoolMissingError(f"no pool for domain '{domain}' (looked in {directory})")
 
 
-def _open_root(domain: str, root: Path, *, create: bool) -> int:
+def _open_root(domain: str, root: str, *, create: bool) -> int:
     try:
         return trust.open_pool_root(root, create=create)
     except FileNotFoundError:
-        raise _missing(domain, root / domain) from None
+        raise _missing(domain, os.path.join(root, domain)) from None
     except OSError as error:
         raise PoolError(f"cannot open the pool root {root}: {error.strerror}") from error
 
 
-def _open_domain(domain: str, root: Path, root_fd: int, *, create: bool) -> int:
-    directory = root / domain
+def _open_domain(domain: str, root: str, root_fd: int, *, create: bool) -> int:
+    directory = os.path.join(root, domain)
     try:
         return trust.open_directory(
             root_fd, domain, directory, "pool directory",
@@ -315,7 +331,7 @@ def _open_domain(domain: str, root: Path, root_fd: int, *, create: bool) -> int:
         raise PoolError(f"cannot open the pool directory {directory}: {error.strerror}") from error
 
 
-def _open_store(domain: str, root: Path, *, create: bool) -> Store:
+def _open_store(domain: str, root: str, *, create: bool) -> Store:
     """Open (creating if asked) the domain's pool, holding its lock shared."""
     root_fd = _open_root(domain, root, create=create)
     try:
@@ -344,7 +360,9 @@ def _open_store(domain: str, root: Path, *, create: bool) -> Store:
                 raise
             os.close(lock_fd)
             os.close(place.dir_fd)
-        raise PoolError(f"the pool at {root / domain} kept being purged while opening it")
+        raise PoolError(
+            f"the pool at {os.path.join(root, domain)} kept being purged while opening it"
+        )
     except BaseException:
         os.close(root_fd)
         raise
@@ -389,13 +407,13 @@ def _lock_ready_pool(place: _Place, lock_fd: int, *, create: bool) -> bool:
             fcntl.flock(lock_fd, fcntl.LOCK_SH)
 
 
-def _format_problem(index: PoolIndex, directory: Path) -> str | None:
+def _format_problem(index: PoolIndex, directory: str) -> str | None:
     with index.read() as txn:
         version = index.meta_text(txn, "format")
         page_size = index.meta_text(txn, "page_size")
         layout = index.meta_text(txn, "layout")
     if version is None:
-        return f"the index at {directory / INDEX} is not a dksm pool index (no format)"
+        return f"the index at {os.path.join(directory, INDEX)} is not a dksm pool index (no format)"
     if version != str(FORMAT_VERSION):
         return (
             f"the pool at {directory} has format {version}, and this dksm reads only "
@@ -408,7 +426,7 @@ def _format_problem(index: PoolIndex, directory: Path) -> str | None:
     return None
 
 
-def _refusal(problem: str, directory: Path) -> PoolError:
+def _refusal(problem: str, directory: str) -> PoolError:
     return PoolError(
         f"{problem}; refusing to use it.  Remove {directory} (no VM may be using it) "
         "or choose another pool root or domain"
@@ -539,9 +557,8 @@ def remove_pool_files(place: _Place) -> list[str]:
     Never follows a symlink and removes only names that are ours
     (:func:`dksm.dedup.trust.remove_name`); the caller holds the lock exclusively.
     """
-    directory = place.directory
-    trust.remove_name(place.dir_fd, READY, directory / READY)
-    trust.remove_name(place.dir_fd, READY_TMP, directory / READY_TMP)
+    trust.remove_name(place.dir_fd, READY, place.path(READY))
+    trust.remove_name(place.dir_fd, READY_TMP, place.path(READY_TMP))
     left: list[str] = []
     try:
         st = os.stat(INDEX, dir_fd=place.dir_fd, follow_symlinks=False)
@@ -550,20 +567,20 @@ def remove_pool_files(place: _Place) -> list[str]:
     else:
         if stat.S_ISDIR(st.st_mode):
             index_fd = trust.open_directory(
-                place.dir_fd, INDEX, directory / INDEX, "pool index directory", place.fix,
+                place.dir_fd, INDEX, place.path(INDEX), "pool index directory", place.fix,
                 create=False,
             )  # fmt: skip
             try:
                 for name in (DATA_FILE, LOCK_FILE):
-                    trust.remove_name(index_fd, name, directory / INDEX / name)
+                    trust.remove_name(index_fd, name, place.path(INDEX, name))
                 left = [f"{INDEX}/{name}" for name in trust.names_in(index_fd)]
             finally:
                 os.close(index_fd)
             if not left:
                 os.rmdir(INDEX, dir_fd=place.dir_fd)
         else:
-            trust.remove_name(place.dir_fd, INDEX, directory / INDEX)
-    trust.remove_name(place.dir_fd, PAGES, directory / PAGES)
+            trust.remove_name(place.dir_fd, INDEX, place.path(INDEX))
+    trust.remove_name(place.dir_fd, PAGES, place.path(PAGES))
     return left
 
 
@@ -619,7 +636,7 @@ def force_remove(domain: str, root: str | os.PathLike[str] | None) -> list[str]:
     """Remove a domain's pool without opening its index (which may be too damaged to
     open), if no process has it open.  Returns the names left because they are not
     dksm's.  Only the trust rules apply: nothing is followed, only ours is removed."""
-    root_path = pool_root(root)
+    root_path = checked_root(root)
     with _stores_lock:
         if _store_key(root_path, validate_domain(domain)) in _stores:
             raise PoolError(

@@ -38,7 +38,6 @@ import errno
 import fcntl
 import os
 import stat
-from pathlib import Path
 
 from dksm.error import DksmError
 
@@ -87,7 +86,7 @@ def _writers(mode: int) -> str:
     return "its group and others" if group and other else "its group" if group else "others"
 
 
-def check_owned(st: os.stat_result, what: str, shown: Path, fix: str, *, directory: bool) -> None:
+def check_owned(st: os.stat_result, what: str, shown: str, fix: str, *, directory: bool) -> None:
     """Refuse ``st`` unless it is a directory (or a single-link regular file) owned
     by the effective user that no group or other user may write."""
     me = os.geteuid()
@@ -111,7 +110,7 @@ def check_owned(st: os.stat_result, what: str, shown: Path, fix: str, *, directo
         )
 
 
-def _check_on_the_way(st: os.stat_result, shown: Path, root: Path) -> None:
+def _check_on_the_way(st: os.stat_result, shown: str, root: str) -> None:
     """Rule 1: a directory above the pool root nobody but root and us can rename."""
     me = os.geteuid()
     fix = "choose a pool root (--pool-root) in a directory only root or you can change"
@@ -128,41 +127,44 @@ def _check_on_the_way(st: os.stat_result, shown: Path, root: Path) -> None:
         )
 
 
-def _refuse_odd_entry(parent_fd: int, name: str, what: str, shown: Path, fix: str) -> NoReturn:
+def _refuse_odd_entry(parent_fd: int, name: str, what: str, shown: str, fix: str) -> NoReturn:
     """An open with O_NOFOLLOW failed on an existing name: say what it is instead."""
     st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     kind = _kind(st.st_mode)
     raise UntrustedPathError(f"{what} {shown} is {kind}, not what dksm made: {fix}")
 
 
-def open_pool_root(root: Path, *, create: bool) -> int:
+def open_pool_root(root: str, *, create: bool) -> int:
     """A descriptor of the pool root, checked (rules 1 and 2), created if asked.
 
     ``root`` is absolute.  Raises FileNotFoundError when it is missing and
     ``create`` is False.  Missing directories on the way are created too (0700).
     """
-    if not root.is_absolute() or root.parent == root:
+    parent, name = os.path.split(root)
+    if not os.path.isabs(root) or not name or name in (".", ".."):
         raise UntrustedPathError(f"the pool root must be a directory below /, not {root}")
-    parent_fd = _walk_to(root.parent, root, create=create)
+    parent_fd = _walk_to(parent, root, create=create)
     try:
         return open_directory(
-            parent_fd, root.name, root, "pool root", "remove it or choose --pool-root",
+            parent_fd, name, root, "pool root", "remove it or choose --pool-root",
             create=create,
         )  # fmt: skip
     finally:
         os.close(parent_fd)
 
 
-def _walk_to(directory: Path, root: Path, *, create: bool) -> int:
+def _walk_to(directory: str, root: str, *, create: bool) -> int:
     """An O_PATH descriptor of ``directory`` (symlinks resolved once), every
     directory from / down to it checked by rule 1."""
-    real = Path(os.path.realpath(directory))
+    real = os.path.realpath(directory)
     fd = os.open("/", _WALK_FLAGS)
     try:
-        _check_on_the_way(os.fstat(fd), Path("/"), root)
-        shown = Path("/")
-        for part in real.parts[1:]:
-            shown = shown / part
+        _check_on_the_way(os.fstat(fd), "/", root)
+        shown = "/"
+        for part in real.split("/"):
+            if not part:  # the leading "/" (realpath leaves no empty or "." part)
+                continue
+            shown = os.path.join(shown, part)
             try:
                 next_fd = os.open(part, _WALK_FLAGS, dir_fd=fd)
             except FileNotFoundError:
@@ -192,7 +194,7 @@ def _walk_to(directory: Path, root: Path, *, create: bool) -> int:
 
 
 def open_directory(
-    parent_fd: int, name: str, shown: Path, what: str, fix: str, *, create: bool
+    parent_fd: int, name: str, shown: str, what: str, fix: str, *, create: bool
 ) -> int:
     """A descriptor of directory ``name`` under ``parent_fd``, checked (rules 2, 3),
     created 0700 if asked.  FileNotFoundError when missing and not ``create``."""
@@ -213,7 +215,7 @@ def open_directory(
     return fd
 
 
-def open_file(dir_fd: int, name: str, flags: int, shown: Path, fix: str) -> int:
+def open_file(dir_fd: int, name: str, flags: int, shown: str, fix: str) -> int:
     """A descriptor of regular file ``name`` under ``dir_fd``, checked (rule 3).
 
     ``flags`` may hold ``O_CREAT`` (the file is made 0600 when missing); the file
@@ -235,7 +237,7 @@ def open_file(dir_fd: int, name: str, flags: int, shown: Path, fix: str) -> int:
     return fd
 
 
-def create_file(dir_fd: int, name: str, shown: Path) -> int:
+def create_file(dir_fd: int, name: str, shown: str) -> int:
     """Create regular file ``name`` under ``dir_fd`` (0600, read-write), failing if
     any name -- a symlink included -- is there already (rule 4)."""
     try:
@@ -249,7 +251,7 @@ def create_file(dir_fd: int, name: str, shown: Path) -> int:
         ) from None
 
 
-def existing_file(dir_fd: int, name: str, shown: Path, fix: str) -> bool:
+def existing_file(dir_fd: int, name: str, shown: str, fix: str) -> bool:
     """Whether ``name`` exists under ``dir_fd``; if it does it must pass rule 3 (as
     a name: a flag file such as ``ready`` is never read)."""
     try:
@@ -269,7 +271,7 @@ def same_file(dir_fd: int, name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == identity(fd)
 
 
-def remove_name(dir_fd: int, name: str, shown: Path) -> bool:
+def remove_name(dir_fd: int, name: str, shown: str) -> bool:
     """Unlink ``name`` under ``dir_fd`` if it is ours and not a directory: a file,
     or a symlink (only the link goes, never its target).  False if it is absent;
     raises if it is another user's or a directory."""

@@ -325,7 +325,7 @@ _EMULATION_FALLBACK = (
     "dksm.vmm.emulation",
     "dksm.vmm.emulation_unicorn",
 )
-_EMULATION_NEEDS = ("ctypes", "importlib", "re", "struct", "time")
+_EMULATION_NEEDS = ("ctypes", "importlib", "struct", "time")
 
 
 def _load_emulation_fallback(load_now: bool) -> None:

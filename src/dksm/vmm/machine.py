@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +72,11 @@ if TYPE_CHECKING:
 
         def close(self) -> None: ...
 
+
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal  # as dksm.cli.main does: signal's functions, without enum
 
 KICK_SIGNAL = signal.SIGUSR1
 KICK_INTERVAL_S = 0.02

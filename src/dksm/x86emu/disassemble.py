@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 
 from dksm.value import Value
 
@@ -19,7 +18,7 @@ TYPE_CHECKING = False  # typing's, without importing typing (see the dksm packag
 if TYPE_CHECKING:
     from typing import Any
 
-_OBJDUMP_LINE = re.compile(r"^\s*0:\s+((?:[0-9a-f]{2} )+)\s*(.*)$")
+_OBJDUMP_LINE = r"^\s*0:\s+((?:[0-9a-f]{2} )+)\s*(.*)$"
 
 
 class Disassembly(Value):
@@ -59,6 +58,7 @@ def _with_objdump(code: bytes) -> Disassembly | None:
     try:
         # Only here: they cost milliseconds, and a confined VMM can import them no
         # more (nor run objdump).
+        import re
         import shutil
         import subprocess
         import tempfile
@@ -83,7 +83,7 @@ def _with_objdump(code: bytes) -> Disassembly | None:
     finally:
         os.unlink(path)
     for line in result.stdout.splitlines():
-        match = _OBJDUMP_LINE.match(line)
+        match = re.match(_OBJDUMP_LINE, line)
         if match:
             text = " ".join(match.group(2).split())
             if not text or text.startswith("(bad)"):
