@@ -20,6 +20,7 @@ from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from dksm.dedup.admission import ANCHOR_EVERY
 from dksm.dedup.index import SLOT_BLOCK
@@ -145,6 +146,43 @@ def test_every_hash_colliding_still_maps_each_regions_own_bytes(root: Path) -> N
         assert pool.verify() == []
         second.close()
         first.close()
+
+
+def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> None:
+    """Pages the pool holds in consecutive slots are predicted from one hashed page;
+    where one differs, only the pages around it are hashed again."""
+    hashed: list[int] = []
+
+    def counted(data: memoryview) -> int:
+        hashed.append(1)
+        return int.from_bytes(xxhash.xxh3_64_digest(data), "big")
+
+    stored = [page(seed) for seed in range(3 * SLOT_BLOCK)]
+    changed = list(stored)
+    changed[700] = near_twin(700)
+    with PagePool.open("known", root, page_hash=counted) as pool, pool.lease() as lease:
+        first = populated(stored)
+        assert lease.merge(first.address, first.length).pages_new == len(stored)
+        pages_file = pool.directory / "pages"
+        hashed.clear()
+        same = populated(stored)
+        result = lease.merge(same.address, same.length)
+        assert (result.pages_merged, result.pages_new, result.mmaps) == (len(stored), 0, 1)
+        assert len(hashed) == 1
+        assert_maps_exactly(same, stored, pages_file)
+        hashed.clear()
+        other = populated(changed)
+        result = lease.merge(other.address, other.length)
+        assert (result.pages_merged, result.pages_new) == (len(stored) - 1, 1)
+        # Two anchors (page 0, and the first anchor page after the part that differs)
+        # and the pages of that part, one by one.
+        assert len(hashed) == 2 + ANCHOR_EVERY
+        assert_maps_exactly(other, changed, pages_file)
+        assert_maps_exactly(first, stored, pages_file)
+        assert pool.stats().hashtable_entries == len(stored) + 1
+        assert pool.verify() == []
+        for region in (other, same, first):
+            region.close()
 
 
 def _content_of(worker: int) -> list[bytes]:

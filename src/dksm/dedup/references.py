@@ -87,8 +87,8 @@ def admit(
     """Find or store every page and reference it under the lease, in one transaction.
 
     Returns the slot of each page, or None when the run switch is off.  ``hash_keys``
-    hashes pages the way every opener of the pool does; the anchors' hashes are
-    taken before the lock (see :mod:`dksm.dedup.admission`).  With ``live`` the
+    hashes pages the way every opener of the pool does; only the anchors a
+    prediction needs are hashed (see :mod:`dksm.dedup.admission`).  With ``live`` the
     caller's memory may still change (a region being merged): the pages to store are
     copied before they are hashed, so what is stored always matches its hash.  The
     calling thread's CPU time since ``started_ns`` is added to ``merge_cpu_ns``.
@@ -99,7 +99,6 @@ def admit(
     index = store.index
     pages = store.pages
     count = len(data) // PAGE_SIZE
-    anchor_keys = hash_keys(data, admission.ANCHOR_EVERY)
     wrote = False
     try:
         with index.write() as txn:
@@ -109,7 +108,7 @@ def admit(
             pages.check_size()
             blocks = index.slot_blocks(txn)
             slots = array.array("q", _UNPLACED) * count
-            predicted = _predicted_in_use(index, txn, blocks, pages.holds, data, anchor_keys)
+            predicted = _predicted_in_use(index, txn, blocks, pages.holds, data, hash_keys)
             for page, slot, length in predicted:
                 blocks.add_run(slot, length)
                 slots[page : page + length] = slot_arrays.consecutive(slot, length)
@@ -164,26 +163,19 @@ def _predicted_in_use(
     blocks: SlotBlocks,
     holds: admission.SlotComparer,
     data: memoryview,
-    anchor_keys: list[bytes],
+    hash_keys: HashKeys,
 ) -> list[admission.Run]:
     """The runs of ``data``'s pages that the slots predicted from its anchors hold:
     slots in use only, compared byte for byte (:mod:`dksm.dedup.admission`)."""
-    found = index.first_slots(txn, anchor_keys)
-    if not found:
-        return []
-    anchor_slots = [
-        None if (raw := found.get(key)) is None else int.from_bytes(raw, "big")
-        for key in anchor_keys
-    ]
-    count = len(data) // PAGE_SIZE
-    in_use: list[admission.Run] = []
-    for page, slot, length in admission.predicted_runs(count, anchor_slots, index.end(txn)):
-        while length > 0:
-            usable = blocks.in_use_from(slot, length)
-            if usable:
-                in_use.append((page, slot, usable))
-            page, slot, length = page + usable + 1, slot + usable + 1, length - usable - 1
-    return admission.matching_runs(holds, data, in_use)
+
+    def anchor_slot(page: int) -> int | None:
+        key = hash_keys(data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE], 1)[0]
+        raw = index.first_slots(txn, (key,)).get(key)
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    return admission.matched_predictions(
+        data, anchor_slot, blocks.in_use_from, holds, index.end(txn)
+    )
 
 
 def _find_or_store(
