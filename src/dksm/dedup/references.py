@@ -33,6 +33,8 @@ HashKeys = Callable[[memoryview, int], list[bytes]]
 _UNPLACED = (-1,)
 # Pages a merge stores are copied out this many (4 MiB) at a time.
 STORE_CHUNK = 1024
+# At most this many anchors are hashed and looked up at once.
+_ANCHOR_BATCH = 64
 
 
 class Admission(Value):
@@ -168,10 +170,23 @@ def _predicted_in_use(
     """The runs of ``data``'s pages that the slots predicted from its anchors hold:
     slots in use only, compared byte for byte (:mod:`dksm.dedup.admission`)."""
 
+    count = len(data) // PAGE_SIZE
+    found: dict[int, int | None] = {}
+    batch = [1]
+
     def anchor_slot(page: int) -> int | None:
-        key = hash_keys(data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE], 1)[0]
-        raw = index.first_slots(txn, (key,)).get(key)
-        return None if raw is None else int.from_bytes(raw, "big")
+        # One anchor at first (a load the pool holds needs no other), then twice as
+        # many per lookup while none is found (a load of new content), up to a bound.
+        if page not in found:
+            stop = min(count, page + batch[0] * admission.ANCHOR_EVERY)
+            part = data[page * PAGE_SIZE : stop * PAGE_SIZE]
+            keys = hash_keys(part, admission.ANCHOR_EVERY)
+            slots = index.first_slots(txn, keys)
+            for at, key in zip(range(page, stop, admission.ANCHOR_EVERY), keys, strict=True):
+                raw = slots.get(key)
+                found[at] = None if raw is None else int.from_bytes(raw, "big")
+            batch[0] = 1 if slots else min(2 * batch[0], _ANCHOR_BATCH)
+        return found[page]
 
     return admission.matched_predictions(
         data, anchor_slot, blocks.in_use_from, holds, index.end(txn)
