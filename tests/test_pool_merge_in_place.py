@@ -25,6 +25,7 @@ import xxhash
 from dksm.dedup.admission import ANCHOR_EVERY
 from dksm.dedup.index import SLOT_BLOCK
 from dksm.dedup.pool import PagePool
+from dksm.dedup.references import STORE_CHUNK
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
 from test_pool_sharing import KIB, Region, pool_mappings_in, smaps, total
 
@@ -183,6 +184,22 @@ def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> No
         assert pool.verify() == []
         for region in (other, same, first):
             region.close()
+
+
+def test_new_pages_repeated_in_later_copies_are_stored_once(root: Path) -> None:
+    """A merge copies the pages it stores out a chunk at a time; a page met again in a
+    later chunk is found among those the earlier chunks stored in the same
+    transaction, compared byte for byte, and not stored twice."""
+    fresh = [page(70_000 + n) for n in range(STORE_CHUNK + 40)]
+    content = fresh + fresh[3 : STORE_CHUNK + 10] + [near_twin(70_005)]
+    with PagePool.open("chunks", root) as pool, pool.lease() as lease:
+        region = populated(content)
+        result = lease.merge(region.address, region.length)
+        assert (result.pages, result.pages_new) == (len(content), len(fresh) + 1)
+        assert_maps_exactly(region, content, pool.directory / "pages")
+        assert pool.stats().hashtable_entries == len(fresh) + 1
+        assert pool.verify() == []
+        region.close()
 
 
 def _content_of(worker: int) -> list[bytes]:

@@ -31,8 +31,10 @@ from dksm.value import Value
 HashKeys = Callable[[memoryview, int], list[bytes]]
 """``hash_keys(data, every)``: the index key of pages 0, every, 2 * every ... of data."""
 _UNPLACED = (-1,)
-# Pages a merge stores are copied out this many (4 MiB) at a time.
-STORE_CHUNK = 1024
+# Pages a merge stores are copied out this many (512 KiB) at a time: the copy is
+# then hashed and written while still in the core's cache (half its L2 on the
+# machine measured; 4 MiB copies cost 15% more per page stored).
+STORE_CHUNK = 128
 # At most this many anchors are hashed and looked up at once.
 _ANCHOR_BATCH = 64
 
