@@ -98,28 +98,70 @@ def test_pages_already_placed_are_not_stored() -> None:
     assert slots == [7, 20, 8]
 
 
-def test_anchors_predict_the_slots_after_them_in_one_run() -> None:
+class Index:
+    """Anchors' slots and slots in use, as the index would answer; records which
+    pages were looked up as anchors."""
+
+    def __init__(self, anchors: dict[int, int], in_use: range) -> None:
+        self.anchors = anchors
+        self.in_use_slots = in_use
+        self.looked_up: list[int] = []
+
+    def anchor_slot(self, page: int) -> int | None:
+        self.looked_up.append(page)
+        return self.anchors.get(page)
+
+    def in_use(self, first: int, length: int) -> int:
+        done = 0
+        while done < length and first + done in self.in_use_slots:
+            done += 1
+        return done
+
+
+def test_a_load_held_in_one_piece_takes_one_anchor() -> None:
+    count = admission.COMPARE_RUN + 100
+    stored = StoredPages(*[n + 7 for n in range(count + 20)])  # the load at slot 20
+    index = Index({0: 20}, range(count + 20))
+    data = _pages(*[n + 27 for n in range(count)])
+    matched = admission.matched_predictions(
+        data, index.anchor_slot, index.in_use, stored.read, count + 20
+    )
+    assert matched == [
+        (0, 20, admission.COMPARE_RUN),
+        (admission.COMPARE_RUN, 20 + admission.COMPARE_RUN, 100),
+    ]
+    assert index.looked_up == [0]
+    assert stored.reads == [(20, admission.COMPARE_RUN), (20 + admission.COMPARE_RUN, 100)]
+
+
+def test_a_run_that_differs_is_matched_up_to_the_part_that_differs_then_anchored_again() -> None:
     every = admission.ANCHOR_EVERY
-    # Anchors at pages 0, every, 2 * every, 3 * every found at 10, 10 + every, 500 and
-    # not at all: the first two continue each other, the third starts a run, which
-    # the fourth span (predicted from it) continues.
-    runs = admission.predicted_runs(3 * every + 5, [10, 10 + every, 500, None], 10_000)
-    assert runs == [(0, 10, 2 * every), (2 * every, 500, every + 5)]
-
-
-def test_pages_before_the_first_anchor_found_and_past_the_end_get_no_prediction() -> None:
-    every = admission.ANCHOR_EVERY
-    runs = admission.predicted_runs(3 * every, [None, 7, None], 7 + every + 3)
-    assert runs == [(every, 7, every + 3)]  # clipped at the end
-    assert admission.predicted_runs(2 * every, [None, None], 100) == []
-
-
-def test_a_run_that_differs_is_compared_again_by_anchor_spans() -> None:
-    every = admission.ANCHOR_EVERY
-    count = 3 * every
+    count = 4 * every
     stored = StoredPages(*range(count))
     wanted = list(range(count))
     wanted[every + 1] = 10_000  # one page in the second span differs
-    matched = admission.matching_runs(stored.read, _pages(*wanted), [(0, 0, count)])
-    assert matched == [(0, 0, every), (2 * every, 2 * every, every)]
-    assert stored.reads == [(0, count), (0, every), (every, every), (2 * every, every)]
+    index = Index({0: 0, 2 * every: 2 * every}, range(count))
+    matched = admission.matched_predictions(
+        _pages(*wanted), index.anchor_slot, index.in_use, stored.read, count
+    )
+    assert matched == [(0, 0, every), (2 * every, 2 * every, 2 * every)]
+    assert index.looked_up == [0, 2 * every]
+    assert stored.reads == [(0, count), (0, every), (every, every), (2 * every, 2 * every)]
+
+
+def test_pages_before_an_anchor_found_and_slots_not_in_use_get_no_prediction() -> None:
+    every = admission.ANCHOR_EVERY
+    count = 4 * every
+    stored = StoredPages(*range(count))
+    # Anchors from page every on are found; slot every + 3 is free (its page punched).
+    index = Index({every: every, 2 * every: 2 * every, 3 * every: 3 * every}, range(count))
+    index.in_use_slots = range(every + 3)  # and nothing after it is in use either
+    matched = admission.matched_predictions(
+        _pages(*range(count)), index.anchor_slot, index.in_use, stored.read, count
+    )
+    assert matched == [(every, every, 3)]
+    assert index.looked_up == [0, every, 2 * every, 3 * every]
+    index = Index({0: 0}, range(count))
+    assert admission.matched_predictions(
+        _pages(*range(count)), index.anchor_slot, index.in_use, stored.read, every + 5
+    ) == [(0, 0, every + 5)]  # clipped at the end

@@ -20,10 +20,12 @@ from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from dksm.dedup.admission import ANCHOR_EVERY
 from dksm.dedup.index import SLOT_BLOCK
 from dksm.dedup.pool import PagePool
+from dksm.dedup.references import STORE_CHUNK
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
 from test_pool_sharing import KIB, Region, pool_mappings_in, smaps, total
 
@@ -145,6 +147,59 @@ def test_every_hash_colliding_still_maps_each_regions_own_bytes(root: Path) -> N
         assert pool.verify() == []
         second.close()
         first.close()
+
+
+def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> None:
+    """Pages the pool holds in consecutive slots are predicted from one hashed page;
+    where one differs, only the pages around it are hashed again."""
+    hashed: list[int] = []
+
+    def counted(data: memoryview) -> int:
+        hashed.append(1)
+        return int.from_bytes(xxhash.xxh3_64_digest(data), "big")
+
+    stored = [page(seed) for seed in range(3 * SLOT_BLOCK)]
+    changed = list(stored)
+    changed[700] = near_twin(700)
+    with PagePool.open("known", root, page_hash=counted) as pool, pool.lease() as lease:
+        first = populated(stored)
+        assert lease.merge(first.address, first.length).pages_new == len(stored)
+        pages_file = pool.directory / "pages"
+        hashed.clear()
+        same = populated(stored)
+        result = lease.merge(same.address, same.length)
+        assert (result.pages_merged, result.pages_new, result.mmaps) == (len(stored), 0, 1)
+        assert len(hashed) == 1
+        assert_maps_exactly(same, stored, pages_file)
+        hashed.clear()
+        other = populated(changed)
+        result = lease.merge(other.address, other.length)
+        assert (result.pages_merged, result.pages_new) == (len(stored) - 1, 1)
+        # Two anchors (page 0, and the first anchor page after the part that differs)
+        # and the pages of that part, one by one.
+        assert len(hashed) == 2 + ANCHOR_EVERY
+        assert_maps_exactly(other, changed, pages_file)
+        assert_maps_exactly(first, stored, pages_file)
+        assert pool.stats().hashtable_entries == len(stored) + 1
+        assert pool.verify() == []
+        for region in (other, same, first):
+            region.close()
+
+
+def test_new_pages_repeated_in_later_copies_are_stored_once(root: Path) -> None:
+    """A merge copies the pages it stores out a chunk at a time; a page met again in a
+    later chunk is found among those the earlier chunks stored in the same
+    transaction, compared byte for byte, and not stored twice."""
+    fresh = [page(70_000 + n) for n in range(STORE_CHUNK + 40)]
+    content = fresh + fresh[3 : STORE_CHUNK + 10] + [near_twin(70_005)]
+    with PagePool.open("chunks", root) as pool, pool.lease() as lease:
+        region = populated(content)
+        result = lease.merge(region.address, region.length)
+        assert (result.pages, result.pages_new) == (len(content), len(fresh) + 1)
+        assert_maps_exactly(region, content, pool.directory / "pages")
+        assert pool.stats().hashtable_entries == len(fresh) + 1
+        assert pool.verify() == []
+        region.close()
 
 
 def _content_of(worker: int) -> list[bytes]:

@@ -13,12 +13,14 @@ Conventions: ``slots[page]`` is a slot number, ``-1`` for a page without one yet
 Finding candidates without hashing every page: content the pool already holds was
 mostly stored a load at a time, in consecutive slots, so where page ``p`` was found
 at slot ``s``, page ``p + k`` is most likely at slot ``s + k``.  A load hashes and
-looks up only one page in :data:`ANCHOR_EVERY` (its *anchors*), predicts the slots
-of the pages after each anchor found (:func:`predicted_runs`), and compares whole
-runs of predicted slots with its bytes at once.  A prediction is a candidate like a
-hash match, and the bytes decide as for one; only the pages no prediction matched
-are hashed and looked up one by one.  The hash a slot is recorded under is not
-needed: a slot in use holds the bytes it was stored with.
+looks up one page (an *anchor*), predicts the slots of the pages after it, and
+compares the whole run of predicted slots in use with its bytes at once
+(:func:`matched_predictions`); it hashes another anchor only where a prediction
+ended without a match, at the next of every :data:`ANCHOR_EVERY`-th page.  An image
+the pool holds in one piece is found with one hash and one lookup.  A prediction is
+a candidate like a hash match, and the bytes decide as for one; only the pages no
+prediction matched are hashed and looked up one by one.  The hash a slot is recorded
+under is not needed: a slot in use holds the bytes it was stored with.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from dksm.memory.host_mapping import PAGE_SIZE
 SlotComparer = Callable[[int, memoryview], bool]
 """``holds(first_slot, data)``: whether consecutive stored pages from ``first_slot``
 on are exactly ``data`` (whole pages)."""
+AnchorLookup = Callable[[int], int | None]
+"""``anchor_slot(page)``: a slot in use the index names for the hash of ``page``."""
+InUse = Callable[[int, int], int]
+"""``in_use(first_slot, length)``: how many of the slots from ``first_slot`` on (at
+most ``length``) are in use before the first that is not."""
 
 # Hash matches are confirmed a run of consecutive candidate slots at a time, at most
 # this long (16 MiB): one comparison in place per run, the mapping it needs bounded.
@@ -45,58 +52,57 @@ Run = tuple[int, int, int]
 """(first page, first slot, length): pages ``first page ...`` in consecutive slots."""
 
 
-def predicted_runs(count: int, anchor_slots: Sequence[int | None], end: int) -> list[Run]:
-    """The slots predicted for a load of ``count`` pages whose anchors (pages 0,
-    :data:`ANCHOR_EVERY`, ...) the index found at ``anchor_slots`` (None: not found),
-    as runs below slot ``end``.
+def matched_predictions(
+    data: memoryview, anchor_slot: AnchorLookup, in_use: InUse, holds: SlotComparer, end: int
+) -> list[Run]:
+    """The runs of ``data``'s pages that the pool holds in the slots predicted for them,
+    compared byte for byte; predictions are made below slot ``end`` only.
 
-    An anchor found at slot ``s`` predicts the pages after it, up to the next anchor
-    found, at ``s + 1, s + 2, ...``; pages before the first anchor found get none.
-    Predictions that continue each other (an image stored in one piece) make one
-    run, of at most :data:`COMPARE_RUN` pages."""
-    found: list[Run] = []
-    base: int | None = None  # slot - page, from the last anchor found
-    for position, anchor_slot in enumerate(anchor_slots):
-        page = position * ANCHOR_EVERY
-        if anchor_slot is not None:
-            base = anchor_slot - page
-        if base is None:
-            continue
-        length = min(ANCHOR_EVERY, count - page, end - (base + page))
-        if length <= 0:
-            continue
-        if found:
-            last_page, last_slot, last_length = found[-1]
-            if (
-                last_page + last_length == page
-                and last_slot + last_length == base + page
-                and last_length + length <= COMPARE_RUN
-            ):
-                found[-1] = (last_page, last_slot, last_length + length)
-                continue
-        found.append((page, base + page, length))
-    return found
-
-
-def matching_runs(holds: SlotComparer, data: memoryview, runs: Sequence[Run]) -> list[Run]:
-    """The parts of ``runs`` whose stored pages hold exactly their part of ``data``.
-
-    Each run is compared at once; one that differs somewhere is compared again
-    :data:`ANCHOR_EVERY` pages at a time (the pages of a part that differs are left
-    to be found by their hashes)."""
+    An anchor found at slot ``s`` predicts the pages after it at ``s + 1, s + 2, ...``
+    for as long as those slots are in use, :data:`COMPARE_RUN` pages at a time; a run
+    that matched whole is continued without another anchor.  Where a run differs, its
+    pages are compared :data:`ANCHOR_EVERY` at a time up to the first part that
+    differs, and the next anchor is the first :data:`ANCHOR_EVERY`-th page after it;
+    pages before the first anchor found get no prediction."""
+    count = len(data) // PAGE_SIZE
     matched: list[Run] = []
-    for page, slot, length in runs:
-        if holds(slot, data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]):
-            matched.append((page, slot, length))
+    page = 0
+    slot: int | None = None  # the slot predicted for ``page``
+    while page < count:
+        if slot is None:
+            slot = anchor_slot(page)
+            if slot is None:
+                page += ANCHOR_EVERY
+                continue
+        length = in_use(slot, max(0, min(count - page, COMPARE_RUN, end - slot)))
+        same = _matching_prefix(holds, data, page, slot, length) if length > 0 else 0
+        if same:
+            matched.append((page, slot, same))
+        if same and same == length:
+            page, slot = page + same, slot + same
             continue
-        if length <= ANCHOR_EVERY:
-            continue
-        for offset in range(0, length, ANCHOR_EVERY):
-            size = min(ANCHOR_EVERY, length - offset)
-            part = data[(page + offset) * PAGE_SIZE : (page + offset + size) * PAGE_SIZE]
-            if holds(slot + offset, part):
-                matched.append((page + offset, slot + offset, size))
+        page, slot = (page + same) // ANCHOR_EVERY * ANCHOR_EVERY + ANCHOR_EVERY, None
     return matched
+
+
+def _matching_prefix(
+    holds: SlotComparer, data: memoryview, page: int, slot: int, length: int
+) -> int:
+    """How many pages from ``page`` on the slots from ``slot`` on hold: all ``length``
+    in one comparison, else :data:`ANCHOR_EVERY` at a time up to the first part that
+    differs."""
+    if holds(slot, data[page * PAGE_SIZE : (page + length) * PAGE_SIZE]):
+        return length
+    if length <= ANCHOR_EVERY:
+        return 0
+    same = 0
+    while same < length:
+        size = min(ANCHOR_EVERY, length - same)
+        part = data[(page + same) * PAGE_SIZE : (page + same + size) * PAGE_SIZE]
+        if not holds(slot + same, part):
+            break
+        same += size
+    return same
 
 
 def runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:

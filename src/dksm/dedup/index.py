@@ -323,7 +323,7 @@ def stored_format(dir_fd: int, path: str, hint: str) -> str | None:
 def pack_slots(slots: Sequence[int]) -> bytes:
     if isinstance(slots, array.array) and slots.itemsize == 8:
         packed = array.array("Q")
-        packed.frombytes(slots.tobytes())  # slot numbers are never negative
+        packed.frombytes(memoryview(slots).cast("B"))  # never negative; read in place
     else:
         packed = array.array("Q", slots)
     if sys.byteorder == "little":
@@ -878,9 +878,9 @@ class SlotBlocks:
         while done < length:
             block, offset = divmod(first + done, SLOT_BLOCK)
             take = min(length - done, SLOT_BLOCK - offset)
-            part = self._block_counts(block)[offset : offset + take]
-            if 0 in part:
-                return done + part.index(0)
+            zero = slot_arrays.first_zero(self._block_counts(block)[offset : offset + take])
+            if zero >= 0:
+                return done + zero
             done += take
         return done
 
@@ -901,11 +901,11 @@ class SlotBlocks:
             block, offset = divmod(first + done, SLOT_BLOCK)
             take = min(length - done, SLOT_BLOCK - offset)
             counts = self._block_counts(block)
-            part = counts[offset : offset + take]
-            if 0 in part:
-                slot = first + done + part.index(0)
+            raised, zero = slot_arrays.plus_one_in_use(counts[offset : offset + take])
+            if zero >= 0:
+                slot = first + done + zero
                 raise self._index.damaged(f"slot {slot} was taken as in use but is not")
-            counts[offset : offset + take] = slot_arrays.plus_one(part)
+            counts[offset : offset + take] = raised
             self._changed.add(block)
             done += take
 
