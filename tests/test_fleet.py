@@ -288,3 +288,34 @@ def test_held_fleet_keeps_vms_whose_guests_shut_down_until_down() -> None:
     assert down.returncode == 0, down.stderr
     assert [m["state"] for m in status(fleet_id)["members"]] == ["exited"] * 2
     assert leases("fleet-hold") == 0
+
+
+def test_worker_info_file_says_what_its_vm_is(tmp_path: Path) -> None:
+    """Workers fill a template the supervisor made: the file must hold the same
+    facts `dksm run --info-file` would, whatever characters the kernel's path has."""
+    from dksm.fleet import control
+    from dksm.fleet.instance import DedupMode, InstanceSpec
+    from dksm.guests import resolve_image
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+
+    kernel = tmp_path / 'odd "%d %s" name' / "idle"
+    kernel.parent.mkdir()
+    kernel.write_bytes(resolve_image("idle").read_bytes())
+    config = VmConfig(
+        kernel_path=str(kernel), mem_mib=16, boot_args=f"{DEFAULT_BOOT_ARGS} then=idle"
+    )
+    spec = InstanceSpec(config, DedupMode.DKSM, "fleet-info")
+    handle = control.up([("idle", spec)] * 2, vms_per_worker=1)
+    try:
+        for member in handle.members():
+            info = handle.info(member.index)
+            assert info.pid == member.pid
+            assert (info.kernel, info.mem_size) == (str(kernel), 16 << 20)
+            assert (info.dedup, info.ksm_scope, info.domain) == ("dksm", "ram", "fleet-info")
+            assert info.pages_shared > 0
+            maps = Path(f"/proc/{member.pid}/maps").read_text().splitlines()
+            starts = {int(line.split("-")[0], 16) for line in maps}
+            assert info.ram_host_address in starts
+    finally:
+        handle.down()
+    assert leases("fleet-info") == 0

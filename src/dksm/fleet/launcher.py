@@ -137,7 +137,7 @@ class _VmOrder:
     the worker only uses it: the pages referenced for it, the config-only part of
     its build, the names of its files."""
 
-    __slots__ = ("index", "info", "log", "outcome", "plan", "sharer", "spec")
+    __slots__ = ("index", "info", "info_template", "log", "outcome", "plan", "sharer", "spec")
 
     def __init__(
         self,
@@ -154,6 +154,7 @@ class _VmOrder:
         self.log = str(files.vm_log(index))
         self.outcome = str(files.vm_outcome(index))
         self.info = str(files.vm_info(index))
+        self.info_template = Instance.info_template(spec)
 
 
 class _HostedVm:
@@ -176,7 +177,7 @@ class _HostedVm:
         try:
             console = _ConsoleLog(self.log_fd, event_fd, index)
             self.instance = Instance(order.spec, console, sharer=order.sharer, plan=order.plan)
-            self.instance.write_info(order.info)
+            self.instance.write_info(order.info, order.info_template)
         except DksmError as exc:
             self.finish(ExitStatus.ERROR, "error", str(exc))
         except Exception as exc:
