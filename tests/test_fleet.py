@@ -319,3 +319,57 @@ def test_worker_info_file_says_what_its_vm_is(tmp_path: Path) -> None:
     finally:
         handle.down()
     assert leases("fleet-info") == 0
+
+
+def test_one_vm_workers_run_it_on_their_only_thread_and_stop_on_sigterm() -> None:
+    """A worker hosting one VM of one vCPU runs the vCPU on its main thread: it has
+    one thread of its own, and SIGTERM (sent to one worker, then `fleet down` to the rest)
+    still stops its guest, halted inside KVM_RUN, as an interrupted VM."""
+    up = dksm(
+        "fleet", "up", "--image", "idle", "--instances", "3", "--vms-per-process", "1",
+        "--domain", "fleet-alone",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        for m in members:
+            logs_when(fleet_id, m["index"], "idle: ready")
+            tasks = Path(f"/proc/{m['pid']}/task").iterdir()
+            names = [(task / "comm").read_text().strip() for task in tasks]
+            # KVM's own worker (NX huge page recovery) counts among the process's tasks.
+            assert len([n for n in names if not n.startswith("kvm-")]) == 1, names
+        os.kill(members[0]["pid"], signal.SIGTERM)
+        wait_for(lambda: status(fleet_id)["members"][0]["state"] == "stopped")
+        after = status(fleet_id)["members"]
+        assert "fleet stopped (SIGTERM)" in after[0]["reason"]
+        assert [m["state"] for m in after[1:]] == ["running", "running"]
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    final = status(fleet_id)["members"]
+    assert [m["state"] for m in final] == ["stopped"] * 3
+    assert all("fleet stopped (SIGTERM)" in m["reason"] for m in final)
+    assert leases("fleet-alone") == 0
+    assert not any(os.path.exists(f"/proc/{m['pid']}") for m in members)
+
+
+def test_held_one_vm_workers_keep_their_vm_until_down() -> None:
+    """--hold with one VM per worker: the guest's shutdown ends the vCPU loop on the
+    worker's main thread, which then holds the VM until `fleet down`."""
+    up = dksm(
+        "fleet", "up", "--image", "hello", "--instances", "2", "--hold",
+        "--vms-per-process", "1", "--domain", "fleet-hold-alone",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        wait_for(lambda: [m["state"] for m in status(fleet_id)["members"]] == ["held"] * 2)
+        members = status(fleet_id)["members"]
+        assert len({m["pid"] for m in members}) == 2
+        assert leases("fleet-hold-alone") == 2
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    assert [m["state"] for m in status(fleet_id)["members"]] == ["exited"] * 2
+    assert leases("fleet-hold-alone") == 0
