@@ -17,13 +17,12 @@ copies, maps and issues ioctls.
 vCPU thread of its own (the GIL is released inside ``KVM_RUN``): a guest's fault
 or an exception in the VMM ends only its own VM, but killing the worker ends its K
 VMs.  With K = 1 every VM has its own process, like Firecracker, and pays for its
-own interpreter pages: measured at 1,000 idle VMs, 3.0 MiB of host memory per VM
-before the changes below, against 0.45 MiB with K = 8 (the default).  A worker of
-one VM with one vCPU and no device threads runs that vCPU on its main thread
-(:func:`_run_alone`), and its info file is a template the supervisor filled but for
-three integers (:meth:`dksm.fleet.instance.Instance.info_template`).  Either way
-the supervisor reaps, records why, and sweeps the pool so the leases of dead VMs are
-released.
+own interpreter pages: measured at 1,000 idle VMs, 2.4 MiB of host memory per VM,
+against 0.4 MiB with K = 8 (the default).  A worker of one VM with one vCPU and no
+device threads runs that vCPU on its main thread (:func:`_run_alone`), and each
+VM's info file is a template the supervisor filled but for three integers
+(:meth:`dksm.fleet.instance.Instance.info_template`).  Either way the supervisor
+reaps, records why, and sweeps the pool so the leases of dead VMs are released.
 
 Workers report each VM's events (booted: its first complete console line; ended:
 its outcome file is written) through one shared pipe, as 8-byte records: writes

@@ -5,9 +5,9 @@ port and MMIO buses; the thread that calls :meth:`MicroVm.run` (or the fleet's
 worker) waits for them and is the one that stops them.  A process whose only VM
 has one vCPU may instead run that vCPU's loop on its main thread
 (:meth:`MicroVm.run_here`), sparing a thread's memory; a signal handler then stops
-the VM through :meth:`MicroVm.request_stop`, which takes no lock.  The virtio devices' queues
-are served on threads of their own, started with the vCPUs and stopped after them,
-before guest RAM is unmapped.  The application processors start blocked
+the VM through :meth:`MicroVm.request_stop`, which takes no lock.  The virtio
+devices' queues are served on threads of their own, started with the vCPUs and
+stopped after them, before guest RAM is unmapped.  The application processors start blocked
 inside ``KVM_RUN``: the in-kernel LAPIC holds them until the guest's bootstrap
 processor sends INIT and SIPI, as on a PC.
 
