@@ -288,3 +288,88 @@ def test_held_fleet_keeps_vms_whose_guests_shut_down_until_down() -> None:
     assert down.returncode == 0, down.stderr
     assert [m["state"] for m in status(fleet_id)["members"]] == ["exited"] * 2
     assert leases("fleet-hold") == 0
+
+
+def test_worker_info_file_says_what_its_vm_is(tmp_path: Path) -> None:
+    """Workers fill a template the supervisor made: the file must hold the same
+    facts `dksm run --info-file` would, whatever characters the kernel's path has."""
+    from dksm.fleet import control
+    from dksm.fleet.instance import DedupMode, InstanceSpec
+    from dksm.guests import resolve_image
+    from dksm.vmm.config import DEFAULT_BOOT_ARGS, VmConfig
+
+    kernel = tmp_path / 'odd "%d %s" name' / "idle"
+    kernel.parent.mkdir()
+    kernel.write_bytes(resolve_image("idle").read_bytes())
+    config = VmConfig(
+        kernel_path=str(kernel), mem_mib=16, boot_args=f"{DEFAULT_BOOT_ARGS} then=idle"
+    )
+    spec = InstanceSpec(config, DedupMode.DKSM, "fleet-info")
+    handle = control.up([("idle", spec)] * 2, vms_per_worker=1)
+    try:
+        for member in handle.members():
+            info = handle.info(member.index)
+            assert info.pid == member.pid
+            assert (info.kernel, info.mem_size) == (str(kernel), 16 << 20)
+            assert (info.dedup, info.ksm_scope, info.domain) == ("dksm", "ram", "fleet-info")
+            assert info.pages_shared > 0
+            maps = Path(f"/proc/{member.pid}/maps").read_text().splitlines()
+            starts = {int(line.split("-")[0], 16) for line in maps}
+            assert info.ram_host_address in starts
+    finally:
+        handle.down()
+    assert leases("fleet-info") == 0
+
+
+def test_one_vm_workers_run_it_on_their_only_thread_and_stop_on_sigterm() -> None:
+    """A worker hosting one VM of one vCPU runs the vCPU on its main thread: it has
+    one thread of its own, and SIGTERM (sent to one worker, then `fleet down` to the rest)
+    still stops its guest, halted inside KVM_RUN, as an interrupted VM."""
+    up = dksm(
+        "fleet", "up", "--image", "idle", "--instances", "3", "--vms-per-process", "1",
+        "--domain", "fleet-alone",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        members = status(fleet_id)["members"]
+        for m in members:
+            logs_when(fleet_id, m["index"], "idle: ready")
+            tasks = Path(f"/proc/{m['pid']}/task").iterdir()
+            names = [(task / "comm").read_text().strip() for task in tasks]
+            # KVM's own worker (NX huge page recovery) counts among the process's tasks.
+            assert len([n for n in names if not n.startswith("kvm-")]) == 1, names
+        os.kill(members[0]["pid"], signal.SIGTERM)
+        wait_for(lambda: status(fleet_id)["members"][0]["state"] == "stopped")
+        after = status(fleet_id)["members"]
+        assert "fleet stopped (SIGTERM)" in after[0]["reason"]
+        assert [m["state"] for m in after[1:]] == ["running", "running"]
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    final = status(fleet_id)["members"]
+    assert [m["state"] for m in final] == ["stopped"] * 3
+    assert all("fleet stopped (SIGTERM)" in m["reason"] for m in final)
+    assert leases("fleet-alone") == 0
+    assert not any(os.path.exists(f"/proc/{m['pid']}") for m in members)
+
+
+def test_held_one_vm_workers_keep_their_vm_until_down() -> None:
+    """--hold with one VM per worker: the guest's shutdown ends the vCPU loop on the
+    worker's main thread, which then holds the VM until `fleet down`."""
+    up = dksm(
+        "fleet", "up", "--image", "hello", "--instances", "2", "--hold",
+        "--vms-per-process", "1", "--domain", "fleet-hold-alone",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    fleet_id = up.stdout.strip()
+    try:
+        wait_for(lambda: [m["state"] for m in status(fleet_id)["members"]] == ["held"] * 2)
+        members = status(fleet_id)["members"]
+        assert len({m["pid"] for m in members}) == 2
+        assert leases("fleet-hold-alone") == 2
+    finally:
+        down = dksm("fleet", "down", fleet_id)
+    assert down.returncode == 0, down.stderr
+    assert [m["state"] for m in status(fleet_id)["members"]] == ["exited"] * 2
+    assert leases("fleet-hold-alone") == 0

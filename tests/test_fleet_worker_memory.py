@@ -214,6 +214,23 @@ def test_vm_built_from_a_plan_boots_from_the_plans_bytes(tmp_path: Path) -> None
 
 
 @requires_kvm
+def test_a_plans_vcpu_state_is_what_a_build_sets_itself() -> None:
+    """A fleet's plan carries each vCPU's FPU, special registers and LAPIC as the
+    boot state makes them of a new vCPU (read once from a throwaway VM): a VM built
+    from it starts from exactly the state a build that reads its own vCPUs sets."""
+    config = VmConfig(kernel_path=str(resolve_image("idle")), mem_mib=16, vcpu_count=2)
+    planned = plan_build(config, vcpu_state=True)
+    assert planned.vcpus is not None and all(s.sregs is not None for s in planned.vcpus)
+    with (
+        build(config, serial_sink=_Console(), plan=planned) as from_plan,
+        build(config, serial_sink=_Console(), plan=plan_build(config)) as by_itself,
+    ):
+        for ours, theirs in zip(from_plan.vcpus, by_itself.vcpus, strict=True):
+            for state in ("get_fpu", "get_sregs", "get_lapic", "get_regs"):
+                assert bytes(getattr(ours, state)()) == bytes(getattr(theirs, state)()), state
+
+
+@requires_kvm
 def test_a_plan_is_refused_for_another_config() -> None:
     config = VmConfig(kernel_path=str(resolve_image("hello")), mem_mib=16)
     plan = plan_build(config)

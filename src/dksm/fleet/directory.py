@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,25 @@ class VmInfo:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> VmInfo:
         return cls(**doc)
+
+    @classmethod
+    def template(cls, **known: object) -> bytes:
+        """The JSON of an info whose fields other than :data:`PROCESS_FIELDS` are
+        ``known``, with each of those left as ``%d``, to be filled by bytes formatting
+        in :data:`PROCESS_FIELDS`' order: a fleet supervisor makes it, so that each
+        worker formats three integers rather than running the JSON encoder."""
+        parts = []
+        for name in (f.name for f in fields(cls)):
+            if name in PROCESS_FIELDS:
+                value = b"%d"
+            else:
+                value = json.dumps(known[name]).encode().replace(b"%", b"%%")
+            parts.append(json.dumps(name).encode() + b": " + value)
+        return b"{" + b", ".join(parts) + b"}"
+
+
+# What only a VM's own process knows of its info (see VmInfo.template), in that order.
+PROCESS_FIELDS = ("pid", "ram_host_address", "pages_shared")
 
 
 def write_json_atomically(path: Path, doc: object) -> None:

@@ -17,9 +17,12 @@ copies, maps and issues ioctls.
 vCPU thread of its own (the GIL is released inside ``KVM_RUN``): a guest's fault
 or an exception in the VMM ends only its own VM, but killing the worker ends its K
 VMs.  With K = 1 every VM has its own process, like Firecracker, and pays for its
-own interpreter pages: measured at 1,000 idle VMs, 3.0 MiB of host memory per VM,
-against 0.45 MiB with K = 8 (the default).  Either way the supervisor reaps,
-records why, and sweeps the pool so the leases of dead VMs are released.
+own interpreter pages: measured at 1,000 idle VMs, 2.4 MiB of host memory per VM,
+against 0.4 MiB with K = 8 (the default).  A worker of one VM with one vCPU and no
+device threads runs that vCPU on its main thread (:func:`_run_alone`), and each
+VM's info file is a template the supervisor filled but for three integers
+(:meth:`dksm.fleet.instance.Instance.info_template`).  Either way the supervisor
+reaps, records why, and sweeps the pool so the leases of dead VMs are released.
 
 Workers report each VM's events (booted: its first complete console line; ended:
 its outcome file is written) through one shared pipe, as 8-byte records: writes
@@ -79,7 +82,7 @@ from dksm.vmm.builder import BuildPlan, build, plan_build
 from dksm.vmm.confinement import Confinement
 from dksm.vmm.device_manager import device_kinds
 from dksm.vmm.exit_status import ExitStatus, status_for
-from dksm.vmm.machine import ExitCause
+from dksm.vmm.machine import ExitCause, MicroVm
 from dksm.vmm.socket_cleanup import RECORD_MAX, remove_reported, report_to
 
 if TYPE_CHECKING:
@@ -92,6 +95,7 @@ EVENT_ENDED = 1
 EVENT_HELD = 2  # the guest shut down; its memory is kept until the fleet stops
 GO = b"g"  # then the length (u32) and bytes of the worker's seccomp program
 GO_HEADER = struct.Struct("<cI")
+SIGTERM_DETAIL = "fleet stopped (SIGTERM)"
 
 
 class FleetError(DksmError):
@@ -137,7 +141,7 @@ class _VmOrder:
     the worker only uses it: the pages referenced for it, the config-only part of
     its build, the names of its files."""
 
-    __slots__ = ("index", "info", "log", "outcome", "plan", "sharer", "spec")
+    __slots__ = ("index", "info", "info_template", "log", "outcome", "plan", "sharer", "spec")
 
     def __init__(
         self,
@@ -154,6 +158,7 @@ class _VmOrder:
         self.log = str(files.vm_log(index))
         self.outcome = str(files.vm_outcome(index))
         self.info = str(files.vm_info(index))
+        self.info_template = Instance.info_template(spec)
 
 
 class _HostedVm:
@@ -176,7 +181,7 @@ class _HostedVm:
         try:
             console = _ConsoleLog(self.log_fd, event_fd, index)
             self.instance = Instance(order.spec, console, sharer=order.sharer, plan=order.plan)
-            self.instance.write_info(order.info)
+            self.instance.write_info(order.info, order.info_template)
         except DksmError as exc:
             self.finish(ExitStatus.ERROR, "error", str(exc))
         except Exception as exc:
@@ -263,9 +268,15 @@ def _worker_main(
                 for vm in vms:
                     vm.finish(ExitStatus.ERROR, "error", str(exc))
         trim_heap()  # what building used and freed is this worker's own
-        for vm in vms:
-            vm.start()
         try:
+            alone = vms[0].instance.vm if len(vms) == 1 and vms[0].instance else None
+            # Not with device threads: SIGTERM could reach one of them instead, and
+            # leave this thread in KVM_RUN.
+            if alone is not None and not alone.smp and not alone.devices:
+                _run_alone(alone)
+            else:
+                for vm in vms:
+                    vm.start()
             while any(vm.running for vm in vms):
                 if all(vm.held or not vm.running for vm in vms):
                     time.sleep(0.5)  # only held VMs: nothing runs until SIGTERM
@@ -276,7 +287,7 @@ def _worker_main(
         except KeyboardInterrupt:
             for vm in vms:
                 if vm.instance is not None:
-                    vm.instance.vm.stop(ExitCause.INTERRUPTED, "fleet stopped (SIGTERM)")
+                    vm.instance.vm.stop(ExitCause.INTERRUPTED, SIGTERM_DETAIL)
                     vm.poll(stopping=True)
         status = max((vm.status for vm in vms), default=ExitStatus.OK)
     except BaseException:
@@ -284,6 +295,25 @@ def _worker_main(
             files.worker_error(os.getpid()).write_text(traceback.format_exc())
     finally:
         os._exit(int(status))
+
+
+def _run_alone(machine: MicroVm) -> None:
+    """Run a worker's only VM, of one vCPU, on the worker's main thread until it ends:
+    a thread of its own would cost the worker ~200 KiB.  SIGTERM then asks the vCPU
+    loop to stop the VM (the handler interrupts the loop itself, so it may not take
+    the VM's locks), and is raised as :class:`KeyboardInterrupt` once the loop has
+    returned, as the worker's other waits get it."""
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        machine.request_stop(ExitCause.INTERRUPTED, SIGTERM_DETAIL)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        machine.run_here()
+    finally:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    if machine.stop_request is not None:
+        raise KeyboardInterrupt
 
 
 def _read_exactly(fd: int, size: int) -> bytes:

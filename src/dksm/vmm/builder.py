@@ -17,7 +17,10 @@ What depends on the config alone (the checked input, the image, the boot
 structures and each vCPU's CPUID, MSRs and registers) is the build's plan
 (:class:`BuildPlan`): :func:`build` makes it first, or takes one made earlier by
 :func:`plan_build`, as a fleet supervisor does once per config for the workers it
-forks, which then only copy and issue ioctls.
+forks, which then only copy and issue ioctls.  A fleet's plan also holds each
+vCPU's FPU, special registers and LAPIC as the boot state makes them of a new
+vCPU's, read once from a throwaway VM, so that a worker sets them without reading
+and configuring its own.
 """
 
 from __future__ import annotations
@@ -62,19 +65,27 @@ class _PortSink:
 
 
 class VcpuSetup(Value):
-    """One vCPU's CPUID table, MSRs and registers, as the structs their ioctls take."""
+    """One vCPU's CPUID table, MSRs and registers, as the structs their ioctls take;
+    and, in a fleet's plan, its FPU, special registers and LAPIC as the boot state
+    makes them of a new vCPU's (None: read from the vCPU and configured at build)."""
 
-    __slots__ = ("cpuid", "msrs", "regs")
+    __slots__ = ("cpuid", "fpu", "lapic", "msrs", "regs", "sregs")
 
     def __init__(
         self,
         cpuid: ctypes.Structure,
         msrs: ctypes.Structure,
         regs: abi.Regs,
+        fpu: abi.Fpu | None = None,
+        sregs: abi.Sregs | None = None,
+        lapic: abi.LapicState | None = None,
     ) -> None:
         self.cpuid = cpuid
         self.msrs = msrs
         self.regs = regs
+        self.fpu = fpu
+        self.sregs = sregs
+        self.lapic = lapic
 
 
 class BuildPlan(Value):
@@ -108,8 +119,9 @@ class BuildPlan(Value):
 def plan_build(config: VmConfig, *, vcpu_state: bool = False) -> BuildPlan:
     """Check ``config`` and compute everything a build of it needs before KVM.
 
-    ``vcpu_state``: also the vCPUs' CPUID, MSRs and registers, asking KVM (a
-    throwaway VM) for the TSC frequency where the CPUID reports it."""
+    ``vcpu_state``: also the vCPUs' CPUID, MSRs, registers, FPU, special registers
+    and LAPIC, asking KVM (a throwaway VM) for the new vCPUs' state and the TSC
+    frequency (used where the CPUID reports it)."""
     config.validate()
     cmdline = encode_cmdline(config.boot_args + device_manager.cmdline_additions(config))
     image = load_elf(config.kernel_path, config.mem_size)
@@ -136,8 +148,10 @@ def plan_build(config: VmConfig, *, vcpu_state: bool = False) -> BuildPlan:
     )
     vcpus = None
     if vcpu_state:
-        tsc_khz = _tsc_khz_of_a_vcpu() if config.tsc_frequency_leaf else None
-        vcpus = _vcpu_setups(config, image.entry, _policy(config, tsc_khz))
+        tsc_khz, special = _new_vcpus_state(config.vcpu_count)
+        if not config.tsc_frequency_leaf:
+            tsc_khz = None
+        vcpus = _vcpu_setups(config, image.entry, _policy(config, tsc_khz), special)
     return BuildPlan(config, image, initrd, boot_memory, vcpus)
 
 
@@ -264,20 +278,37 @@ def _tsc_khz(bsp: Vcpu, config: VmConfig) -> int | None:
         return None  # KVM cannot say: the guest calibrates its TSC itself
 
 
-def _tsc_khz_of_a_vcpu() -> int | None:
-    """:func:`_tsc_khz` of a throwaway VM's vCPU: every VM on this host gets the
-    host's TSC frequency."""
+def _new_vcpus_state(
+    count: int,
+) -> tuple[int | None, list[tuple[abi.Fpu, abi.Sregs, abi.LapicState]]]:
+    """What ``count`` new vCPUs of a throwaway VM say: the TSC frequency (as
+    :func:`_tsc_khz` gets it; every VM on this host has the host's), and each one's
+    FPU, special registers and LAPIC with the boot state applied, exactly what a
+    build would set on a new vCPU of the same index."""
     with Kvm() as kvm:
         vm = kvm.create_vm()
+        vcpus: list[Vcpu] = []
         try:
-            vcpu = vm.create_vcpu(0)
+            vm.create_irqchip()  # the LAPIC is the in-kernel irqchip's
+            for index in range(count):
+                vcpus.append(vm.create_vcpu(index))
             try:
-                return vcpu.tsc_khz() or None
+                tsc_khz = vcpus[0].tsc_khz() or None
             except KvmError:
-                return None
-            finally:
-                vcpu.close()
+                tsc_khz = None
+            special = []
+            for vcpu in vcpus:
+                fpu = vcpu.get_fpu()
+                boot_state.configure_fpu(fpu)
+                sregs = vcpu.get_sregs()
+                boot_state.configure_sregs(sregs)
+                lapic = vcpu.get_lapic()
+                boot_state.configure_lapic(lapic)
+                special.append((fpu, sregs, lapic))
+            return tsc_khz, special
         finally:
+            for vcpu in vcpus:
+                vcpu.close()
             vm.close()
 
 
@@ -291,7 +322,12 @@ def _policy(config: VmConfig, tsc_khz: int | None) -> cpuid.CpuidPolicy:
     )
 
 
-def _vcpu_setups(config: VmConfig, entry: int, policy: cpuid.CpuidPolicy) -> tuple[VcpuSetup, ...]:
+def _vcpu_setups(
+    config: VmConfig,
+    entry: int,
+    policy: cpuid.CpuidPolicy,
+    special: list[tuple[abi.Fpu, abi.Sregs, abi.LapicState]] | None = None,
+) -> tuple[VcpuSetup, ...]:
     if _host_cpuid is not None:
         supported = _host_cpuid
     else:
@@ -303,6 +339,7 @@ def _vcpu_setups(config: VmConfig, entry: int, policy: cpuid.CpuidPolicy) -> tup
             abi.cpuid2_table(cpuid.vcpu_cpuid(supported, index, policy)),
             msrs,
             boot_state.boot_regs(entry),
+            *(special[index] if special is not None else ()),
         )
         for index in range(config.vcpu_count)
     )
@@ -312,6 +349,11 @@ def _configure_vcpu(vcpu: Vcpu, setup: VcpuSetup) -> None:
     vcpu.set_cpuid_table(setup.cpuid)
     vcpu.set_msrs_table(setup.msrs)
     vcpu.set_regs(setup.regs)
+    if setup.fpu is not None and setup.sregs is not None and setup.lapic is not None:
+        vcpu.set_fpu(setup.fpu)
+        vcpu.set_sregs(setup.sregs)
+        vcpu.set_lapic(setup.lapic)
+        return
     fpu = vcpu.get_fpu()
     boot_state.configure_fpu(fpu)
     vcpu.set_fpu(fpu)

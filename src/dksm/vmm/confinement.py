@@ -89,7 +89,14 @@ class _CapData(ctypes.Structure):
     ]
 
 
+# The low and high words of each set.  Made here, as every libc function below is
+# looked up here: ctypes makes both on first use, in Python, and a fleet worker
+# (forked after this import, then confined) would pay for the pages that touches.
+_CapSets = _CapData * 2
+
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
+_libc.capget.restype = ctypes.c_int
+_libc.capset.restype = ctypes.c_int
 _libc.prctl.restype = ctypes.c_int
 _libc.prctl.argtypes = [
     ctypes.c_int,
@@ -113,7 +120,7 @@ def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
 def _capabilities() -> tuple[int, int, int]:
     """This process's (effective, permitted, inheritable) capability sets."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    data = _CapSets()
     if _libc.capget(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise ConfinementError(f"cannot read this process's capabilities: {os.strerror(err)}")
@@ -372,7 +379,7 @@ def _drop_bounding_set() -> None:
 
 def _drop_capabilities() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    empty = (_CapData * 2)()
+    empty = _CapSets()
     if _libc.capset(ctypes.byref(header), empty) != 0:
         err = ctypes.get_errno()
         raise ConfinementError(f"cannot drop capabilities: {os.strerror(err)}")
