@@ -89,6 +89,15 @@ def private_runtime_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     shutil.rmtree(pool_root, ignore_errors=True)
 
 
+@pytest.fixture
+def shm_root() -> Iterator[Path]:
+    """A pool root of the test's own on tmpfs, as every pool root must be, removed
+    with everything in it afterwards."""
+    made = Path(tempfile.mkdtemp(prefix="dksm-test-", dir=SHM))
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def asm_guest(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Build ``tests/guests/NAME.S`` into a bootable ELF linked at 1 MiB."""

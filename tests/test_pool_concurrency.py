@@ -6,27 +6,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
-
-import pytest
 
 from dksm.dedup.pool import PagePool
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
 
 FORK = multiprocessing.get_context("fork")
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    made = Path(tempfile.mkdtemp(prefix="dksm-test-", dir="/dev/shm"))
-    yield made
-    shutil.rmtree(made, ignore_errors=True)
 
 
 def page(seed: int) -> bytes:
@@ -36,10 +24,10 @@ def page(seed: int) -> bytes:
 SHARED = [page(seed) for seed in range(64)]
 
 
-def _merge_forever(root: Path, seed: int) -> None:
+def _merge_forever(shm_root: Path, seed: int) -> None:
     """Load, merge and release mixes of shared and new pages until killed."""
     chooser = random.Random(seed)
-    pool = PagePool.open("crash", root)
+    pool = PagePool.open("crash", shm_root)
     serial = 0
     while True:
         with pool.lease() as lease:
@@ -61,15 +49,15 @@ def _merge_forever(root: Path, seed: int) -> None:
             # Unmapping is left to exit or never happens: the lease's pages stay mapped.
 
 
-def test_killing_merging_processes_leaks_nothing(root: Path) -> None:
+def test_killing_merging_processes_leaks_nothing(shm_root: Path) -> None:
     kills = 60
     chooser = random.Random(1234)
-    with PagePool.open("crash", root) as pool, pool.lease() as survivor:
+    with PagePool.open("crash", shm_root) as pool, pool.lease() as survivor:
         kept = b"".join(SHARED[:8]) + page(999)
         kept_at = map_anonymous(len(kept))
         survivor.map_pages(kept_at, kept)
         for round_number in range(kills):
-            child = FORK.Process(target=_merge_forever, args=(root, round_number + 1))
+            child = FORK.Process(target=_merge_forever, args=(shm_root, round_number + 1))
             child.start()
             time.sleep(chooser.uniform(0.0, 0.03))
             assert child.pid is not None
@@ -77,7 +65,7 @@ def test_killing_merging_processes_leaks_nothing(root: Path) -> None:
             child.join()
             assert child.exitcode == -signal.SIGKILL
         # Whoever opens the pool next sweeps; here that is this same process.
-        with PagePool.open("crash", root) as reopened:
+        with PagePool.open("crash", shm_root) as reopened:
             assert reopened.verify() == []
             stats = reopened.stats()
             assert stats.leases == 1
@@ -86,16 +74,16 @@ def test_killing_merging_processes_leaks_nothing(root: Path) -> None:
             assert stats.file_blocks_bytes == 9 * PAGE_SIZE
             assert bytes(view(kept_at, len(kept))) == kept  # the live mapping is intact
         unmap(kept_at, len(kept))
-    with PagePool.open("crash", root) as pool:
+    with PagePool.open("crash", shm_root) as pool:
         stats = pool.stats()
         assert (stats.leases, stats.references, stats.hashtable_entries) == (0, 0, 0)
         assert stats.file_blocks_bytes == 0
-        assert os.stat(root / "crash" / "pages").st_blocks == 0
+        assert os.stat(shm_root / "crash" / "pages").st_blocks == 0
         assert pool.verify() == []
 
 
 def _merge_at_once(
-    root: Path,
+    shm_root: Path,
     worker: int,
     start: Barrier,
     done: Event,
@@ -105,7 +93,7 @@ def _merge_at_once(
     address = map_anonymous(len(content))
     view(address, len(content))[:] = content
     start.wait()  # open and merge at the same moment: the pool does not exist yet
-    with PagePool.open("crowd", root) as pool, pool.lease() as lease:
+    with PagePool.open("crowd", shm_root) as pool, pool.lease() as lease:
         result = lease.merge(address, len(content))
         assert bytes(view(address, len(content))) == content
         results.put((result.pages, result.pages_merged, result.pages_new))
@@ -113,20 +101,20 @@ def _merge_at_once(
         unmap(address, len(content))
 
 
-def test_32_processes_merging_at_the_same_moment_count_exactly(root: Path) -> None:
+def test_32_processes_merging_at_the_same_moment_count_exactly(shm_root: Path) -> None:
     processes = 32
     start = FORK.Barrier(processes)
     done = FORK.Event()
     results: multiprocessing.Queue[tuple[int, int, int]] = FORK.Queue()
     workers = [
-        FORK.Process(target=_merge_at_once, args=(root, worker, start, done, results))
+        FORK.Process(target=_merge_at_once, args=(shm_root, worker, start, done, results))
         for worker in range(processes)
     ]
     for worker in workers:
         worker.start()
     try:
         merged = [results.get(timeout=60) for _ in workers]
-        with PagePool.open("crowd", root) as pool:
+        with PagePool.open("crowd", shm_root) as pool:
             stats = pool.stats()
             assert pool.verify() == []
     finally:
@@ -142,25 +130,25 @@ def test_32_processes_merging_at_the_same_moment_count_exactly(root: Path) -> No
     assert stats.leases == processes
     assert stats.pages_merged == 51 * processes - stats.hashtable_entries
     assert stats.file_blocks_bytes == stats.hashtable_entries * PAGE_SIZE
-    with PagePool.open("crowd", root) as pool:
+    with PagePool.open("crowd", shm_root) as pool:
         after = pool.stats()
         assert (after.leases, after.references, after.file_blocks_bytes) == (0, 0, 0)
 
 
-def _open_then_wait_for_all(root: Path, start: Barrier, opened: Barrier) -> None:
+def _open_then_wait_for_all(shm_root: Path, start: Barrier, opened: Barrier) -> None:
     start.wait(timeout=30)  # all race to create the pool
-    with PagePool.open("rush", root) as pool:
+    with PagePool.open("rush", shm_root) as pool:
         # Holding the pool open while waiting for the others: an opener that waited
         # for the creation lock here would wait forever.
         opened.wait(timeout=30)
         assert pool.stats().run is True
 
 
-def test_processes_creating_a_pool_at_once_all_open_it(root: Path) -> None:
+def test_processes_creating_a_pool_at_once_all_open_it(shm_root: Path) -> None:
     processes = 48
     start, opened = FORK.Barrier(processes), FORK.Barrier(processes)
     workers = [
-        FORK.Process(target=_open_then_wait_for_all, args=(root, start, opened))
+        FORK.Process(target=_open_then_wait_for_all, args=(shm_root, start, opened))
         for _ in range(processes)
     ]
     for worker in workers:
@@ -168,4 +156,4 @@ def test_processes_creating_a_pool_at_once_all_open_it(root: Path) -> None:
     for worker in workers:
         worker.join(timeout=60)
     assert [worker.exitcode for worker in workers] == [0] * processes
-    assert (root / "rush" / "ready").exists()
+    assert (shm_root / "rush" / "ready").exists()

@@ -6,12 +6,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
@@ -27,13 +24,6 @@ from dksm.dedup.pool import (
     validate_domain,
 )
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    made = Path(tempfile.mkdtemp(prefix="dksm-test-", dir="/dev/shm"))
-    yield made
-    shutil.rmtree(made, ignore_errors=True)
 
 
 def page(seed: int) -> bytes:
@@ -58,10 +48,10 @@ def rewrite_index(directory: Path, table: bytes | None, key: bytes, value: bytes
 @pytest.mark.parametrize(
     "name", ["", "/", "a/b", "..", ".", ".hidden", "-flag", "x" * 65, "a b", "a\0b", "é"]
 )
-def test_bad_domain_names_are_refused(name: str, root: Path) -> None:
+def test_bad_domain_names_are_refused(name: str, shm_root: Path) -> None:
     with pytest.raises(PoolError, match="domain"):
-        PagePool.open(name, root)
-    assert list(root.iterdir()) == []
+        PagePool.open(name, shm_root)
+    assert list(shm_root.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["default", "tenant-1", "a.b_c", "X" * 64])
@@ -70,22 +60,22 @@ def test_good_domain_names_are_accepted(name: str) -> None:
 
 
 def test_pool_root_comes_from_argument_then_environment_then_default(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    shm_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(POOL_ROOT_ENV, raising=False)
     assert pool_root() == Path(DEFAULT_POOL_ROOT) == Path("/dev/shm/dksm")
-    monkeypatch.setenv(POOL_ROOT_ENV, str(root))
+    monkeypatch.setenv(POOL_ROOT_ENV, str(shm_root))
     with PagePool.open("from-env") as pool:
-        assert pool.directory == root / "from-env"
-    assert pool_root(root / "explicit") == root / "explicit"
+        assert pool.directory == shm_root / "from-env"
+    assert pool_root(shm_root / "explicit") == shm_root / "explicit"
 
 
-def test_a_new_pool_is_a_directory_of_pages_index_lock_and_ready(root: Path) -> None:
-    with PagePool.open("fresh", root) as pool:
+def test_a_new_pool_is_a_directory_of_pages_index_lock_and_ready(shm_root: Path) -> None:
+    with PagePool.open("fresh", shm_root) as pool:
         assert pool.stats().hashtable_entries == 0
-    names = {path.name for path in (root / "fresh").iterdir()}
+    names = {path.name for path in (shm_root / "fresh").iterdir()}
     assert names == {"pages", "index", "lock", "ready"}
-    assert (root / "fresh" / "index" / "data.mdb").is_file()
+    assert (shm_root / "fresh" / "index" / "data.mdb").is_file()
 
 
 @pytest.mark.parametrize(
@@ -97,33 +87,33 @@ def test_a_new_pool_is_a_directory_of_pages_index_lock_and_ready(root: Path) -> 
     ],
 )
 def test_a_pool_of_another_format_is_refused_and_kept(
-    root: Path, key: bytes, value: bytes, complaint: str
+    shm_root: Path, key: bytes, value: bytes, complaint: str
 ) -> None:
     pid = os.fork()
     if pid == 0:  # leaves a page and a dead lease behind
-        load(PagePool.open("old", root), 1)
+        load(PagePool.open("old", shm_root), 1)
         os._exit(0)
     os.waitpid(pid, 0)
-    rewrite_index(root / "old", b"meta", key, value)
+    rewrite_index(shm_root / "old", b"meta", key, value)
     with pytest.raises(PoolError, match=complaint):
-        PagePool.open("old", root)
-    assert os.stat(root / "old" / "pages").st_size == PAGE_SIZE  # nothing was cleared
+        PagePool.open("old", shm_root)
+    assert os.stat(shm_root / "old" / "pages").st_size == PAGE_SIZE  # nothing was cleared
 
 
-def test_an_index_missing_a_table_is_refused(root: Path) -> None:
-    PagePool.open("damaged", root).close()
-    with lmdb.open(str(root / "damaged" / "index"), max_dbs=16) as env:
+def test_an_index_missing_a_table_is_refused(shm_root: Path) -> None:
+    PagePool.open("damaged", shm_root).close()
+    with lmdb.open(str(shm_root / "damaged" / "index"), max_dbs=16) as env:
         free = env.open_db(b"free")
         with env.begin(write=True) as txn:
             txn.drop(free, delete=True)
     with pytest.raises(PoolError, match="lacks a table"):
-        PagePool.open("damaged", root)
+        PagePool.open("damaged", shm_root)
 
 
-def test_a_pool_of_the_format_before_manifests_is_refused_by_its_format(root: Path) -> None:
+def test_a_pool_of_the_format_before_manifests_is_refused_by_its_format(shm_root: Path) -> None:
     """Format 1 had no manifest tables: named as an older format, not as damage."""
-    PagePool.open("older", root).close()
-    with lmdb.open(str(root / "older" / "index"), max_dbs=16) as env:
+    PagePool.open("older", shm_root).close()
+    with lmdb.open(str(shm_root / "older" / "index"), max_dbs=16) as env:
         meta = env.open_db(b"meta")
         tables = [env.open_db(name) for name in (b"manifests", b"lease_manifests")]
         with env.begin(write=True) as txn:
@@ -131,14 +121,16 @@ def test_a_pool_of_the_format_before_manifests_is_refused_by_its_format(root: Pa
                 txn.drop(table, delete=True)
             txn.put(b"format", b"1", db=meta)
     with pytest.raises(PoolError, match="has format 1, and this dksm reads only format 3"):
-        PagePool.open("older", root)
+        PagePool.open("older", shm_root)
 
 
-def test_a_pool_of_the_format_before_slot_blocks_is_refused_with_the_way_out(root: Path) -> None:
+def test_a_pool_of_the_format_before_slot_blocks_is_refused_with_the_way_out(
+    shm_root: Path,
+) -> None:
     """Format 2 kept one record per slot: refused as an older format, in one line that
     says how to remove it."""
-    PagePool.open("older", root).close()
-    with lmdb.open(str(root / "older" / "index"), max_dbs=16) as env:
+    PagePool.open("older", shm_root).close()
+    with lmdb.open(str(shm_root / "older" / "index"), max_dbs=16) as env:
         meta = env.open_db(b"meta")
         tables = [env.open_db(name) for name in (b"slot_counts", b"slot_hashes")]
         slots = env.open_db(b"slots")
@@ -148,32 +140,32 @@ def test_a_pool_of_the_format_before_slot_blocks_is_refused_with_the_way_out(roo
             txn.put(struct.pack(">Q", 0), b"h" * 8 + struct.pack(">Q", 1), db=slots)
             txn.put(b"format", b"2", db=meta)
     with pytest.raises(PoolError) as refused:
-        PagePool.open("older", root)
+        PagePool.open("older", shm_root)
     message = str(refused.value)
     assert "has format 2, and this dksm reads only format 3" in message
     assert "dksm pool purge --domain older" in message and "--force" in message
     assert "\n" not in message
 
 
-def test_an_index_that_is_not_lmdb_is_refused(root: Path) -> None:
-    PagePool.open("garbage", root).close()
-    (root / "garbage" / "index" / "data.mdb").write_bytes(b"not a database" * 1000)
+def test_an_index_that_is_not_lmdb_is_refused(shm_root: Path) -> None:
+    PagePool.open("garbage", shm_root).close()
+    (shm_root / "garbage" / "index" / "data.mdb").write_bytes(b"not a database" * 1000)
     with pytest.raises(PoolError, match="cannot be opened"):
-        PagePool.open("garbage", root)
+        PagePool.open("garbage", shm_root)
 
 
-def test_a_half_created_pool_is_cleared_and_created_again(root: Path) -> None:
-    directory = root / "half"
+def test_a_half_created_pool_is_cleared_and_created_again(shm_root: Path) -> None:
+    directory = shm_root / "half"
     directory.mkdir()
     (directory / "pages").write_bytes(b"left over" * 1000)
     (directory / "index").mkdir()  # a creation that died before writing `ready`
-    with PagePool.open("half", root) as pool:
+    with PagePool.open("half", shm_root) as pool:
         assert pool.stats().file_blocks_bytes == 0
         assert pool.verify() == []
 
 
-def test_purge_refuses_live_leases_then_removes_the_pool(root: Path) -> None:
-    pool = PagePool.open("gone", root)
+def test_purge_refuses_live_leases_then_removes_the_pool(shm_root: Path) -> None:
+    pool = PagePool.open("gone", shm_root)
     lease = pool.lease()
     address = map_anonymous(PAGE_SIZE)
     lease.map_pages(address, page(1))
@@ -182,17 +174,17 @@ def test_purge_refuses_live_leases_then_removes_the_pool(root: Path) -> None:
     unmap(address, PAGE_SIZE)
     lease.release()
     pool.purge()
-    assert not (root / "gone").exists()
+    assert not (shm_root / "gone").exists()
     with pytest.raises(PoolError, match="closed"):
         pool.stats()
 
 
-def test_purge_succeeds_once_the_lease_holders_are_gone(root: Path) -> None:
+def test_purge_succeeds_once_the_lease_holders_are_gone(shm_root: Path) -> None:
     context = multiprocessing.get_context("fork")
-    holder = context.Process(target=_hold_a_lease, args=(root,))
+    holder = context.Process(target=_hold_a_lease, args=(shm_root,))
     holder.start()
     try:
-        with PagePool.open("held", root) as pool:
+        with PagePool.open("held", shm_root) as pool:
             _wait_for_leases(pool, 1)
             with pytest.raises(PoolError, match="live lease"):
                 pool.purge()
@@ -200,16 +192,16 @@ def test_purge_succeeds_once_the_lease_holders_are_gone(root: Path) -> None:
         assert holder.pid is not None
         os.kill(holder.pid, signal.SIGKILL)
         holder.join()
-    with PagePool.open("held", root) as pool:
+    with PagePool.open("held", shm_root) as pool:
         assert pool.stats().leases == 0  # swept on open
         pool.purge()
-    assert not (root / "held").exists()
-    with PagePool.open("held", root) as pool:  # and it can be created again
+    assert not (shm_root / "held").exists()
+    with PagePool.open("held", shm_root) as pool:  # and it can be created again
         assert pool.stats().hashtable_entries == 0
 
 
-def _hold_a_lease(root: Path) -> None:
-    pool = PagePool.open("held", root)
+def _hold_a_lease(shm_root: Path) -> None:
+    pool = PagePool.open("held", shm_root)
     load(pool, 1, 2, 3)
     signal.pause()
 
@@ -221,18 +213,18 @@ def _wait_for_leases(pool: PagePool, count: int) -> None:
         time.sleep(0.01)
 
 
-def test_purge_refuses_while_another_process_has_the_pool_open(root: Path) -> None:
+def test_purge_refuses_while_another_process_has_the_pool_open(shm_root: Path) -> None:
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(reader)
-        PagePool.open("shared", root)
+        PagePool.open("shared", shm_root)
         os.write(writer, b"x")
         signal.pause()
     os.close(writer)
     try:
         assert os.read(reader, 1) == b"x"
-        with PagePool.open("shared", root) as pool:
+        with PagePool.open("shared", shm_root) as pool:
             with pytest.raises(PoolError, match="open in another process"):
                 pool.purge()
             assert pool.stats().run is True  # the handle still works after the refusal
@@ -242,23 +234,23 @@ def test_purge_refuses_while_another_process_has_the_pool_open(root: Path) -> No
         os.close(reader)
 
 
-def test_purge_refuses_while_open_twice_in_this_process(root: Path) -> None:
+def test_purge_refuses_while_open_twice_in_this_process(shm_root: Path) -> None:
     with (
-        PagePool.open("twice", root) as first,
-        PagePool.open("twice", root),
+        PagePool.open("twice", shm_root) as first,
+        PagePool.open("twice", shm_root),
         pytest.raises(PoolError, match="more than once"),
     ):
         first.purge()
 
 
-def test_leases_of_dead_processes_are_swept_on_open(root: Path) -> None:
+def test_leases_of_dead_processes_are_swept_on_open(shm_root: Path) -> None:
     pid = os.fork()
     if pid == 0:
-        pool = PagePool.open("sweep", root)
+        pool = PagePool.open("sweep", shm_root)
         load(pool, 1, 2, 3)
         os._exit(0)  # no release, no cleanup: as if it crashed
     os.waitpid(pid, 0)
-    with PagePool.open("sweep", root) as pool:
+    with PagePool.open("sweep", shm_root) as pool:
         stats = pool.stats()
         assert (stats.leases, stats.references, stats.hashtable_entries) == (0, 0, 0)
         assert stats.file_blocks_bytes == 0
@@ -279,8 +271,8 @@ def _rewrite_only_lease(pool: PagePool, **changes: int) -> None:
         txn.put(key, struct.pack(">QQQQ", *fields.values()), db=index.leases)
 
 
-def test_a_reused_pid_does_not_own_a_dead_process_lease(root: Path) -> None:
-    with PagePool.open("reuse", root) as pool:
+def test_a_reused_pid_does_not_own_a_dead_process_lease(shm_root: Path) -> None:
+    with PagePool.open("reuse", shm_root) as pool:
         address, length = load(pool, 1)
         unmap(address, length)
         assert pool.leases()[0].alive
@@ -292,8 +284,8 @@ def test_a_reused_pid_does_not_own_a_dead_process_lease(root: Path) -> None:
         assert pool.stats().file_blocks_bytes == 0
 
 
-def test_leases_from_another_pid_namespace_are_left_alone(root: Path) -> None:
-    with PagePool.open("ns", root) as pool:
+def test_leases_from_another_pid_namespace_are_left_alone(shm_root: Path) -> None:
+    with PagePool.open("ns", shm_root) as pool:
         address, length = load(pool, 1)
         unmap(address, length)
         _rewrite_only_lease(pool, pid=2**31, ns=1)  # a dead pid, but not ours to judge
@@ -301,12 +293,12 @@ def test_leases_from_another_pid_namespace_are_left_alone(root: Path) -> None:
         assert pool.stats().leases == 1
 
 
-def test_blocks_a_killed_writer_left_in_free_space_are_punched(root: Path) -> None:
-    with PagePool.open("leftover", root) as pool:
+def test_blocks_a_killed_writer_left_in_free_space_are_punched(shm_root: Path) -> None:
+    with PagePool.open("leftover", shm_root) as pool:
         address, length = load(pool, 1, 2)
         # What a writer killed between writing pages and committing leaves behind:
         # pages in the file beyond the slots the index knows.
-        with open(root / "leftover" / "pages", "r+b") as pages_file:
+        with open(shm_root / "leftover" / "pages", "r+b") as pages_file:
             pages_file.seek(5 * PAGE_SIZE)
             pages_file.write(page(9) * 3)
         assert pool.stats().file_blocks_bytes == 5 * PAGE_SIZE
@@ -316,8 +308,8 @@ def test_blocks_a_killed_writer_left_in_free_space_are_punched(root: Path) -> No
         unmap(address, length)
 
 
-def test_a_lease_cannot_be_used_by_a_forked_child(root: Path) -> None:
-    with PagePool.open("fork", root) as pool, pool.lease() as lease:
+def test_a_lease_cannot_be_used_by_a_forked_child(shm_root: Path) -> None:
+    with PagePool.open("fork", shm_root) as pool, pool.lease() as lease:
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:

@@ -11,11 +11,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from dksm.dedup.pool import PagePool
 from dksm.guests import guest_path
@@ -24,13 +20,6 @@ from dksm.loader.segment import shareable_span
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
 
 from conftest import dksm, requires_kvm, requires_root
-
-
-@pytest.fixture
-def pool_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="dksm-test-manifest-", dir="/dev/shm"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def content(seed: int, count: int) -> bytes:
@@ -54,9 +43,9 @@ class Loaded:
         self.lease.release()
 
 
-def test_a_known_image_is_referenced_through_its_manifest(pool_root: Path) -> None:
+def test_a_known_image_is_referenced_through_its_manifest(shm_root: Path) -> None:
     image = content(1, 64)
-    with PagePool.open("test", pool_root) as pool:
+    with PagePool.open("test", shm_root) as pool:
         first = Loaded(pool, image)
         assert first.result.pages_new == 64
         assert (pool.stats().manifests, pool.stats().manifest_pages) == (1, 0)
@@ -77,10 +66,10 @@ def test_a_known_image_is_referenced_through_its_manifest(pool_root: Path) -> No
         assert pool.verify() == []
 
 
-def test_a_forced_span_collision_maps_the_loads_own_bytes(pool_root: Path) -> None:
+def test_a_forced_span_collision_maps_the_loads_own_bytes(shm_root: Path) -> None:
     """Every load of 8 pages has the same key: only the comparison tells them apart."""
     a, b = content(2, 8), content(3, 8)
-    with PagePool.open("test", pool_root, span_hash=lambda data: 7) as pool:
+    with PagePool.open("test", shm_root, span_hash=lambda data: 7) as pool:
         first = Loaded(pool, a)
         other = Loaded(pool, b)
         assert other.shows() == b and other.result.pages_new == 8
@@ -94,11 +83,11 @@ def test_a_forced_span_collision_maps_the_loads_own_bytes(pool_root: Path) -> No
         assert pool.stats().hashtable_entries == 0 and pool.verify() == []
 
 
-def test_a_manifest_whose_pages_were_changed_is_not_used(pool_root: Path) -> None:
+def test_a_manifest_whose_pages_were_changed_is_not_used(shm_root: Path) -> None:
     """Bytes written into the pages file behind the pool's back (only its owner can):
     the next load compares, refuses the manifest and stores its own pages."""
     image = content(4, 4)
-    with PagePool.open("test", pool_root) as pool:
+    with PagePool.open("test", shm_root) as pool:
         first = Loaded(pool, image)
         with open(pool.directory / "pages", "r+b") as pages:
             pages.seek(2 * PAGE_SIZE + 100)
@@ -112,10 +101,10 @@ def test_a_manifest_whose_pages_were_changed_is_not_used(pool_root: Path) -> Non
         first.release()
 
 
-def test_an_image_changed_on_disk_is_loaded_anew(pool_root: Path, tmp_path: Path) -> None:
+def test_an_image_changed_on_disk_is_loaded_anew(shm_root: Path, tmp_path: Path) -> None:
     path = tmp_path / "image"
     path.write_bytes(content(5, 16))
-    with PagePool.open("test", pool_root) as pool:
+    with PagePool.open("test", shm_root) as pool:
         first = Loaded(pool, path.read_bytes())
         with open(path, "r+b") as image:  # one byte of page 9 changes
             image.seek(9 * PAGE_SIZE + 5)
@@ -142,7 +131,7 @@ def patched_spans(image: Path, mem_size: int) -> list[bytes]:
 @requires_kvm
 @requires_root
 def test_a_guest_rebuilt_with_other_read_only_bytes_prints_them(
-    pool_root: Path, tmp_path: Path
+    shm_root: Path, tmp_path: Path
 ) -> None:
     """A real guest booted from the pool while the image's pages are held (as by a
     running VM of it), then patched in its read-only data (the text it prints) and
@@ -154,9 +143,9 @@ def test_a_guest_rebuilt_with_other_read_only_bytes_prints_them(
 
     def boot() -> subprocess.CompletedProcess[str]:
         return dksm("run", "--kernel", str(image), "--mem-mib", "16", "--pool-root",
-                    str(pool_root))  # fmt: skip
+                    str(shm_root))  # fmt: skip
 
-    with PagePool.open("default", pool_root) as pool:
+    with PagePool.open("default", shm_root) as pool:
         held, spans = [], []
         for segment in load_elf(str(image), mem_size).segments:
             start, end = shareable_span(segment)

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
-import pytest
 import xxhash
 
 from dksm.dedup.admission import ANCHOR_EVERY
@@ -31,13 +27,6 @@ from test_pool_sharing import KIB, Region, pool_mappings_in, smaps, total
 
 FORK = multiprocessing.get_context("fork")
 ZERO = bytes(PAGE_SIZE)
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dksm-test-merge-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def page(seed: int) -> bytes:
@@ -65,7 +54,7 @@ def assert_maps_exactly(region: Region, content: list[bytes], pages_file: Path) 
     assert total(entries, "Anonymous") == 0
 
 
-def test_a_merge_of_mixed_content_maps_exactly_the_regions_bytes(root: Path) -> None:
+def test_a_merge_of_mixed_content_maps_exactly_the_regions_bytes(shm_root: Path) -> None:
     stored = [page(seed) for seed in range(3 * SLOT_BLOCK)]  # slots over several blocks
     mixed = (
         stored[100:400]  # in order: predicted
@@ -76,7 +65,7 @@ def test_a_merge_of_mixed_content_maps_exactly_the_regions_bytes(root: Path) -> 
         + [ZERO] * 70  # zero pages (new), more than an anchor's span
         + stored[1000:1200]  # in order again, after all that
     )
-    with PagePool.open("mixed", root) as pool, pool.lease() as lease:
+    with PagePool.open("mixed", shm_root) as pool, pool.lease() as lease:
         first = populated(stored)
         lease.merge(first.address, first.length)
         second = populated(mixed)
@@ -97,11 +86,11 @@ def test_a_merge_of_mixed_content_maps_exactly_the_regions_bytes(root: Path) -> 
         first.close()
 
 
-def test_a_predicted_slot_that_is_free_is_never_referenced(root: Path) -> None:
+def test_a_predicted_slot_that_is_free_is_never_referenced(shm_root: Path) -> None:
     """A freed slot reads as zeros (its page was punched): a zero page predicted to be
     there matches its bytes, but is not in use, so it is stored anew."""
     content = [page(1), ZERO, page(3)]
-    with PagePool.open("holes", root) as pool:
+    with PagePool.open("holes", shm_root) as pool:
         with pool.lease() as keeps:
             regions = [populated([one]) for one in content]
             zero_lease = pool.lease()
@@ -124,13 +113,13 @@ def test_a_predicted_slot_that_is_free_is_never_referenced(root: Path) -> None:
         assert pool.verify() == []
 
 
-def test_every_hash_colliding_still_maps_each_regions_own_bytes(root: Path) -> None:
+def test_every_hash_colliding_still_maps_each_regions_own_bytes(shm_root: Path) -> None:
     """With one hash for every page, each anchor names the same slot and every
     prediction and hash match is a candidate that only the bytes can settle."""
     stored = [page(seed) for seed in range(150)]
     shifted = stored[1:] + [page(999)] + [near_twin(seed) for seed in range(20)]
     with (
-        PagePool.open("weak", root, page_hash=lambda _page: 0) as pool,
+        PagePool.open("weak", shm_root, page_hash=lambda _page: 0) as pool,
         pool.lease() as lease,
     ):
         first = populated(stored)
@@ -149,7 +138,7 @@ def test_every_hash_colliding_still_maps_each_regions_own_bytes(root: Path) -> N
         first.close()
 
 
-def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> None:
+def test_a_region_the_pool_holds_is_found_from_one_hashed_page(shm_root: Path) -> None:
     """Pages the pool holds in consecutive slots are predicted from one hashed page;
     where one differs, only the pages around it are hashed again."""
     hashed: list[int] = []
@@ -161,7 +150,7 @@ def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> No
     stored = [page(seed) for seed in range(3 * SLOT_BLOCK)]
     changed = list(stored)
     changed[700] = near_twin(700)
-    with PagePool.open("known", root, page_hash=counted) as pool, pool.lease() as lease:
+    with PagePool.open("known", shm_root, page_hash=counted) as pool, pool.lease() as lease:
         first = populated(stored)
         assert lease.merge(first.address, first.length).pages_new == len(stored)
         pages_file = pool.directory / "pages"
@@ -186,13 +175,13 @@ def test_a_region_the_pool_holds_is_found_from_one_hashed_page(root: Path) -> No
             region.close()
 
 
-def test_new_pages_repeated_in_later_copies_are_stored_once(root: Path) -> None:
+def test_new_pages_repeated_in_later_copies_are_stored_once(shm_root: Path) -> None:
     """A merge copies the pages it stores out a chunk at a time; a page met again in a
     later chunk is found among those the earlier chunks stored in the same
     transaction, compared byte for byte, and not stored twice."""
     fresh = [page(70_000 + n) for n in range(STORE_CHUNK + 40)]
     content = fresh + fresh[3 : STORE_CHUNK + 10] + [near_twin(70_005)]
-    with PagePool.open("chunks", root) as pool, pool.lease() as lease:
+    with PagePool.open("chunks", shm_root) as pool, pool.lease() as lease:
         region = populated(content)
         result = lease.merge(region.address, region.length)
         assert (result.pages, result.pages_new) == (len(content), len(fresh) + 1)
@@ -212,14 +201,14 @@ def _content_of(worker: int) -> list[bytes]:
 
 
 def _merge_with_others(
-    root: Path, worker: int, start: Barrier, done: Event, report: multiprocessing.Queue[str]
+    shm_root: Path, worker: int, start: Barrier, done: Event, report: multiprocessing.Queue[str]
 ) -> None:
     content = _content_of(worker)
     length = len(content) * PAGE_SIZE
     address = map_anonymous(length)
     view(address, length)[:] = b"".join(content)
     start.wait(timeout=60)
-    with PagePool.open("crowd", root) as pool, pool.lease() as lease:
+    with PagePool.open("crowd", shm_root) as pool, pool.lease() as lease:
         result = lease.merge(address, length)
         problem = ""
         if bytes(view(address, length)) != b"".join(content):
@@ -236,13 +225,13 @@ def _merge_with_others(
 
 
 def test_processes_merging_overlapping_content_at_once_keep_the_pool_consistent(
-    root: Path,
+    shm_root: Path,
 ) -> None:
     processes = 6
     start, done = FORK.Barrier(processes), FORK.Event()
     report: multiprocessing.Queue[str] = FORK.Queue()
     workers = [
-        FORK.Process(target=_merge_with_others, args=(root, worker, start, done, report))
+        FORK.Process(target=_merge_with_others, args=(shm_root, worker, start, done, report))
         for worker in range(processes)
     ]
     for worker in workers:
@@ -250,7 +239,7 @@ def test_processes_merging_overlapping_content_at_once_keep_the_pool_consistent(
     try:
         reports = [report.get(timeout=120) for _ in workers]
         assert all(line.startswith("ok ") for line in reports), reports
-        with PagePool.open("crowd", root) as pool:
+        with PagePool.open("crowd", shm_root) as pool:
             stats = pool.stats()
             assert pool.verify() == []
     finally:
@@ -263,7 +252,7 @@ def test_processes_merging_overlapping_content_at_once_keep_the_pool_consistent(
     assert stats.hashtable_entries == len(distinct)
     assert stats.references == sum(len(content) for content in contents)
     assert sum(int(line.split()[2]) for line in reports) == len(distinct)
-    with PagePool.open("crowd", root) as pool:  # the workers are gone: swept
+    with PagePool.open("crowd", shm_root) as pool:  # the workers are gone: swept
         after = pool.stats()
         assert (after.leases, after.references, after.file_blocks_bytes) == (0, 0, 0)
         assert pool.verify() == []

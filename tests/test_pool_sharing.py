@@ -11,8 +11,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
@@ -27,15 +25,8 @@ KIB = 1024
 
 
 @pytest.fixture
-def pool_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="dksm-test-", dir="/dev/shm"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def pool(pool_root: Path) -> Iterator[PagePool]:
-    with PagePool.open("test", pool_root) as opened:
+def pool(shm_root: Path) -> Iterator[PagePool]:
+    with PagePool.open("test", shm_root) as opened:
         yield opened
 
 
@@ -190,21 +181,21 @@ def _map_and_wait(
         loaded.close()
 
 
-def test_processes_mapping_a_page_each_pay_a_share_of_it(pool_root: Path) -> None:
+def test_processes_mapping_a_page_each_pay_a_share_of_it(shm_root: Path) -> None:
     processes = 4
     content = pages(*range(32))
     fork = multiprocessing.get_context("fork")
     ready: multiprocessing.Queue[tuple[int, int]] = fork.Queue()
     done = fork.Event()
     workers = [
-        fork.Process(target=_map_and_wait, args=(pool_root, content, ready, done))
+        fork.Process(target=_map_and_wait, args=(shm_root, content, ready, done))
         for _ in range(processes)
     ]
     for worker in workers:
         worker.start()
     try:
         loaded = [ready.get(timeout=30) for _ in workers]
-        pages_file = pool_root / "test" / "pages"
+        pages_file = shm_root / "test" / "pages"
         pss_everywhere = mappings = 0
         for pid, address in loaded:
             mapped = Region.__new__(Region)
@@ -226,7 +217,7 @@ def test_processes_mapping_a_page_each_pay_a_share_of_it(pool_root: Path) -> Non
         for worker in workers:
             worker.join(timeout=30)
     assert all(worker.exitcode == 0 for worker in workers)
-    with PagePool.open("test", pool_root) as pool:
+    with PagePool.open("test", shm_root) as pool:
         assert pool.stats().hashtable_entries == 0
 
 
@@ -295,11 +286,9 @@ def test_freed_slots_are_reused_first_fit(pool: PagePool, region: type[Region]) 
     assert pool.verify() == []
 
 
-def test_colliding_hashes_never_share_differing_pages(
-    pool_root: Path, region: type[Region]
-) -> None:
+def test_colliding_hashes_never_share_differing_pages(shm_root: Path, region: type[Region]) -> None:
     content = pages(1, 2, 3, 1, 4, 2)
-    with PagePool.open("weak", pool_root, page_hash=lambda _page: 0) as pool, pool.lease() as lease:
+    with PagePool.open("weak", shm_root, page_hash=lambda _page: 0) as pool, pool.lease() as lease:
         first, second = region(6), region(6)
         result = lease.map_pages(first.address, content)
         assert (result.pages_new, result.pages_merged) == (4, 2)
@@ -334,11 +323,11 @@ def test_merge_replaces_a_populated_region_with_pool_pages(
         other.close()
 
 
-def test_run_switch_off_maps_nothing(pool_root: Path, region: type[Region]) -> None:
+def test_run_switch_off_maps_nothing(shm_root: Path, region: type[Region]) -> None:
     content = pages(1, 2)
-    with PagePool.open("test", pool_root) as pool:
+    with PagePool.open("test", shm_root) as pool:
         pool.set_run(False)
-    with PagePool.open("test", pool_root) as pool, pool.lease() as lease:
+    with PagePool.open("test", shm_root) as pool, pool.lease() as lease:
         assert pool.stats().run is False  # persisted in the index
         untouched = region(2)
         result = lease.map_pages(untouched.address, content)
@@ -372,11 +361,11 @@ def test_existing_mappings_stay_when_the_run_switch_goes_off(
         assert pool.stats().references == 1
 
 
-def test_domains_do_not_share(pool_root: Path, region: type[Region]) -> None:
+def test_domains_do_not_share(shm_root: Path, region: type[Region]) -> None:
     content = pages(1, 2)
     with (
-        PagePool.open("tenant-a", pool_root) as a,
-        PagePool.open("tenant-b", pool_root) as b,
+        PagePool.open("tenant-a", shm_root) as a,
+        PagePool.open("tenant-b", shm_root) as b,
         a.lease() as lease_a,
         b.lease() as lease_b,
     ):
