@@ -8,10 +8,12 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
+from typing import Any
 
-from dksm.dedup.pool import PagePool
+from dksm.dedup.pool import PagePool, PoolStats
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
 
 FORK = multiprocessing.get_context("fork")
@@ -101,19 +103,27 @@ def _merge_at_once(
         unmap(address, len(content))
 
 
-def test_32_processes_merging_at_the_same_moment_count_exactly(shm_root: Path) -> None:
-    processes = 32
-    start = FORK.Barrier(processes)
-    done = FORK.Event()
-    results: multiprocessing.Queue[tuple[int, int, int]] = FORK.Queue()
+def merging_crowd(
+    worker_main: Callable[[Path, int, Barrier, Event, multiprocessing.Queue[Any]], None],
+    shm_root: Path,
+    processes: int,
+    *,
+    timeout: float,
+) -> tuple[list[Any], PoolStats]:
+    """Run ``processes`` forked ``worker_main(shm_root, worker, start, done, reports)``
+    that meet at one barrier.  Returns one report from each and the "crowd" pool's
+    stats, read (and the pool verified) while every worker still holds its lease;
+    then the workers are let go, joined, and must all have exited 0."""
+    start, done = FORK.Barrier(processes), FORK.Event()
+    reports: multiprocessing.Queue[Any] = FORK.Queue()
     workers = [
-        FORK.Process(target=_merge_at_once, args=(shm_root, worker, start, done, results))
+        FORK.Process(target=worker_main, args=(shm_root, worker, start, done, reports))
         for worker in range(processes)
     ]
     for worker in workers:
         worker.start()
     try:
-        merged = [results.get(timeout=60) for _ in workers]
+        received = [reports.get(timeout=timeout) for _ in workers]
         with PagePool.open("crowd", shm_root) as pool:
             stats = pool.stats()
             assert pool.verify() == []
@@ -122,6 +132,12 @@ def test_32_processes_merging_at_the_same_moment_count_exactly(shm_root: Path) -
         for worker in workers:
             worker.join(timeout=60)
     assert all(worker.exitcode == 0 for worker in workers)
+    return received, stats
+
+
+def test_32_processes_merging_at_the_same_moment_count_exactly(shm_root: Path) -> None:
+    processes = 32
+    merged, stats = merging_crowd(_merge_at_once, shm_root, processes, timeout=60)
     # 48 shared pages, and per process one page twice and one page once.
     assert sum(new for _, _, new in merged) == 48 + 2 * processes
     assert sum(pages for pages, _, _ in merged) == 51 * processes

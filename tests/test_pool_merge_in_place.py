@@ -23,9 +23,9 @@ from dksm.dedup.index import SLOT_BLOCK
 from dksm.dedup.pool import PagePool
 from dksm.dedup.references import STORE_CHUNK
 from dksm.memory.host_mapping import PAGE_SIZE, map_anonymous, unmap, view
+from test_pool_concurrency import merging_crowd
 from test_pool_sharing import KIB, Region, pool_mappings_in, smaps, total
 
-FORK = multiprocessing.get_context("fork")
 ZERO = bytes(PAGE_SIZE)
 
 
@@ -228,25 +228,8 @@ def test_processes_merging_overlapping_content_at_once_keep_the_pool_consistent(
     shm_root: Path,
 ) -> None:
     processes = 6
-    start, done = FORK.Barrier(processes), FORK.Event()
-    report: multiprocessing.Queue[str] = FORK.Queue()
-    workers = [
-        FORK.Process(target=_merge_with_others, args=(shm_root, worker, start, done, report))
-        for worker in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        reports = [report.get(timeout=120) for _ in workers]
-        assert all(line.startswith("ok ") for line in reports), reports
-        with PagePool.open("crowd", shm_root) as pool:
-            stats = pool.stats()
-            assert pool.verify() == []
-    finally:
-        done.set()
-        for worker in workers:
-            worker.join(timeout=60)
-    assert all(worker.exitcode == 0 for worker in workers)
+    reports, stats = merging_crowd(_merge_with_others, shm_root, processes, timeout=120)
+    assert all(line.startswith("ok ") for line in reports), reports
     contents = [_content_of(worker) for worker in range(processes)]
     distinct = {one for content in contents for one in content}
     assert stats.hashtable_entries == len(distinct)
